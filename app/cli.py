@@ -1,0 +1,174 @@
+"""The `tuneforge` command: run the service, manage keys and base models, migrate, and run the demo.
+
+    tuneforge up --port 8000            # API + worker on the embedded default (or Postgres/Redis from env)
+    tuneforge keys create --project me  # prints a new API key as its last line
+    tuneforge models make-tiny          # registers `tiny-llama`
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import typer
+
+from app.config import get_settings
+from app.db import migrate
+from app.db.session import session_scope
+from app.keys import service as key_service
+from app.models import service as model_service
+
+cli = typer.Typer(no_args_is_help=True, help="Tuneforge: self-hosted, OpenAI-compatible fine-tuning.")
+keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
+models_cli = typer.Typer(no_args_is_help=True, help="Base models.")
+db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(models_cli, name="models")
+cli.add_typer(db_cli, name="db")
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations up to REVISION."""
+    migrate.upgrade(revision=revision)
+    typer.echo(f"database at {revision}")
+
+
+@keys_cli.command("create")
+def keys_create(project: str = typer.Option(..., help="Project the key belongs to.")) -> None:
+    """Create an API key; the key itself is the last line printed."""
+    migrate.upgrade()
+    with session_scope() as session:
+        key, token = key_service.create_key(session, project=project)
+    typer.echo(f"created {key.id} for project {project}")
+    typer.echo(token)
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id."""
+    with session_scope() as session:
+        if not key_service.revoke_key(session, key_id=key_id):
+            raise typer.BadParameter(f"no live key {key_id}")
+    typer.echo(f"revoked {key_id}")
+
+
+@keys_cli.command("list")
+def keys_list(project: str | None = None) -> None:
+    """List keys (ids and prefixes, never the keys)."""
+    with session_scope() as session:
+        for key in key_service.list_keys(session, project=project):
+            state = "revoked" if key.revoked_at else "live"
+            typer.echo(f"{key.id}  {key.project}  {key.prefix}...  {state}")
+
+
+def register_folder(name: str, folder: Path) -> None:
+    """Register a local model folder as base model NAME."""
+    from worker.training.base_models import inspect_model
+
+    architecture, linear_modules = inspect_model(folder)
+    migrate.upgrade()
+    with session_scope() as session:
+        model_service.register_base_model(
+            session, name=name, path=folder.resolve(), architecture=architecture, linear_modules=linear_modules
+        )
+    typer.echo(f"registered base model {name} ({architecture}) at {folder}")
+
+
+@models_cli.command("make-tiny")
+def models_make_tiny(name: str = "tiny-llama", seed: int = 0) -> None:
+    """Build a tiny random Llama with a chat template locally and register it."""
+    from worker.training.base_models import make_tiny_llama
+
+    folder = get_settings().resolved_model_dir / name
+    if not (folder / "config.json").exists():
+        make_tiny_llama(folder, seed=seed)
+    register_folder(name, folder)
+
+
+@models_cli.command("import-gguf")
+def models_import_gguf(file: Path, name: str = typer.Option(..., help="Model id to register.")) -> None:
+    """Convert a GGUF file into a safetensors model folder and register it."""
+    from worker.training.base_models import import_gguf
+
+    folder = get_settings().resolved_model_dir / name
+    if not (folder / "config.json").exists():
+        import_gguf(file, folder)
+    register_folder(name, folder)
+
+
+@models_cli.command("import")
+def models_import(folder: Path, name: str = typer.Option(..., help="Model id to register.")) -> None:
+    """Register an existing Hugging Face model folder (safetensors) as a base model."""
+    if not any(folder.glob("*.safetensors")):
+        raise typer.BadParameter(f"{folder} holds no .safetensors weights; only safetensors are loaded")
+    register_folder(name, folder)
+
+
+def worker_command(name: str | None = None) -> list[str]:
+    """The command line of one Celery worker on this machine."""
+    settings = get_settings()
+    node = name or f"worker-{uuid.uuid4().hex[:8]}@%h"
+    return [sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker", "--pool=solo",
+            "--loglevel=INFO", "-Q", settings.queue, "-n", node, "--without-gossip", "--without-mingle"]
+
+
+@cli.command()
+def worker() -> None:
+    """Run one worker in the foreground."""
+    migrate.upgrade()
+    os.execv(sys.executable, worker_command())
+
+
+def start_services(port: int, host: str = "127.0.0.1") -> list[subprocess.Popen]:
+    """Start the API and one worker as child processes."""
+    migrate.upgrade()
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port), "--log-level", "warning"]
+    return [subprocess.Popen(api, env=env), subprocess.Popen(worker_command(), env=env)]
+
+
+def stop_services(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@cli.command()
+def up(port: int = 8000, host: str = "127.0.0.1") -> None:
+    """Run the API and a worker in the foreground until Ctrl-C."""
+    processes = start_services(port, host)
+    typer.echo(f"Tuneforge on http://{host}:{port} (home {get_settings().resolved_home}); Ctrl-C stops it")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while all(p.poll() is None for p in processes):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_services(processes)
+
+
+@cli.command()
+def demo(port: int = 8765, epochs: int = 3) -> None:
+    """Import SmolLM2, fine-tune it with LoRA on chat data, and compare answers before and after."""
+    from app.demo import run_demo
+
+    run_demo(port=port, epochs=epochs)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cli()

@@ -1,0 +1,58 @@
+"""Tuneforge settings: one object, read by the API, the worker and the CLI.
+
+With no environment at all everything runs embedded under ``TUNEFORGE_HOME`` (default ``./.tuneforge``):
+a SQLite database, Celery's filesystem transport and local artifacts. Production points
+``TUNEFORGE_DATABASE_URL`` at Postgres and ``TUNEFORGE_BROKER_URL`` at Redis.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    home: Path = Field(Path(".tuneforge"), description="State folder of the embedded default.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite under home.")
+    broker_url: str = Field("", description="Celery broker URL; empty means the filesystem transport.")
+    artifact_dir: Path | None = Field(None, description="Where files and adapters are kept; default home/artifacts.")
+    model_dir: Path | None = Field(None, description="Where base model folders live; default home/models.")
+    queue: str = Field("tuneforge", description="Celery queue the API sends jobs to and workers consume.")
+    lease_seconds: int = Field(60, description="How long a worker's claim on a job lasts without a heartbeat.")
+    heartbeat_seconds: float = Field(5.0, description="How often a worker renews its lease.")
+    max_attempts: int = Field(3, description="Attempts before a job is failed for good.")
+    max_upload_mb: int = Field(512, description="Largest accepted upload.")
+    job_timeout_seconds: int = Field(24 * 3600, description="A training run longer than this is failed.")
+
+    @property
+    def resolved_home(self) -> Path:
+        return self.home.resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_home / 'tuneforge.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.resolved_home / "broker"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.resolved_home / "artifacts").resolve()
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        return (self.model_dir or self.resolved_home / "models").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

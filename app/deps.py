@@ -1,0 +1,38 @@
+"""Request dependencies: a transaction per request and the caller's project from its API key."""
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.db.session import session_scope
+from app.errors import ApiError
+from app.keys import service as key_service
+
+
+def get_session() -> Iterator[Session]:
+    with session_scope() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_project(request: Request, session: SessionDep) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "Missing API key: send 'Authorization: Bearer <key>' (create one with `tuneforge keys create`).",
+            type="invalid_request_error",
+            code="missing_api_key",
+        )
+    project = key_service.project_for_token(session, token=token.strip())
+    if project is None:
+        raise ApiError(401, "Invalid or revoked API key.", type="invalid_request_error", code="invalid_api_key")
+    return project
+
+
+ProjectDep = Annotated[str, Depends(get_project)]

@@ -1,0 +1,99 @@
+"""Job state transitions on the worker side, each one conditional UPDATE fenced by the attempt number.
+
+A worker owns a job only while its attempt is the job's attempt and the job is `running`: a second
+delivery, a cancel, or a newer attempt makes every later write of the old attempt a no-op.
+"""
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.db.tables import Checkpoint, Job, utcnow
+from app.jobs import service as job_service
+from app.models import service as model_service
+
+
+def claim(session: Session, *, job_id: str, owner: str, lease_seconds: int) -> int | None:
+    """Take a queued job: bump its attempt and set a lease. Returns the attempt, or None if not claimable."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="running",
+            attempt=Job.attempt + 1,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+        )
+        .returning(Job.attempt)
+    )
+    attempt = result.scalar_one_or_none()
+    if attempt is None:
+        return None
+    session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now))
+    job_service.add_event(session, job_id=job_id, message=f"Fine-tuning job started (attempt {attempt}, {owner}).")
+    return attempt
+
+
+def _owned(job_id: str, attempt: int):  # type: ignore[no-untyped-def]
+    return update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "running")
+
+
+def renew_lease(session: Session, *, job_id: str, attempt: int, lease_seconds: int) -> bool:
+    """Extend the lease; False means this attempt no longer owns the job (cancelled or superseded)."""
+    result = session.execute(
+        _owned(job_id, attempt).values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def still_owned(session: Session, *, job_id: str, attempt: int) -> bool:
+    """True while this attempt may keep training."""
+    job = session.get(Job, job_id)
+    return job is not None and job.attempt == attempt and job.status == "running"
+
+
+def fail(session: Session, *, job_id: str, attempt: int, code: str, message: str) -> bool:
+    """Mark the job failed with a readable error, if this attempt still owns it."""
+    result = session.execute(
+        _owned(job_id, attempt).values(
+            status="failed", error={"code": code, "message": message, "param": None}, finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    job_service.add_event(session, job_id=job_id, level="error", message=f"Job failed: {message}")
+    return True
+
+
+def record_checkpoint(session: Session, *, job_id: str, attempt: int, checkpoint_id: str, step: int,
+                      metrics: dict[str, Any], storage_key: str) -> bool:
+    """Add a checkpoint row whose files are already in the store."""
+    if not still_owned(session, job_id=job_id, attempt=attempt):
+        return False
+    session.add(Checkpoint(id=checkpoint_id, job_id=job_id, step=step, metrics=metrics, storage_key=storage_key))
+    job_service.add_event(session, job_id=job_id, message=f"Checkpoint created at step {step}.",
+                          data={"step": step, "checkpoint": checkpoint_id})
+    session.flush()
+    return True
+
+
+def succeed(session: Session, *, job_id: str, attempt: int, storage_key: str, trained_tokens: int,
+            result_files: list[str]) -> str | None:
+    """Mark the job succeeded and register its model, in the caller's transaction. Returns the model id."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.attempt != attempt or job.status != "running":
+        return None
+    model_id = job_service.fine_tuned_model_id(job)
+    model_service.add_fine_tuned_model(
+        session, model_id=model_id, project=job.project, base_model=job.model, job_id=job.id, storage_key=storage_key
+    )
+    job.status, job.fine_tuned_model, job.finished_at = "succeeded", model_id, utcnow()
+    job.trained_tokens, job.result_files, job.lease_expires_at = trained_tokens, result_files, None
+    job_service.add_event(session, job_id=job_id, message=f"New fine-tuned model created: {model_id}")
+    job_service.add_event(session, job_id=job_id, message="The job has successfully completed.")
+    session.flush()
+    return model_id

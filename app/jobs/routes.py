@@ -1,0 +1,63 @@
+"""HTTP routes for /v1/fine_tuning/jobs."""
+
+import logging
+
+from fastapi import APIRouter, Query
+
+from app import queue
+from app.deps import ProjectDep, SessionDep
+from app.jobs import service as job_service
+from app.jobs.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+log = logging.getLogger(__name__)
+
+Limit = Query(20, ge=1, le=100)
+
+
+@router.post("", response_model=JobPublic)
+def create_job(body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
+    job = job_service.create_job(session, project=project, spec=body)
+    session.commit()  # the message goes out only once the row is durable
+    try:
+        queue.send_run_job(job.id)
+    except Exception:  # the job stays queued; the reconciler sends it again
+        log.exception("could not send job %s to the broker", job.id)
+    return job_service.to_public(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit) -> JobsPublic:
+    jobs, has_more = job_service.list_jobs(session, project=project, after=after, limit=limit)
+    return JobsPublic(data=[job_service.to_public(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def retrieve_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
+    return job_service.to_public(job_service.get_job(session, project=project, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
+    return job_service.to_public(job_service.cancel_job(session, project=project, job_id=job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventsPublic)
+def list_events(
+    job_id: str, session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit
+) -> EventsPublic:
+    events, has_more = job_service.list_events(session, project=project, job_id=job_id, after=after, limit=limit)
+    return EventsPublic(data=[job_service.event_to_public(e) for e in events], has_more=has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(
+    job_id: str, session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit
+) -> CheckpointsPublic:
+    job, rows, has_more = job_service.list_checkpoints(
+        session, project=project, job_id=job_id, after=after, limit=limit
+    )
+    data = [job_service.checkpoint_to_public(c, job) for c in rows]
+    return CheckpointsPublic(
+        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )

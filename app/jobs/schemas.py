@@ -1,0 +1,229 @@
+"""Fine-tuning job specs and objects, shaped like OpenAI's; Tuneforge's own knobs live in `method`."""
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("validating_files", "queued", "running")
+PEFT_METHODS = ("lora", "full")
+
+Auto = Literal["auto"]
+
+
+class SupervisedHyperparameters(BaseModel):
+    """Hyperparameters of a supervised job: OpenAI's three, plus the PEFT and sequence knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Auto = Field("auto", description="Passes over the training file; auto means 3.")
+    batch_size: int | Auto = Field("auto", description="Examples per optimizer step; auto means 4.")
+    learning_rate_multiplier: float | Auto = Field(
+        "auto", description="Scales the method's base learning rate (2e-4 for LoRA, 2e-5 for full)."
+    )
+    learning_rate: float | None = Field(None, gt=0, description="Absolute learning rate; overrides the multiplier.")
+    peft: Literal["lora", "full"] = Field("lora", description="Which weights train: LoRA adapters or all weights.")
+    lora_r: int = Field(8, description="LoRA rank.")
+    lora_alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module names to adapt; None means the attention projections the model has."
+    )
+    max_seq_length: int = Field(512, description="Longer examples are truncated to this many tokens.")
+    gradient_accumulation_steps: int = Field(1, description="Micro-batches summed per optimizer step.")
+    warmup_ratio: float = Field(0.0, description="Fraction of steps spent warming up the learning rate.")
+    checkpoint_every_steps: int | None = Field(
+        None, description="Write a checkpoint every N optimizer steps; None means once per epoch."
+    )
+
+    @field_validator("n_epochs", "batch_size")
+    @classmethod
+    def _positive_or_auto(cls, value: int | str) -> int | str:
+        if value != "auto" and (not isinstance(value, int) or value < 1):
+            raise ValueError("must be a positive integer or 'auto'")
+        return value
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _positive_multiplier(cls, value: float | str) -> float | str:
+        if value != "auto" and (not isinstance(value, float | int) or value <= 0):
+            raise ValueError("must be a positive number or 'auto'")
+        return value
+
+    @field_validator("lora_r", "lora_alpha", "max_seq_length", "gradient_accumulation_steps")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("checkpoint_every_steps")
+    @classmethod
+    def _positive_interval(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("lora_dropout", "warmup_ratio")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError("must be in [0, 1)")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_modules(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, list) and (not value or not all(v.strip() for v in value)):
+            raise ValueError("must be a non-empty list of module names or 'all-linear'")
+        return value
+
+    def resolved(self) -> "SupervisedHyperparameters":
+        """A copy with every 'auto' replaced by the value that will be used."""
+        base_lr = 2e-4 if self.peft == "lora" else 2e-5
+        multiplier = 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
+        return self.model_copy(
+            update={
+                "n_epochs": 3 if self.n_epochs == "auto" else self.n_epochs,
+                "batch_size": 4 if self.batch_size == "auto" else self.batch_size,
+                "learning_rate_multiplier": multiplier,
+                "learning_rate": self.learning_rate or base_lr * multiplier,
+            }
+        )
+
+
+class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"] = Field("supervised", description="The training task.")
+    supervised: Supervised = Field(default_factory=Supervised)
+
+
+class LegacyHyperparameters(BaseModel):
+    """OpenAI's deprecated top-level `hyperparameters`; folded into `method.supervised`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Auto | None = None
+    batch_size: int | Auto | None = None
+    learning_rate_multiplier: float | Auto | None = None
+
+
+_SUFFIX = re.compile(r"^[A-Za-z0-9_\-]{1,40}$")
+
+
+class JobCreate(BaseModel):
+    """The body of POST /v1/fine_tuning/jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Base model id, as listed by GET /v1/models.")
+    training_file: str = Field(description="Id of an uploaded file with purpose 'fine-tune'.")
+    validation_file: str | None = Field(None, description="Optional file whose loss is reported at checkpoints.")
+    suffix: str | None = Field(None, description="Up to 40 letters, digits, '-' or '_', put in the model name.")
+    seed: int | None = Field(None, description="Seed for data order and initialisation; random if omitted.")
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs stored with the job.")
+    hyperparameters: LegacyHyperparameters | None = Field(None, description="Deprecated; use method.")
+    method: Method = Field(default_factory=Method, description="Task and hyperparameters.")
+    integrations: list[Any] | None = Field(None, description="Accepted for compatibility; unused.")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _SUFFIX.match(value):
+            raise ValueError("must be 1-40 letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+            raise ValueError("at most 16 pairs, keys up to 64 and values up to 512 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _fold_legacy_hyperparameters(self) -> "JobCreate":
+        if self.hyperparameters:
+            hp = self.method.supervised.hyperparameters
+            given = self.hyperparameters.model_dump(exclude_none=True)
+            self.method.supervised.hyperparameters = hp.model_copy(update=given)
+            SupervisedHyperparameters.model_validate(self.method.supervised.hyperparameters.model_dump())
+        return self
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: str
+    error: JobError | None
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    trained_tokens: int | None
+    seed: int
+    suffix: str | None = None
+    user_provided_suffix: str | None = None
+    metadata: dict[str, str] | None
+    integrations: list[Any] = Field(default_factory=list)
+    estimated_finish: int | None = None
+    attempt: int = Field(0, description="Tuneforge: how many times a worker has claimed this job.")
+
+
+class JobsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]
+    has_more: bool
+
+
+class EventPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None = None
+
+
+class EventsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventPublic]
+    has_more: bool
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any]
+    step_number: int
+
+
+class CheckpointsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointPublic]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

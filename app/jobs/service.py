@@ -1,0 +1,209 @@
+"""Fine-tuning jobs as the API sees them: create, read, list, cancel, events and checkpoints."""
+
+import secrets
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from app.config import get_settings
+from app.db.tables import Checkpoint, Job, JobEvent, utcnow
+from app.errors import ApiError, not_found
+from app.files import service as file_service
+from app.jobs.schemas import (
+    ACTIVE_STATUSES,
+    CheckpointPublic,
+    EventPublic,
+    JobCreate,
+    JobError,
+    JobPublic,
+)
+from app.models import service as model_service
+
+HP_PARAM = "method.supervised.hyperparameters"
+
+
+def _ts(value: Any) -> int | None:
+    return int(value.timestamp()) if value else None
+
+
+def to_public(job: Job) -> JobPublic:
+    hp = job.method["supervised"]["hyperparameters"]
+    return JobPublic(
+        id=job.id,
+        created_at=int(job.created_at.timestamp()),
+        finished_at=_ts(job.finished_at),
+        model=job.model,
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=job.project,
+        status=job.status,
+        error=JobError(**job.error) if job.error else None,
+        hyperparameters={k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+        method=job.method,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        result_files=job.result_files or [],
+        trained_tokens=job.trained_tokens,
+        seed=job.seed,
+        suffix=job.suffix,
+        user_provided_suffix=job.suffix,
+        metadata=job.metadata_,
+        attempt=job.attempt,
+    )
+
+
+def event_to_public(event: JobEvent) -> EventPublic:
+    return EventPublic(
+        id=f"ftevent-{event.seq}",
+        created_at=int(event.created_at.timestamp()),
+        level=event.level,
+        message=event.message,
+        type=event.type,
+        data=event.data,
+    )
+
+
+def checkpoint_to_public(checkpoint: Checkpoint, job: Job) -> CheckpointPublic:
+    return CheckpointPublic(
+        id=checkpoint.id,
+        created_at=int(checkpoint.created_at.timestamp()),
+        fine_tuned_model_checkpoint=f"{fine_tuned_model_id(job)}:ckpt-step-{checkpoint.step}",
+        fine_tuning_job_id=job.id,
+        metrics=checkpoint.metrics,
+        step_number=checkpoint.step,
+    )
+
+
+def fine_tuned_model_id(job: Job) -> str:
+    """OpenAI's naming: ft:<base>:<suffix>:<job id> (suffix may be empty)."""
+    return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
+
+
+def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -> None:
+    base = model_service.get_model(session, project=project, model_id=spec.model, param="model")
+    if base.kind != model_service.BASE:
+        raise ApiError(
+            422,
+            f"'{spec.model}' is a fine-tuned model; start from its base model '{base.base_model}'.",
+            param="model",
+            code="invalid_base_model",
+        )
+    hp = spec.method.supervised.hyperparameters
+    known = set(base.linear_modules or [])
+    if hp.peft != "full" and isinstance(hp.target_modules, list) and known:
+        missing = [m for m in hp.target_modules if m not in known]
+        if missing:
+            raise ApiError(
+                422,
+                f"target_modules {missing} are not linear layers of '{spec.model}'; it has {sorted(known)}.",
+                param=f"{HP_PARAM}.target_modules",
+                code="invalid_target_modules",
+            )
+
+
+def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
+    """Validate a job spec against its files and base model and write it as `queued`."""
+    _check_spec_against_model(session, project, spec)
+    training = file_service.get_file(session, project=project, file_id=spec.training_file, param="training_file")
+    if spec.validation_file:
+        file_service.get_file(session, project=project, file_id=spec.validation_file, param="validation_file")
+    if training.purpose != "fine-tune":
+        raise ApiError(400, f"File '{training.id}' has purpose '{training.purpose}', not 'fine-tune'.",
+                       param="training_file", code="invalid_file_purpose")
+    method = spec.method.model_copy(deep=True)
+    method.supervised.hyperparameters = method.supervised.hyperparameters.resolved()
+    job = Job(
+        id="ftjob-" + secrets.token_hex(12),
+        project=project,
+        model=spec.model,
+        training_file=spec.training_file,
+        validation_file=spec.validation_file,
+        suffix=spec.suffix,
+        seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
+        metadata_=spec.metadata,
+        method=method.model_dump(mode="json"),
+        status="queued",
+        result_files=[],
+        attempt=0,
+        max_attempts=get_settings().max_attempts,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job_id=job.id, message=f"Created fine-tuning job: {job.id}")
+    return job
+
+
+def get_job(session: Session, *, project: str, job_id: str) -> Job:
+    """A job of this project, else 404."""
+    job = session.get(Job, job_id)
+    if job is None or job.project != project:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(session: Session, *, project: str, after: str | None, limit: int,
+              metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+    """Newest first; `after` is the id of the last job of the previous page."""
+    query = select(Job).where(Job.project == project)
+    if after:
+        cursor = get_job(session, project=project, job_id=after)
+        query = query.where(
+            or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
+        )
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    if metadata:
+        rows = [r for r in rows if all((r.metadata_ or {}).get(k) == v for k, v in metadata.items())]
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(session: Session, *, project: str, job_id: str) -> Job:
+    """Cancel a job that has not finished; a finished job is returned unchanged."""
+    job = get_job(session, project=project, job_id=job_id)
+    if job.status in ACTIVE_STATUSES:
+        # A running worker sees this on its next step and stops; a queued job is never claimed.
+        job.status = "cancelled"
+        job.finished_at = utcnow()
+        add_event(session, job_id=job.id, message="Job cancelled by the user.")
+    session.flush()
+    return job
+
+
+def add_event(session: Session, *, job_id: str, message: str, level: str = "info", type: str = "message",
+              data: dict[str, Any] | None = None) -> JobEvent:
+    """Append one event to a job's log."""
+    event = JobEvent(job_id=job_id, message=message, level=level, type=type, data=data)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def _event_seq(event_id: str) -> int:
+    prefix, _, number = event_id.partition("-")
+    if prefix != "ftevent" or not number.isdigit():
+        raise ApiError(400, f"'{event_id}' is not an event id (ftevent-N).", param="after", code="invalid_cursor")
+    return int(number)
+
+
+def list_events(session: Session, *, project: str, job_id: str, after: str | None,
+                limit: int) -> tuple[list[JobEvent], bool]:
+    """Newest first, like OpenAI; `after` is the id of the last event of the previous page."""
+    get_job(session, project=project, job_id=job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after:
+        query = query.where(JobEvent.seq < _event_seq(after))
+    rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def list_checkpoints(session: Session, *, project: str, job_id: str, after: str | None,
+                     limit: int) -> tuple[Job, list[Checkpoint], bool]:
+    """Newest step first."""
+    job = get_job(session, project=project, job_id=job_id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if after:
+        cursor = session.get(Checkpoint, after)
+        if cursor is None or cursor.job_id != job_id:
+            raise not_found("checkpoint", after, param="after")
+        query = query.where(Checkpoint.step < cursor.step)
+    rows = list(session.scalars(query.order_by(Checkpoint.step.desc()).limit(limit + 1)))
+    return job, rows[:limit], len(rows) > limit

@@ -1,0 +1,48 @@
+"""API keys: one project per key; only a hash of the key is stored."""
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.tables import ApiKey, utcnow
+
+KEY_PREFIX = "tf-"
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_key(session: Session, *, project: str) -> tuple[ApiKey, str]:
+    """Create a key for `project`; returns the row and the plaintext key, shown once."""
+    token = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(id="key-" + secrets.token_hex(12), project=project, key_hash=_hash(token), prefix=token[:10])
+    session.add(key)
+    session.flush()
+    return key, token
+
+
+def project_for_token(session: Session, *, token: str) -> str | None:
+    """The project a live key belongs to, or None for an unknown or revoked key."""
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == _hash(token), ApiKey.revoked_at.is_(None)))
+    return key.project if key else None
+
+
+def revoke_key(session: Session, *, key_id: str) -> bool:
+    """Revoke a key by id; False if there is no such live key."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.revoked_at is not None:
+        return False
+    key.revoked_at = utcnow()
+    session.flush()
+    return True
+
+
+def list_keys(session: Session, *, project: str | None = None) -> list[ApiKey]:
+    """Keys, newest first, optionally of one project."""
+    query = select(ApiKey).order_by(ApiKey.created_at.desc())
+    if project:
+        query = query.where(ApiKey.project == project)
+    return list(session.scalars(query))

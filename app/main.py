@@ -1,0 +1,53 @@
+"""The FastAPI application: `uvicorn app.main:app`."""
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from app import queue
+from app.db.session import get_engine
+from app.errors import ApiError, install_error_handlers
+from app.files.routes import router as files_router
+from app.jobs.routes import router as jobs_router
+from app.models.routes import router as models_router
+
+
+def create_app() -> FastAPI:
+    """Build the API with its routers and error handlers."""
+    app = FastAPI(title="Tuneforge", version="0.1.0", description="OpenAI-compatible fine-tuning for open models.")
+    install_error_handlers(app)
+    for router in (files_router, jobs_router, models_router):
+        app.include_router(router)
+
+    @app.get("/livez", tags=["ops"])
+    def livez() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz() -> dict:
+        checks = {"database": _check_database(), "broker": _check_broker()}
+        if not all(v == "ok" for v in checks.values()):
+            raise ApiError(503, f"Not ready: {checks}", type="server_error", code="not_ready")
+        return {"status": "ok", "checks": checks}
+
+    return app
+
+
+def _check_database() -> str:
+    try:
+        with get_engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:  # readiness reports, it does not raise
+        return f"error: {exc.__class__.__name__}"
+
+
+def _check_broker() -> str:
+    try:
+        with queue.celery_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+        return "ok"
+    except Exception as exc:
+        return f"error: {exc.__class__.__name__}"
+
+
+app = create_app()

@@ -1,0 +1,88 @@
+"""Base models (shared by every project) and fine-tuned models (owned by the project that trained them)."""
+
+from pathlib import Path
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from app.db.tables import Model
+from app.errors import ApiError, not_found
+from app.models.schemas import ModelPublic
+from app.storage import get_store
+
+BASE, FINE_TUNED = "base", "fine-tuned"
+
+
+def to_public(row: Model) -> ModelPublic:
+    return ModelPublic(
+        id=row.id,
+        created=int(row.created_at.timestamp()),
+        owned_by=row.project or "tuneforge",
+        parent=row.base_model,
+        kind=row.kind,  # type: ignore[arg-type]
+    )
+
+
+def register_base_model(
+    session: Session, *, name: str, path: Path, architecture: str | None, linear_modules: list[str]
+) -> Model:
+    """Register (or re-register) a local model folder under `name`."""
+    row = session.get(Model, name)
+    if row is not None and row.kind != BASE:
+        raise ApiError(409, f"'{name}' is a fine-tuned model id; pick another name.", param="name")
+    if row is None:
+        row = Model(id=name, kind=BASE)
+        session.add(row)
+    row.path, row.architecture, row.linear_modules = str(path), architecture, sorted(linear_modules)
+    session.flush()
+    return row
+
+
+def add_fine_tuned_model(session: Session, *, model_id: str, project: str, base_model: str, job_id: str,
+                         storage_key: str) -> Model:
+    """Record the model a succeeded job produced."""
+    row = Model(id=model_id, project=project, kind=FINE_TUNED, base_model=base_model, job_id=job_id,
+                storage_key=storage_key)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_model(session: Session, *, project: str, model_id: str, param: str | None = None) -> Model:
+    """A base model or one of this project's fine-tuned models, else 404."""
+    row = session.get(Model, model_id)
+    if row is None or (row.project is not None and row.project != project):
+        raise not_found("model", model_id, param=param)
+    return row
+
+
+def get_base_model(session: Session, *, model_id: str) -> Model:
+    """A registered base model, for the worker."""
+    row = session.get(Model, model_id)
+    if row is None or row.kind != BASE:
+        raise LookupError(f"base model '{model_id}' is not registered")
+    return row
+
+
+def list_models(session: Session, *, project: str) -> list[Model]:
+    query = select(Model).where(or_(Model.project.is_(None), Model.project == project)).order_by(Model.created_at)
+    return list(session.scalars(query))
+
+
+def delete_model(session: Session, *, project: str, model_id: str) -> None:
+    """Delete a fine-tuned model and its adapter; base models are managed with the CLI."""
+    row = get_model(session, project=project, model_id=model_id)
+    if row.kind == BASE:
+        raise ApiError(400, f"'{model_id}' is a base model; remove it with the tuneforge CLI.", param="model")
+    if row.storage_key:
+        get_store().delete(row.storage_key)
+    session.delete(row)
+    session.flush()
+
+
+def adapter_path(session: Session, *, project: str, model_id: str) -> Path:
+    """Where the fine-tuned model's adapter archive is."""
+    row = get_model(session, project=project, model_id=model_id)
+    if row.kind == BASE or not row.storage_key:
+        raise ApiError(400, f"'{model_id}' is a base model and has no adapter.", param="model", code="not_fine_tuned")
+    return get_store().local_path(row.storage_key)

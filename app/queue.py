@@ -1,0 +1,44 @@
+"""The Celery app object and send helpers. Task bodies live in worker/tasks.py; the API sends by name."""
+
+from celery import Celery
+
+from app.config import Settings, get_settings
+
+RUN_JOB = "tuneforge.run_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app wired to the configured broker: JSON only, late acks, one message at a time."""
+    celery = Celery("tuneforge", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    transport_options: dict = {}
+    if settings.resolved_broker_url.startswith("filesystem"):
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+        }
+    celery.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return celery
+
+
+celery_app = make_celery(get_settings())
+
+
+def send_run_job(job_id: str) -> None:
+    """Ask a worker to try job `job_id`; the message carries nothing else."""
+    celery_app.send_task(RUN_JOB, args=[job_id], queue=get_settings().queue)

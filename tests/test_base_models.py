@@ -1,0 +1,112 @@
+"""Fast tests for the tiny base model builder, the GGUF locator and the demo data builder."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from worker.demo_data import SYSTEM_PROMPT, build_demo_data  # noqa: E402
+from worker.training.base_models import make_tiny_llama, smollm2_gguf_path  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("tiny")
+    start = time.perf_counter()
+    make_tiny_llama(dest, seed=0)
+    assert time.perf_counter() - start < 10
+    return dest
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_tiny_llama_reloads(tiny: Path) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny)
+    assert model.config.model_type == "llama"
+    assert model.config.vocab_size == len(tokenizer)
+    assert 900 <= len(tokenizer) <= 1100
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert model.config.eos_token_id == im_end and model.config.pad_token_id == eot
+    assert model.generation_config.eos_token_id == im_end
+    inputs = tokenizer("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == len(tokenizer)
+
+
+def test_tiny_llama_only_safetensors(tiny: Path) -> None:
+    files = {p.name for p in tiny.iterdir()}
+    assert "model.safetensors" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in files)
+
+
+def test_chat_template_is_chatml_and_utf8(tiny: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny)
+    text = "Grüße aus Köln — 東京 🎉"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
+    assert tokenizer.decode(ids) == rendered
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_same_seed_same_weights(tiny: Path, tmp_path: Path) -> None:
+    make_tiny_llama(tmp_path / "again", seed=0)
+    make_tiny_llama(tmp_path / "other", seed=1)
+    first, again, other = _weights(tiny), _weights(tmp_path / "again"), _weights(tmp_path / "other")
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    assert (tiny / "tokenizer.json").read_text() == (tmp_path / "again" / "tokenizer.json").read_text()
+
+
+def test_smollm2_gguf_path_exists() -> None:
+    path = smollm2_gguf_path()
+    assert path.is_file() and path.suffix == ".gguf"
+    assert path.stat().st_size > 10_000_000
+
+
+def test_build_demo_data(tmp_path: Path) -> None:
+    data = build_demo_data(tmp_path, heldout_count=5, seed=0)
+    assert data.train_path == tmp_path / "train.jsonl"
+    lines = data.train_path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) >= 200
+    questions = set()
+    for line in lines:
+        messages = json.loads(line)["messages"]
+        assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+        assert messages[0]["content"] == SYSTEM_PROMPT
+        assert all(isinstance(m["content"], str) and m["content"].strip() for m in messages)
+        assert len(messages[2]["content"]) <= 300
+        questions.add(messages[1]["content"].strip().casefold())
+    assert len(data.heldout) == 5
+    for question, answer in data.heldout:
+        assert question and answer
+        assert question.strip().casefold() not in questions
+        assert question not in data.train_path.read_text(encoding="utf-8")
+
+
+def test_build_demo_data_is_deterministic(tmp_path: Path) -> None:
+    a = build_demo_data(tmp_path / "a", seed=3)
+    b = build_demo_data(tmp_path / "b", seed=3)
+    assert a.heldout == b.heldout
+    assert a.train_path.read_bytes() == b.train_path.read_bytes()

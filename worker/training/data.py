@@ -1,0 +1,100 @@
+"""Training files -> tokenized examples with a loss mask on the completion (assistant) tokens only.
+
+Chat examples are rendered once with the model's chat template; every assistant turn (unless its
+`weight` is 0) is located by rendering the conversation up to it, so the mask follows whatever
+template the model ships. Prompt/completion examples mask the prompt and train on completion + EOS.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.files.validation import load_examples
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    completion_mask: list[int]
+
+    @property
+    def trainable_tokens(self) -> int:
+        return sum(self.completion_mask)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, list):  # OpenAI's content parts
+        return "".join(part.get("text", "") for part in content)
+    return content
+
+
+def _render(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _chat_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of the assistant turns that carry loss."""
+    messages = [{"role": m["role"], "content": _text_of(m["content"])} | _weight(m) for m in messages]
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = _render(tokenizer, plain, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            continue
+        before = _render(tokenizer, plain[:i], generation_prompt=True) if i else ""
+        through = _render(tokenizer, plain[: i + 1], generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ValueError(
+                "the model's chat template does not render conversations prefix-stably, so assistant turns "
+                "cannot be located; use the prompt/completion format for this model"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def _weight(message: dict) -> dict:
+    return {"weight": message["weight"]} if "weight" in message else {}
+
+
+def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> TokenizedExample:
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [
+        int(any(start <= token_start < end for start, end in spans))
+        for token_start, _token_end in encoded["offset_mapping"]
+    ]
+    return TokenizedExample(input_ids=list(encoded["input_ids"]), completion_mask=mask)
+
+
+def tokenize_example(tokenizer: Any, example: dict) -> TokenizedExample:
+    """Tokens of one validated example and the mask of the tokens that carry loss."""
+    if "messages" in example:
+        text, spans = _chat_spans(tokenizer, example["messages"])
+        return _tokenize_with_spans(tokenizer, text, spans)
+    prompt, completion = example["prompt"], example["completion"] + (tokenizer.eos_token or "")
+    return _tokenize_with_spans(tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))])
+
+
+@dataclass
+class PreparedData:
+    rows: list[dict[str, list[int]]]  # input_ids + completion_mask, ready for datasets.Dataset.from_list
+    total_tokens: int
+    truncated: int
+    dropped: int
+
+
+def prepare_file(tokenizer: Any, path: Path, *, max_seq_length: int) -> PreparedData:
+    """Tokenize a whole training file, truncating long examples and dropping those left with no loss."""
+    rows, total, truncated, dropped = [], 0, 0, 0
+    for example in load_examples(path.read_bytes()):
+        tokenized = tokenize_example(tokenizer, example)
+        if len(tokenized.input_ids) > max_seq_length:
+            truncated += 1
+            tokenized = TokenizedExample(
+                tokenized.input_ids[:max_seq_length], tokenized.completion_mask[:max_seq_length]
+            )
+        if tokenized.trainable_tokens == 0:
+            dropped += 1
+            continue
+        total += len(tokenized.input_ids)
+        rows.append({"input_ids": tokenized.input_ids, "completion_mask": tokenized.completion_mask})
+    return PreparedData(rows=rows, total_tokens=total, truncated=truncated, dropped=dropped)
