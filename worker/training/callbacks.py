@@ -35,6 +35,7 @@ class JobReporter(TrainerCallback):
         self.job_id, self.attempt = job_id, attempt
         self.stopped = False
         self.last_metrics: dict[str, Any] = {}
+        self.last_eval_step = -1
         self._last_log = (time.monotonic(), 0)
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -52,6 +53,7 @@ class JobReporter(TrainerCallback):
             self._record_train_log(state, logs)
         if "eval_loss" in logs:
             self.last_metrics["valid_loss"] = logs["eval_loss"]
+            self.last_eval_step = state.global_step
             self.event(f"Step {state.global_step}: validation loss={logs['eval_loss']:.4f}",
                         {"step": state.global_step, "valid_loss": logs["eval_loss"]})
 

@@ -123,7 +123,9 @@ def fit(spec: RunSpec, tokenizer: Any, model: Any, train: PreparedData, valid: P
     metrics = {"train_loss": output.training_loss, "steps": output.global_step,
                "runtime_seconds": round(time.monotonic() - started, 2)}
     if valid is not None and not reporter.stopped:
-        metrics["valid_loss"] = trainer.evaluate()["eval_loss"]
+        if reporter.last_eval_step != output.global_step:
+            trainer.evaluate()
+        metrics["valid_loss"] = reporter.last_metrics["valid_loss"]
     return trainer, metrics
 
 

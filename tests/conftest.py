@@ -1,0 +1,168 @@
+"""Test harness: real Postgres and Redis on this machine, a real API server and Celery worker process.
+
+The settings are fixed here, before anything imports `app`, so the tests, the server and the worker
+all use the same database, broker queue and state folder.
+"""
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
+TEST_HOME = Path(tempfile.mkdtemp(prefix="tuneforge-test-"))
+
+os.environ.update(
+    TUNEFORGE_DATABASE_URL=POSTGRES_URL,
+    TUNEFORGE_BROKER_URL=REDIS_URL,
+    TUNEFORGE_HOME=str(TEST_HOME),
+    TUNEFORGE_QUEUE=f"tuneforge-test-{uuid.uuid4().hex[:8]}",  # stale messages of other runs never reach us
+    TUNEFORGE_HEARTBEAT_SECONDS="1",
+    HF_HUB_OFFLINE="1",
+)
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from app.db import migrate  # noqa: E402
+from app.db.session import session_scope  # noqa: E402
+from app.keys import service as key_service  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(base_url: str, processes: list[subprocess.Popen], timeout: float = 60) -> None:
+    """Wait for /readyz; fail fast if a service process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url} not ready after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def database() -> str:
+    """A clean `test` database at the head migration. Unreachable Postgres fails the run, never skips."""
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    migrate.upgrade()
+    return POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+def tiny_model(database: str) -> str:
+    """`tiny-llama`, built locally and registered as a base model."""
+    from app.cli import models_make_tiny
+
+    models_make_tiny(name="tiny-llama", seed=0)
+    return "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def server(database: str, tiny_model: str) -> Iterator[str]:
+    """The API and one worker, as separate processes, on Postgres + Redis."""
+    from app.cli import start_services, stop_services
+
+    port = free_port()
+    processes = start_services(port)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base_url, processes)
+        yield base_url
+    finally:
+        stop_services(processes)
+
+
+def make_key(project: str) -> str:
+    with session_scope() as session:
+        return key_service.create_key(session, project=project)[1]
+
+
+@pytest.fixture(scope="session")
+def api_key(database: str) -> str:
+    return make_key("alpha")
+
+
+@pytest.fixture(scope="session")
+def other_key(database: str) -> str:
+    return make_key("beta")
+
+
+@pytest.fixture(scope="session")
+def http(server: str, api_key: str) -> Iterator[httpx.Client]:
+    """Plain HTTP as project `alpha`."""
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def other_http(server: str, other_key: str) -> Iterator[httpx.Client]:
+    """Plain HTTP as project `beta`."""
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {other_key}"}, timeout=30) as client:
+        yield client
+
+
+def wait_for_status(http: httpx.Client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
+    """Poll a job until it reaches one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout} s")
+
+
+def chat_jsonl(count: int = 40, offset: int = 0) -> bytes:
+    """A small chat training file the tiny model can fit."""
+    lines = [
+        f'{{"messages": [{{"role": "user", "content": "What is {i} plus {i}?"}}, '
+        f'{{"role": "assistant", "content": "{i} plus {i} is {2 * i}."}}]}}'
+        for i in range(offset, offset + count)
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def upload(http: httpx.Client, data: bytes, filename: str = "train.jsonl") -> dict:
+    response = http.post("/v1/files", files={"file": (filename, data)}, data={"purpose": "fine-tune"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def job_body(training_file: str, **hyperparameters: object) -> dict:
+    hp = {"n_epochs": 1, "batch_size": 8} | hyperparameters
+    return {"model": "tiny-llama", "training_file": training_file, "seed": 7,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
+
+
+@pytest.fixture(scope="session")
+def finished_job(http: httpx.Client) -> dict:
+    """One LoRA job of project `alpha`, run to success."""
+    training = upload(http, chat_jsonl())
+    response = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"], checkpoint_every_steps=2) | {"suffix": "fixture"})
+    assert response.status_code == 200, response.text
+    job = wait_for_status(http, response.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", job
+    return job
