@@ -1,8 +1,8 @@
 """The `tuneforge` command: run the service, manage keys and base models, migrate, and run the demo.
 
-    tuneforge up --port 8000            # API + worker on the embedded default (or Postgres/Redis from env)
-    tuneforge keys create --project me  # prints a new API key as its last line
-    tuneforge models make-tiny          # registers `tiny-llama`
+tuneforge up --port 8000            # API + worker on the embedded default (or Postgres/Redis from env)
+tuneforge keys create --project me  # prints a new API key as its last line
+tuneforge models make-tiny          # registers `tiny-llama`
 """
 
 import os
@@ -73,7 +73,11 @@ def register_folder(name: str, folder: Path) -> None:
     migrate.upgrade()
     with session_scope() as session:
         model_service.register_base_model(
-            session, name=name, path=folder.resolve(), architecture=architecture, linear_modules=linear_modules
+            session,
+            name=name,
+            path=folder.resolve(),
+            architecture=architecture,
+            linear_modules=linear_modules,
         )
     typer.echo(f"registered base model {name} ({architecture}) at {folder}")
 
@@ -112,8 +116,22 @@ def worker_command(name: str | None = None) -> list[str]:
     """The command line of one Celery worker on this machine."""
     settings = get_settings()
     node = name or f"worker-{uuid.uuid4().hex[:8]}@%h"
-    return [sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker", "--pool=solo",
-            "--loglevel=INFO", "-Q", settings.queue, "-n", node, "--without-gossip", "--without-mingle"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "app.queue:celery_app",
+        "worker",
+        "--pool=solo",
+        "--loglevel=INFO",
+        "-Q",
+        settings.queue,
+        "-n",
+        node,
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 @cli.command()
@@ -123,12 +141,29 @@ def worker() -> None:
     os.execv(sys.executable, worker_command())
 
 
-def start_services(port: int, host: str = "127.0.0.1") -> list[subprocess.Popen]:
-    """Start the API and one worker as child processes."""
+def start_services(port: int, host: str = "127.0.0.1", log_dir: Path | None = None) -> list[subprocess.Popen]:
+    """Start the API and one worker as child processes; with `log_dir`, their output goes to files there."""
     migrate.upgrade()
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port), "--log-level", "warning"]
-    return [subprocess.Popen(api, env=env), subprocess.Popen(worker_command(), env=env)]
+    api = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    processes = []
+    for name, command in (("api", api), ("worker", worker_command())):
+        output = (log_dir / f"{name}.log").open("ab") if log_dir else None
+        processes.append(
+            subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
+        )
+    return processes
 
 
 def stop_services(processes: list[subprocess.Popen]) -> None:

@@ -18,10 +18,14 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".tuneforge"), description="State folder of the embedded default.")
     database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite under home.")
     broker_url: str = Field("", description="Celery broker URL; empty means the filesystem transport.")
-    artifact_dir: Path | None = Field(None, description="Where files and adapters are kept; default home/artifacts.")
+    artifact_dir: Path | None = Field(
+        None, description="Where files and adapters are kept; default home/artifacts."
+    )
     model_dir: Path | None = Field(None, description="Where base model folders live; default home/models.")
     queue: str = Field("tuneforge", description="Celery queue the API sends jobs to and workers consume.")
-    lease_seconds: int = Field(60, description="How long a worker's claim on a job lasts without a heartbeat.")
+    lease_seconds: int = Field(
+        60, description="How long a worker's claim on a job lasts without a heartbeat."
+    )
     heartbeat_seconds: float = Field(5.0, description="How often a worker renews its lease.")
     max_attempts: int = Field(3, description="Attempts before a job is failed for good.")
     max_upload_mb: int = Field(512, description="Largest accepted upload.")

@@ -31,7 +31,9 @@ def get_project(request: Request, session: SessionDep) -> str:
         )
     project = key_service.project_for_token(session, token=token.strip())
     if project is None:
-        raise ApiError(401, "Invalid or revoked API key.", type="invalid_request_error", code="invalid_api_key")
+        raise ApiError(
+            401, "Invalid or revoked API key.", type="invalid_request_error", code="invalid_api_key"
+        )
     return project
 
 

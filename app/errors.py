@@ -26,7 +26,9 @@ class ApiError(Exception):
 
 def not_found(what: str, object_id: str, *, param: str | None = None) -> ApiError:
     """The 404 for an object that does not exist or belongs to another project (never 403)."""
-    return ApiError(404, f"No such {what}: '{object_id}'.", param=param, code=f"{what.replace(' ', '_')}_not_found")
+    return ApiError(
+        404, f"No such {what}: '{object_id}'.", param=param, code=f"{what.replace(' ', '_')}_not_found"
+    )
 
 
 def envelope(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -51,13 +53,18 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         param = _param_from_location(tuple(first.get("loc", ())))
         details = "; ".join(
-            f"{_param_from_location(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in exc.errors()[:5]
+            f"{_param_from_location(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}"
+            for e in exc.errors()[:5]
         )
-        return JSONResponse(envelope(f"Invalid request: {details}", "invalid_request_error", param, "invalid_value"), 422)
+        return JSONResponse(
+            envelope(f"Invalid request: {details}", "invalid_request_error", param, "invalid_value"), 422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "invalid_api_key"}.get(exc.status_code)
         return JSONResponse(
-            envelope(str(exc.detail), "invalid_request_error", None, code), exc.status_code, headers=exc.headers
+            envelope(str(exc.detail), "invalid_request_error", None, code),
+            exc.status_code,
+            headers=exc.headers,
         )

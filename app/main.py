@@ -13,7 +13,9 @@ from app.models.routes import router as models_router
 
 def create_app() -> FastAPI:
     """Build the API with its routers and error handlers."""
-    app = FastAPI(title="Tuneforge", version="0.1.0", description="OpenAI-compatible fine-tuning for open models.")
+    app = FastAPI(
+        title="Tuneforge", version="0.1.0", description="OpenAI-compatible fine-tuning for open models."
+    )
     install_error_handlers(app)
     for router in (files_router, jobs_router, models_router):
         app.include_router(router)

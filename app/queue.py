@@ -1,10 +1,16 @@
 """The Celery app object and send helpers. Task bodies live in worker/tasks.py; the API sends by name."""
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from app.config import Settings, get_settings
 
 RUN_JOB = "tuneforge.run_job"
+
+
+def job_queue(settings: Settings) -> Queue:
+    """The queue jobs travel on, declared by senders too: Redis drops messages routed to an unbound queue."""
+    return Queue(settings.queue, Exchange(settings.queue, type="direct"), routing_key=settings.queue)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -29,6 +35,8 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
+        task_queues=[job_queue(settings)],
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -41,4 +49,5 @@ celery_app = make_celery(get_settings())
 
 def send_run_job(job_id: str) -> None:
     """Ask a worker to try job `job_id`; the message carries nothing else."""
-    celery_app.send_task(RUN_JOB, args=[job_id], queue=get_settings().queue)
+    jobs = job_queue(get_settings())
+    celery_app.send_task(RUN_JOB, args=[job_id], queue=jobs, declare=[jobs])

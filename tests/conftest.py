@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
@@ -34,6 +35,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from app.db import migrate  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.keys import service as key_service  # noqa: E402
+from tests.helpers import chat_jsonl, job_body, upload, wait_for_status  # noqa: E402
 
 
 def free_port() -> int:
@@ -67,6 +69,7 @@ def database() -> str:
         connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     migrate.upgrade()
+    redis.Redis.from_url(REDIS_URL).flushdb()  # db 15 is the tests' own; unreachable Redis fails here too
     return POSTGRES_URL
 
 
@@ -85,7 +88,7 @@ def server(database: str, tiny_model: str) -> Iterator[str]:
     from app.cli import start_services, stop_services
 
     port = free_port()
-    processes = start_services(port)
+    processes = start_services(port, log_dir=TEST_HOME)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base_url, processes)
@@ -119,49 +122,20 @@ def http(server: str, api_key: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def other_http(server: str, other_key: str) -> Iterator[httpx.Client]:
     """Plain HTTP as project `beta`."""
-    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {other_key}"}, timeout=30) as client:
+    with httpx.Client(
+        base_url=server, headers={"Authorization": f"Bearer {other_key}"}, timeout=30
+    ) as client:
         yield client
-
-
-def wait_for_status(http: httpx.Client, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
-    """Poll a job until it reaches one of `statuses`."""
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout} s")
-
-
-def chat_jsonl(count: int = 40, offset: int = 0) -> bytes:
-    """A small chat training file the tiny model can fit."""
-    lines = [
-        f'{{"messages": [{{"role": "user", "content": "What is {i} plus {i}?"}}, '
-        f'{{"role": "assistant", "content": "{i} plus {i} is {2 * i}."}}]}}'
-        for i in range(offset, offset + count)
-    ]
-    return ("\n".join(lines) + "\n").encode()
-
-
-def upload(http: httpx.Client, data: bytes, filename: str = "train.jsonl") -> dict:
-    response = http.post("/v1/files", files={"file": (filename, data)}, data={"purpose": "fine-tune"})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def job_body(training_file: str, **hyperparameters: object) -> dict:
-    hp = {"n_epochs": 1, "batch_size": 8} | hyperparameters
-    return {"model": "tiny-llama", "training_file": training_file, "seed": 7,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
 
 
 @pytest.fixture(scope="session")
 def finished_job(http: httpx.Client) -> dict:
     """One LoRA job of project `alpha`, run to success."""
     training = upload(http, chat_jsonl())
-    response = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"], checkpoint_every_steps=2) | {"suffix": "fixture"})
+    response = http.post(
+        "/v1/fine_tuning/jobs",
+        json=job_body(training["id"], checkpoint_every_steps=2) | {"suffix": "fixture"},
+    )
     assert response.status_code == 200, response.text
     job = wait_for_status(http, response.json()["id"], {"succeeded", "failed", "cancelled"})
     assert job["status"] == "succeeded", job

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from tests.conftest import chat_jsonl, job_body, upload
+from tests.helpers import chat_jsonl, job_body, upload
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
@@ -38,7 +38,12 @@ def test_revoked_key_is_401(server: str, database: str) -> None:
 
 
 def test_malformed_jsonl_lists_lines_and_codes(http: httpx.Client) -> None:
-    bad = chat_jsonl(2) + b'{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n{"messages": [{"role": "robot", "content": "x"}]}\n'
+    bad = (
+        chat_jsonl(2)
+        + b'{"messages": [{"role": "user", "content": "hi"}]}\n'
+        + b"not json\n"
+        + b'{"messages": [{"role": "robot", "content": "x"}]}\n'
+    )
     response = http.post("/v1/files", files={"file": ("bad.jsonl", bad)}, data={"purpose": "fine-tune"})
     error = error_of(response, 400)
     assert error["param"] == "file"
@@ -51,8 +56,13 @@ def test_malformed_jsonl_lists_lines_and_codes(http: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     ("data", "code"),
-    [(b"", "empty_file"), (b"\xff\xfe\n", "invalid_encoding"), (b"[1, 2]\n", "not_an_object"),
-     (b'{"prompt": "a"}\n', "missing_completion"), (b'{"text": "a"}\n', "unrecognized_format")],
+    [
+        (b"", "empty_file"),
+        (b"\xff\xfe\n", "invalid_encoding"),
+        (b"[1, 2]\n", "not_an_object"),
+        (b'{"prompt": "a"}\n', "missing_completion"),
+        (b'{"text": "a"}\n', "unrecognized_format"),
+    ],
 )
 def test_each_bad_file_gets_its_code(http: httpx.Client, data: bytes, code: str) -> None:
     response = http.post("/v1/files", files={"file": ("bad.jsonl", data)}, data={"purpose": "fine-tune"})
@@ -60,7 +70,9 @@ def test_each_bad_file_gets_its_code(http: httpx.Client, data: bytes, code: str)
 
 
 def test_wrong_purpose_is_400(http: httpx.Client) -> None:
-    response = http.post("/v1/files", files={"file": ("t.jsonl", chat_jsonl(2))}, data={"purpose": "assistants"})
+    response = http.post(
+        "/v1/files", files={"file": ("t.jsonl", chat_jsonl(2))}, data={"purpose": "assistants"}
+    )
     assert error_of(response, 400)["param"] == "purpose"
 
 
@@ -70,7 +82,11 @@ def test_file_round_trip(http: httpx.Client) -> None:
     assert created["bytes"] == len(data) and created["object"] == "file"
     assert http.get(f"/v1/files/{created['id']}").json() == created
     assert http.get(f"/v1/files/{created['id']}/content").content == data
-    assert http.delete(f"/v1/files/{created['id']}").json() == {"id": created["id"], "object": "file", "deleted": True}
+    assert http.delete(f"/v1/files/{created['id']}").json() == {
+        "id": created["id"],
+        "object": "file",
+        "deleted": True,
+    }
     assert error_of(http.get(f"/v1/files/{created['id']}"), 404)["code"] == "file_not_found"
 
 
@@ -88,12 +104,14 @@ def test_missing_training_file_is_404(http: httpx.Client, tiny_model: str) -> No
 
 @pytest.mark.parametrize(
     ("hyperparameters", "param"),
-    [({"lora_r": 0}, "method.supervised.hyperparameters.lora_r"),
-     ({"n_epochs": -1}, "method.supervised.hyperparameters.n_epochs"),
-     ({"peft": "magic"}, "method.supervised.hyperparameters.peft"),
-     ({"lora_dropout": 1.5}, "method.supervised.hyperparameters.lora_dropout"),
-     ({"no_such_knob": 1}, "method.supervised.hyperparameters.no_such_knob"),
-     ({"target_modules": ["not_a_layer"]}, "method.supervised.hyperparameters.target_modules")],
+    [
+        ({"lora_r": 0}, "method.supervised.hyperparameters.lora_r"),
+        ({"n_epochs": -1}, "method.supervised.hyperparameters.n_epochs"),
+        ({"peft": "magic"}, "method.supervised.hyperparameters.peft"),
+        ({"lora_dropout": 1.5}, "method.supervised.hyperparameters.lora_dropout"),
+        ({"no_such_knob": 1}, "method.supervised.hyperparameters.no_such_knob"),
+        ({"target_modules": ["not_a_layer"]}, "method.supervised.hyperparameters.target_modules"),
+    ],
 )
 def test_invalid_spec_is_422_naming_the_field(http: httpx.Client, hyperparameters: dict, param: str) -> None:
     training = upload(http, chat_jsonl(2))
@@ -103,7 +121,9 @@ def test_invalid_spec_is_422_naming_the_field(http: httpx.Client, hyperparameter
 
 def test_bad_suffix_is_422(http: httpx.Client) -> None:
     training = upload(http, chat_jsonl(2))
-    error = error_of(http.post("/v1/fine_tuning/jobs", json=job_body(training["id"]) | {"suffix": "../x"}), 422)
+    error = error_of(
+        http.post("/v1/fine_tuning/jobs", json=job_body(training["id"]) | {"suffix": "../x"}), 422
+    )
     assert error["param"] == "suffix"
 
 
@@ -112,10 +132,15 @@ def test_other_projects_objects_are_404_and_unlisted(
 ) -> None:
     model_id = finished_job["fine_tuned_model"]
     job_id = finished_job["id"]
-    for path in (f"/v1/files/{finished_job['training_file']}", f"/v1/files/{finished_job['training_file']}/content",
-                 f"/v1/fine_tuning/jobs/{job_id}", f"/v1/fine_tuning/jobs/{job_id}/events",
-                 f"/v1/fine_tuning/jobs/{job_id}/checkpoints", f"/v1/models/{model_id}",
-                 f"/v1/models/{model_id}/adapter"):
+    for path in (
+        f"/v1/files/{finished_job['training_file']}",
+        f"/v1/files/{finished_job['training_file']}/content",
+        f"/v1/fine_tuning/jobs/{job_id}",
+        f"/v1/fine_tuning/jobs/{job_id}/events",
+        f"/v1/fine_tuning/jobs/{job_id}/checkpoints",
+        f"/v1/models/{model_id}",
+        f"/v1/models/{model_id}/adapter",
+    ):
         assert http.get(path).status_code == 200, path
         error_of(other_http.get(path), 404)
     error_of(other_http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 404)

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import TEST_HOME, chat_jsonl, wait_for_status
+from tests.helpers import TEST_HOME, chat_jsonl, wait_for_status
 
 pytestmark = pytest.mark.e2e
 
@@ -28,10 +28,23 @@ def test_sdk_drives_the_whole_flow(client: openai.OpenAI, http: httpx.Client, tm
     assert training.id in {f.id for f in client.files.list()}
 
     job = client.fine_tuning.jobs.create(
-        model="tiny-llama", training_file=training.id, validation_file=validation.id, suffix="sdk", seed=3,
+        model="tiny-llama",
+        training_file=training.id,
+        validation_file=validation.id,
+        suffix="sdk",
+        seed=3,
         metadata={"team": "e2e"},
-        method={"type": "supervised", "supervised": {"hyperparameters": {
-            "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 10, "checkpoint_every_steps": 3}}},
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {
+                    "n_epochs": 2,
+                    "batch_size": 8,
+                    "learning_rate_multiplier": 10,
+                    "checkpoint_every_steps": 3,
+                }
+            },
+        },
     )
     assert job.status == "queued" and job.metadata == {"team": "e2e"}
     done = wait_for_status(http, job.id, {"succeeded", "failed", "cancelled"})
@@ -72,15 +85,21 @@ def test_sdk_drives_the_whole_flow(client: openai.OpenAI, http: httpx.Client, tm
 
     base_dir = TEST_HOME / "models" / "tiny-llama"
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 5 plus 5?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 5 plus 5?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     with torch.no_grad():
         base_logits = base(**prompt).logits
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
     with torch.no_grad():
         tuned_logits = tuned(**prompt).logits
-    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4), "the adapter must change the model's output"
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4), (
+        "the adapter must change the model's output"
+    )
 
 
 def test_jobs_page_with_after_and_has_more(client: openai.OpenAI, http: httpx.Client) -> None:

@@ -42,14 +42,20 @@ def run_job(job_id: str) -> None:
     with log_path.open("ab") as log_file:
         child = subprocess.Popen(
             [sys.executable, "-m", "worker.train_job", job_id, str(attempt)],
-            stdout=log_file, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"HF_HUB_OFFLINE": "1"},
         )
         returncode = _watch(child, job_id=job_id, attempt=attempt)
     if returncode not in (0, None):
         with session_scope() as session:
             lifecycle.fail(
-                session, job_id=job_id, attempt=attempt, code="training_crashed",
-                message=f"The training process exited with code {returncode}. Last log lines: {_log_tail(log_path)}",
+                session,
+                job_id=job_id,
+                attempt=attempt,
+                code="training_crashed",
+                message=f"The training process exited with code {returncode}. "
+                f"Last log lines: {_log_tail(log_path)}",
             )
 
 
@@ -77,6 +83,11 @@ def _watch(child: subprocess.Popen, *, job_id: str, attempt: int) -> int | None:
             child.kill()
             child.wait()
             with session_scope() as session:
-                lifecycle.fail(session, job_id=job_id, attempt=attempt, code="timeout",
-                               message=f"Training ran longer than {settings.job_timeout_seconds} s and was stopped.")
+                lifecycle.fail(
+                    session,
+                    job_id=job_id,
+                    attempt=attempt,
+                    code="timeout",
+                    message=f"Training ran longer than {settings.job_timeout_seconds} s and was stopped.",
+                )
             return None

@@ -62,8 +62,14 @@ def publish(job_id: str, attempt: int, result) -> None:  # type: ignore[no-untyp
     finally:
         archive.unlink(missing_ok=True)
     with session_scope() as session:
-        lifecycle.succeed(session, job_id=job_id, attempt=attempt, storage_key=key,
-                          trained_tokens=result.trained_tokens, result_files=[])
+        lifecycle.succeed(
+            session,
+            job_id=job_id,
+            attempt=attempt,
+            storage_key=key,
+            trained_tokens=result.trained_tokens,
+            result_files=[],
+        )
 
 
 def classify_failure(exc: BaseException) -> tuple[str, str]:

@@ -1,5 +1,7 @@
 """HTTP routes for /v1/files."""
 
+from typing import Annotated
+
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse
 
@@ -14,11 +16,18 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 @router.post("", response_model=FilePublic)
 def upload_file(
-    session: SessionDep, project: ProjectDep, file: UploadFile = File(...), purpose: str = Form(...)
+    session: SessionDep,
+    project: ProjectDep,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form()],
 ) -> FilePublic:
     limit = get_settings().max_upload_mb << 20
     row = file_service.create_file(
-        session, project=project, filename=file.filename or "upload.jsonl", purpose=purpose, stream=file.file,
+        session,
+        project=project,
+        filename=file.filename or "upload.jsonl",
+        purpose=purpose,
+        stream=file.file,
         limit_bytes=limit,
     )
     return file_service.to_public(row)
@@ -38,7 +47,9 @@ def retrieve_file(file_id: str, session: SessionDep, project: ProjectDep) -> Fil
 @router.get("/{file_id}/content")
 def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
     row = file_service.get_file(session, project=project, file_id=file_id)
-    return FileResponse(get_store().local_path(row.storage_key), media_type="application/jsonl", filename=row.filename)
+    return FileResponse(
+        get_store().local_path(row.storage_key), media_type="application/jsonl", filename=row.filename
+    )
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

@@ -64,7 +64,9 @@ def create_file(
             listed = "; ".join(e.message for e in report.errors[:5])
             more = f" ({report.error_count} errors in all)" if report.error_count > 5 else ""
             first = report.errors[0]
-            raise ApiError(400, f"Invalid training file '{filename}': {listed}{more}", param="file", code=first.code)
+            raise ApiError(
+                400, f"Invalid training file '{filename}': {listed}{more}", param="file", code=first.code
+            )
         row = TrainingFile(
             id="file-" + secrets.token_hex(12),
             project=project,
@@ -94,7 +96,9 @@ def get_file(session: Session, *, project: str, file_id: str, param: str | None 
 
 
 def list_files(session: Session, *, project: str, purpose: str | None = None) -> list[TrainingFile]:
-    query = select(TrainingFile).where(TrainingFile.project == project).order_by(TrainingFile.created_at.desc())
+    query = (
+        select(TrainingFile).where(TrainingFile.project == project).order_by(TrainingFile.created_at.desc())
+    )
     if purpose:
         query = query.where(TrainingFile.purpose == purpose)
     return list(session.scalars(query))
@@ -110,7 +114,12 @@ def delete_file(session: Session, *, project: str, file_id: str) -> None:
         )
     )
     if in_use:
-        raise ApiError(409, f"File '{file_id}' is used by unfinished job '{in_use}'.", param="file_id", code="file_in_use")
+        raise ApiError(
+            409,
+            f"File '{file_id}' is used by unfinished job '{in_use}'.",
+            param="file_id",
+            code="file_in_use",
+        )
     get_store().delete(row.storage_key)
     session.delete(row)
     session.flush()

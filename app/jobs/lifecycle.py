@@ -33,7 +33,9 @@ def claim(session: Session, *, job_id: str, owner: str, lease_seconds: int) -> i
     if attempt is None:
         return None
     session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now))
-    job_service.add_event(session, job_id=job_id, message=f"Fine-tuning job started (attempt {attempt}, {owner}).")
+    job_service.add_event(
+        session, job_id=job_id, message=f"Fine-tuning job started (attempt {attempt}, {owner})."
+    )
     return attempt
 
 
@@ -59,7 +61,9 @@ def fail(session: Session, *, job_id: str, attempt: int, code: str, message: str
     """Mark the job failed with a readable error, if this attempt still owns it."""
     result = session.execute(
         _owned(job_id, attempt).values(
-            status="failed", error={"code": code, "message": message, "param": None}, finished_at=utcnow(),
+            status="failed",
+            error={"code": code, "message": message, "param": None},
+            finished_at=utcnow(),
             lease_expires_at=None,
         )
     )
@@ -69,27 +73,53 @@ def fail(session: Session, *, job_id: str, attempt: int, code: str, message: str
     return True
 
 
-def record_checkpoint(session: Session, *, job_id: str, attempt: int, checkpoint_id: str, step: int,
-                      metrics: dict[str, Any], storage_key: str) -> bool:
+def record_checkpoint(
+    session: Session,
+    *,
+    job_id: str,
+    attempt: int,
+    checkpoint_id: str,
+    step: int,
+    metrics: dict[str, Any],
+    storage_key: str,
+) -> bool:
     """Add a checkpoint row whose files are already in the store."""
     if not still_owned(session, job_id=job_id, attempt=attempt):
         return False
-    session.add(Checkpoint(id=checkpoint_id, job_id=job_id, step=step, metrics=metrics, storage_key=storage_key))
-    job_service.add_event(session, job_id=job_id, message=f"Checkpoint created at step {step}.",
-                          data={"step": step, "checkpoint": checkpoint_id})
+    session.add(
+        Checkpoint(id=checkpoint_id, job_id=job_id, step=step, metrics=metrics, storage_key=storage_key)
+    )
+    job_service.add_event(
+        session,
+        job_id=job_id,
+        message=f"Checkpoint created at step {step}.",
+        data={"step": step, "checkpoint": checkpoint_id},
+    )
     session.flush()
     return True
 
 
-def succeed(session: Session, *, job_id: str, attempt: int, storage_key: str, trained_tokens: int,
-            result_files: list[str]) -> str | None:
+def succeed(
+    session: Session,
+    *,
+    job_id: str,
+    attempt: int,
+    storage_key: str,
+    trained_tokens: int,
+    result_files: list[str],
+) -> str | None:
     """Mark the job succeeded and register its model, in the caller's transaction. Returns the model id."""
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.attempt != attempt or job.status != "running":
         return None
     model_id = job_service.fine_tuned_model_id(job)
     model_service.add_fine_tuned_model(
-        session, model_id=model_id, project=job.project, base_model=job.model, job_id=job.id, storage_key=storage_key
+        session,
+        model_id=model_id,
+        project=job.project,
+        base_model=job.model,
+        job_id=job.id,
+        storage_key=storage_key,
     )
     job.status, job.fine_tuned_model, job.finished_at = "succeeded", model_id, utcnow()
     job.trained_tokens, job.result_files, job.lease_expires_at = trained_tokens, result_files, None

@@ -27,7 +27,9 @@ def create_job(body: JobCreate, session: SessionDep, project: ProjectDep) -> Job
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit) -> JobsPublic:
+def list_jobs(
+    session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit
+) -> JobsPublic:
     jobs, has_more = job_service.list_jobs(session, project=project, after=after, limit=limit)
     return JobsPublic(data=[job_service.to_public(j) for j in jobs], has_more=has_more)
 
@@ -46,7 +48,9 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPubl
 def list_events(
     job_id: str, session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit
 ) -> EventsPublic:
-    events, has_more = job_service.list_events(session, project=project, job_id=job_id, after=after, limit=limit)
+    events, has_more = job_service.list_events(
+        session, project=project, job_id=job_id, after=after, limit=limit
+    )
     return EventsPublic(data=[job_service.event_to_public(e) for e in events], has_more=has_more)
 
 
@@ -59,5 +63,8 @@ def list_checkpoints(
     )
     data = [job_service.checkpoint_to_public(c, job) for c in rows]
     return CheckpointsPublic(
-        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
     )

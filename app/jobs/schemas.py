@@ -22,8 +22,12 @@ class SupervisedHyperparameters(BaseModel):
     learning_rate_multiplier: float | Auto = Field(
         "auto", description="Scales the method's base learning rate (2e-4 for LoRA, 2e-5 for full)."
     )
-    learning_rate: float | None = Field(None, gt=0, description="Absolute learning rate; overrides the multiplier.")
-    peft: Literal["lora", "full"] = Field("lora", description="Which weights train: LoRA adapters or all weights.")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Absolute learning rate; overrides the multiplier."
+    )
+    peft: Literal["lora", "full"] = Field(
+        "lora", description="Which weights train: LoRA adapters or all weights."
+    )
     lora_r: int = Field(8, description="LoRA rank.")
     lora_alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, description="Dropout on the LoRA path.")
@@ -126,8 +130,12 @@ class JobCreate(BaseModel):
 
     model: str = Field(description="Base model id, as listed by GET /v1/models.")
     training_file: str = Field(description="Id of an uploaded file with purpose 'fine-tune'.")
-    validation_file: str | None = Field(None, description="Optional file whose loss is reported at checkpoints.")
-    suffix: str | None = Field(None, description="Up to 40 letters, digits, '-' or '_', put in the model name.")
+    validation_file: str | None = Field(
+        None, description="Optional file whose loss is reported at checkpoints."
+    )
+    suffix: str | None = Field(
+        None, description="Up to 40 letters, digits, '-' or '_', put in the model name."
+    )
     seed: int | None = Field(None, description="Seed for data order and initialisation; random if omitted.")
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs stored with the job.")
     hyperparameters: LegacyHyperparameters | None = Field(None, description="Deprecated; use method.")

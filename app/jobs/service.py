@@ -104,12 +104,18 @@ def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -
 def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
     """Validate a job spec against its files and base model and write it as `queued`."""
     _check_spec_against_model(session, project, spec)
-    training = file_service.get_file(session, project=project, file_id=spec.training_file, param="training_file")
+    training = file_service.get_file(
+        session, project=project, file_id=spec.training_file, param="training_file"
+    )
     if spec.validation_file:
         file_service.get_file(session, project=project, file_id=spec.validation_file, param="validation_file")
     if training.purpose != "fine-tune":
-        raise ApiError(400, f"File '{training.id}' has purpose '{training.purpose}', not 'fine-tune'.",
-                       param="training_file", code="invalid_file_purpose")
+        raise ApiError(
+            400,
+            f"File '{training.id}' has purpose '{training.purpose}', not 'fine-tune'.",
+            param="training_file",
+            code="invalid_file_purpose",
+        )
     method = spec.method.model_copy(deep=True)
     method.supervised.hyperparameters = method.supervised.hyperparameters.resolved()
     job = Job(
@@ -141,14 +147,18 @@ def get_job(session: Session, *, project: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, *, project: str, after: str | None, limit: int,
-              metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+def list_jobs(
+    session: Session, *, project: str, after: str | None, limit: int, metadata: dict[str, str] | None = None
+) -> tuple[list[Job], bool]:
     """Newest first; `after` is the id of the last job of the previous page."""
     query = select(Job).where(Job.project == project)
     if after:
         cursor = get_job(session, project=project, job_id=after)
         query = query.where(
-            or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
+            or_(
+                Job.created_at < cursor.created_at,
+                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
+            )
         )
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     if metadata:
@@ -168,8 +178,15 @@ def cancel_job(session: Session, *, project: str, job_id: str) -> Job:
     return job
 
 
-def add_event(session: Session, *, job_id: str, message: str, level: str = "info", type: str = "message",
-              data: dict[str, Any] | None = None) -> JobEvent:
+def add_event(
+    session: Session,
+    *,
+    job_id: str,
+    message: str,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
     """Append one event to a job's log."""
     event = JobEvent(job_id=job_id, message=message, level=level, type=type, data=data)
     session.add(event)
@@ -180,12 +197,15 @@ def add_event(session: Session, *, job_id: str, message: str, level: str = "info
 def _event_seq(event_id: str) -> int:
     prefix, _, number = event_id.partition("-")
     if prefix != "ftevent" or not number.isdigit():
-        raise ApiError(400, f"'{event_id}' is not an event id (ftevent-N).", param="after", code="invalid_cursor")
+        raise ApiError(
+            400, f"'{event_id}' is not an event id (ftevent-N).", param="after", code="invalid_cursor"
+        )
     return int(number)
 
 
-def list_events(session: Session, *, project: str, job_id: str, after: str | None,
-                limit: int) -> tuple[list[JobEvent], bool]:
+def list_events(
+    session: Session, *, project: str, job_id: str, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
     """Newest first, like OpenAI; `after` is the id of the last event of the previous page."""
     get_job(session, project=project, job_id=job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
@@ -195,8 +215,9 @@ def list_events(session: Session, *, project: str, job_id: str, after: str | Non
     return rows[:limit], len(rows) > limit
 
 
-def list_checkpoints(session: Session, *, project: str, job_id: str, after: str | None,
-                     limit: int) -> tuple[Job, list[Checkpoint], bool]:
+def list_checkpoints(
+    session: Session, *, project: str, job_id: str, after: str | None, limit: int
+) -> tuple[Job, list[Checkpoint], bool]:
     """Newest step first."""
     job = get_job(session, project=project, job_id=job_id)
     query = select(Checkpoint).where(Checkpoint.job_id == job_id)

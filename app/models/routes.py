@@ -12,7 +12,9 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ModelsPublic)
 def list_models(session: SessionDep, project: ProjectDep) -> ModelsPublic:
-    return ModelsPublic(data=[model_service.to_public(m) for m in model_service.list_models(session, project=project)])
+    return ModelsPublic(
+        data=[model_service.to_public(m) for m in model_service.list_models(session, project=project)]
+    )
 
 
 # Registered before the plain retrieve route: model ids may contain '/' and ':'.

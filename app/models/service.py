@@ -38,11 +38,18 @@ def register_base_model(
     return row
 
 
-def add_fine_tuned_model(session: Session, *, model_id: str, project: str, base_model: str, job_id: str,
-                         storage_key: str) -> Model:
+def add_fine_tuned_model(
+    session: Session, *, model_id: str, project: str, base_model: str, job_id: str, storage_key: str
+) -> Model:
     """Record the model a succeeded job produced."""
-    row = Model(id=model_id, project=project, kind=FINE_TUNED, base_model=base_model, job_id=job_id,
-                storage_key=storage_key)
+    row = Model(
+        id=model_id,
+        project=project,
+        kind=FINE_TUNED,
+        base_model=base_model,
+        job_id=job_id,
+        storage_key=storage_key,
+    )
     session.add(row)
     session.flush()
     return row
@@ -65,7 +72,9 @@ def get_base_model(session: Session, *, model_id: str) -> Model:
 
 
 def list_models(session: Session, *, project: str) -> list[Model]:
-    query = select(Model).where(or_(Model.project.is_(None), Model.project == project)).order_by(Model.created_at)
+    query = (
+        select(Model).where(or_(Model.project.is_(None), Model.project == project)).order_by(Model.created_at)
+    )
     return list(session.scalars(query))
 
 
@@ -84,5 +93,7 @@ def adapter_path(session: Session, *, project: str, model_id: str) -> Path:
     """Where the fine-tuned model's adapter archive is."""
     row = get_model(session, project=project, model_id=model_id)
     if row.kind == BASE or not row.storage_key:
-        raise ApiError(400, f"'{model_id}' is a base model and has no adapter.", param="model", code="not_fine_tuned")
+        raise ApiError(
+            400, f"'{model_id}' is a base model and has no adapter.", param="model", code="not_fine_tuned"
+        )
     return get_store().local_path(row.storage_key)

@@ -225,7 +225,11 @@ def inspect_model(folder: Path) -> tuple[str | None, list[str]]:
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
     names.discard("lm_head")  # the output head is never a LoRA target by default
     architectures = config.architectures or [type(model).__name__]
     return architectures[0], sorted(names)

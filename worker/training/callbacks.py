@@ -45,6 +45,14 @@ class JobReporter(TrainerCallback):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = False
+            # Not fenced: the user should see where a cancelled run stopped.
+            with session_scope() as session:
+                job_service.add_event(
+                    session,
+                    job_id=self.job_id,
+                    message=f"Training stopped at step {state.global_step}.",
+                    data={"step": state.global_step},
+                )
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -54,8 +62,10 @@ class JobReporter(TrainerCallback):
         if "eval_loss" in logs:
             self.last_metrics["valid_loss"] = logs["eval_loss"]
             self.last_eval_step = state.global_step
-            self.event(f"Step {state.global_step}: validation loss={logs['eval_loss']:.4f}",
-                        {"step": state.global_step, "valid_loss": logs["eval_loss"]})
+            self.event(
+                f"Step {state.global_step}: validation loss={logs['eval_loss']:.4f}",
+                {"step": state.global_step, "valid_loss": logs["eval_loss"]},
+            )
 
     def _record_train_log(self, state, logs: dict) -> None:  # type: ignore[no-untyped-def]
         now, tokens = time.monotonic(), state.num_input_tokens_seen
@@ -71,7 +81,9 @@ class JobReporter(TrainerCallback):
             "train_mean_token_accuracy": logs.get("mean_token_accuracy"),
         }
         self.last_metrics.update({k: v for k, v in data.items() if v is not None})
-        self.event(f"Step {state.global_step}/{state.max_steps}: training loss={logs['loss']:.4f}", data, "metrics")
+        self.event(
+            f"Step {state.global_step}/{state.max_steps}: training loss={logs['loss']:.4f}", data, "metrics"
+        )
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -84,13 +96,19 @@ class JobReporter(TrainerCallback):
         finally:
             archive.unlink(missing_ok=True)
         metrics = {"step": state.global_step} | {
-            k: self.last_metrics[k] for k in ("train_loss", "valid_loss", "train_mean_token_accuracy")
+            k: self.last_metrics[k]
+            for k in ("train_loss", "valid_loss", "train_mean_token_accuracy")
             if k in self.last_metrics
         }
         with session_scope() as session:
             lifecycle.record_checkpoint(
-                session, job_id=self.job_id, attempt=self.attempt, checkpoint_id="ftckpt-" + secrets.token_hex(12),
-                step=state.global_step, metrics=metrics, storage_key=key,
+                session,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                checkpoint_id="ftckpt-" + secrets.token_hex(12),
+                step=state.global_step,
+                metrics=metrics,
+                storage_key=key,
             )
 
     def event(self, message: str, data: dict, type: str = "message") -> None:

@@ -71,7 +71,9 @@ def tokenize_example(tokenizer: Any, example: dict) -> TokenizedExample:
         text, spans = _chat_spans(tokenizer, example["messages"])
         return _tokenize_with_spans(tokenizer, text, spans)
     prompt, completion = example["prompt"], example["completion"] + (tokenizer.eos_token or "")
-    return _tokenize_with_spans(tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))])
+    return _tokenize_with_spans(
+        tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+    )
 
 
 @dataclass

@@ -70,7 +70,11 @@ def setup(spec: RunSpec) -> tuple[Any, Any, PreparedData, PreparedData | None]:
     train = prepare_file(tokenizer, spec.training_file, max_seq_length=max_len)
     if not train.rows:
         raise ValueError("no training example has any completion token left after truncation")
-    valid = prepare_file(tokenizer, spec.validation_file, max_seq_length=max_len) if spec.validation_file else None
+    valid = (
+        prepare_file(tokenizer, spec.validation_file, max_seq_length=max_len)
+        if spec.validation_file
+        else None
+    )
     return tokenizer, model, train, valid
 
 
@@ -106,8 +110,14 @@ def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
     )
 
 
-def fit(spec: RunSpec, tokenizer: Any, model: Any, train: PreparedData, valid: PreparedData | None,
-        reporter: JobReporter) -> tuple[SFTTrainer, dict[str, Any]]:
+def fit(
+    spec: RunSpec,
+    tokenizer: Any,
+    model: Any,
+    train: PreparedData,
+    valid: PreparedData | None,
+    reporter: JobReporter,
+) -> tuple[SFTTrainer, dict[str, Any]]:
     """Train with SFTTrainer; the reporter streams metrics and stops on cancel."""
     trainer = SFTTrainer(
         model=model,
@@ -120,8 +130,11 @@ def fit(spec: RunSpec, tokenizer: Any, model: Any, train: PreparedData, valid: P
     )
     started = time.monotonic()
     output = trainer.train()
-    metrics = {"train_loss": output.training_loss, "steps": output.global_step,
-               "runtime_seconds": round(time.monotonic() - started, 2)}
+    metrics = {
+        "train_loss": output.training_loss,
+        "steps": output.global_step,
+        "runtime_seconds": round(time.monotonic() - started, 2),
+    }
     if valid is not None and not reporter.stopped:
         if reporter.last_eval_step != output.global_step:
             trainer.evaluate()
@@ -161,7 +174,9 @@ def save(spec: RunSpec, trainer: SFTTrainer, tokenizer: Any, info: dict[str, Any
     """Write the adapter (or full model), tokenizer and manifest into one folder."""
     output_dir = spec.workdir / "final"
     trainer.save_model(str(output_dir))  # PEFT models save only the adapter, as safetensors
-    (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: artifacts ship safetensors and JSON only
+    (output_dir / "training_args.bin").unlink(
+        missing_ok=True
+    )  # a pickle: artifacts ship safetensors and JSON only
     tokenizer.save_pretrained(output_dir)
     (output_dir / "tuneforge.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return output_dir
