@@ -197,7 +197,7 @@ def up(port: int = 8000, host: str = "127.0.0.1") -> None:
 
 
 @cli.command()
-def demo(port: int = 8765, epochs: int = 3) -> None:
+def demo(port: int = 8765, epochs: int = 2) -> None:
     """Import SmolLM2, fine-tune it with LoRA on chat data, and compare answers before and after."""
     from app.demo import run_demo
 
@@ -207,3 +207,7 @@ def demo(port: int = 8765, epochs: int = 3) -> None:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -180,7 +180,11 @@ def import_gguf(gguf_file: Path, dest: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained, so copy its weights into a fresh model of the same config.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # The weights are dequantized now: drop the GGUF quantization marker, or trainers refuse the model.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     result = model.load_state_dict(loaded.state_dict(), strict=False)
     tied = {"lm_head.weight"} if getattr(loaded.config, "tie_word_embeddings", False) else set()
     missing = set(result.missing_keys) - tied

