@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import typer
 
 from app.config import get_settings
@@ -141,8 +142,19 @@ def worker() -> None:
     os.execv(sys.executable, worker_command())
 
 
+@cli.command()
+def reconciler() -> None:
+    """Run the reconciler loop (exactly one per deployment)."""
+    import logging
+
+    from app.reconciler import run_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_forever()
+
+
 def start_services(port: int, host: str = "127.0.0.1", log_dir: Path | None = None) -> list[subprocess.Popen]:
-    """Start the API and one worker as child processes; with `log_dir`, their output goes to files there."""
+    """Start the API, one worker and the reconciler; with `log_dir`, their output goes to files there."""
     migrate.upgrade()
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     api = [
@@ -157,13 +169,30 @@ def start_services(port: int, host: str = "127.0.0.1", log_dir: Path | None = No
         "--log-level",
         "warning",
     ]
+    reconciler = [sys.executable, "-m", "app.cli", "reconciler"]
     processes = []
-    for name, command in (("api", api), ("worker", worker_command())):
+    for name, command in (("api", api), ("worker", worker_command()), ("reconciler", reconciler)):
         output = (log_dir / f"{name}.log").open("ab") if log_dir else None
         processes.append(
             subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
         )
     return processes
+
+
+def wait_ready(base_url: str, processes: list[subprocess.Popen], timeout: float = 90) -> None:
+    """Wait for the API's /readyz; fail fast if one of the service processes died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url} not ready after {timeout} s")
 
 
 def stop_services(processes: list[subprocess.Popen]) -> None:
@@ -183,7 +212,7 @@ def _interrupt(*_: object) -> None:
 
 @cli.command()
 def up(port: int = 8000, host: str = "127.0.0.1") -> None:
-    """Run the API and a worker in the foreground until Ctrl-C."""
+    """Run the API, a worker and the reconciler in the foreground until Ctrl-C."""
     processes = start_services(port, host)
     typer.echo(f"Tuneforge on http://{host}:{port} (home {get_settings().resolved_home}); Ctrl-C stops it")
     signal.signal(signal.SIGTERM, _interrupt)

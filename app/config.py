@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     )
     heartbeat_seconds: float = Field(5.0, description="How often a worker renews its lease.")
     max_attempts: int = Field(3, description="Attempts before a job is failed for good.")
+    reconcile_seconds: float = Field(30.0, description="How often the reconciler (Celery beat) runs.")
+    resend_after_seconds: float = Field(300.0, description="Re-send a queued job's message after this long.")
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
     job_timeout_seconds: int = Field(24 * 3600, description="A training run longer than this is failed.")
 

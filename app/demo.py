@@ -24,18 +24,6 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 console = Console()
 
 
-def _wait_ready(base_url: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the API at {base_url} did not become ready")
-
-
 def _follow(client: httpx.Client, job_id: str) -> dict:
     """Print the job's events as they arrive until it finishes."""
     seen: set[str] = set()
@@ -89,7 +77,7 @@ def _train(client: httpx.Client, train_path: Path, epochs: int) -> tuple[dict, b
 
 def run_demo(port: int, epochs: int) -> None:
     """Run the whole demo and print the side-by-side answers."""
-    from app.cli import models_import_gguf, start_services, stop_services
+    from app.cli import models_import_gguf, start_services, stop_services, wait_ready
     from worker.demo_data import SYSTEM_PROMPT, build_demo_data
     from worker.generate import chat_answers
     from worker.training.base_models import smollm2_gguf_path
@@ -108,7 +96,7 @@ def run_demo(port: int, epochs: int) -> None:
     base_url = f"http://127.0.0.1:{port}"
     processes = start_services(port, log_dir=home)
     try:
-        _wait_ready(base_url)
+        wait_ready(base_url, processes)
         with httpx.Client(
             base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
         ) as client:

@@ -1,11 +1,16 @@
 """The Celery app object and send helpers. Task bodies live in worker/tasks.py; the API sends by name."""
 
+import logging
+
 from celery import Celery
 from kombu import Exchange, Queue
+from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
+from app.jobs import lifecycle
 
 RUN_JOB = "tuneforge.run_job"
+log = logging.getLogger(__name__)
 
 
 def job_queue(settings: Settings) -> Queue:
@@ -51,3 +56,16 @@ def send_run_job(job_id: str) -> None:
     """Ask a worker to try job `job_id`; the message carries nothing else."""
     jobs = job_queue(get_settings())
     celery_app.send_task(RUN_JOB, args=[job_id], queue=jobs, declare=[jobs])
+
+
+def send_jobs(session: Session, job_ids: list[str]) -> None:
+    """Send each job's message and record it; a job whose send fails stays unsent for the reconciler."""
+    sent = []
+    for job_id in job_ids:
+        try:
+            send_run_job(job_id)
+            sent.append(job_id)
+        except Exception:
+            log.exception("could not send job %s to the broker; the reconciler will retry", job_id)
+    lifecycle.mark_sent(session, job_ids=sent)
+    session.commit()

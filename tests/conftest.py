@@ -6,9 +6,7 @@ all use the same database, broker queue and state folder.
 
 import os
 import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ os.environ.update(
     TUNEFORGE_HOME=str(TEST_HOME),
     TUNEFORGE_QUEUE=f"tuneforge-test-{uuid.uuid4().hex[:8]}",  # stale messages of other runs never reach us
     TUNEFORGE_HEARTBEAT_SECONDS="1",
+    TUNEFORGE_RECONCILE_SECONDS="1",
     HF_HUB_OFFLINE="1",
 )
 
@@ -42,22 +41,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_ready(base_url: str, processes: list[subprocess.Popen], timeout: float = 60) -> None:
-    """Wait for /readyz; fail fast if a service process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in processes:
-            if process.poll() is not None:
-                raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{base_url} not ready after {timeout} s")
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +68,7 @@ def tiny_model(database: str) -> str:
 @pytest.fixture(scope="session")
 def server(database: str, tiny_model: str) -> Iterator[str]:
     """The API and one worker, as separate processes, on Postgres + Redis."""
-    from app.cli import start_services, stop_services
+    from app.cli import start_services, stop_services, wait_ready
 
     port = free_port()
     processes = start_services(port, log_dir=TEST_HOME)

@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_ready
+from app.cli import wait_ready
+from tests.conftest import free_port
 from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
 
 pytestmark = pytest.mark.e2e

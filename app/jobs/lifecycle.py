@@ -7,7 +7,7 @@ delivery, a cancel, or a newer attempt makes every later write of the old attemp
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.tables import Checkpoint, Job, utcnow
@@ -127,3 +127,50 @@ def succeed(
     job_service.add_event(session, job_id=job_id, message="The job has successfully completed.")
     session.flush()
     return model_id
+
+
+def mark_sent(session: Session, *, job_ids: list[str]) -> None:
+    """Remember when each job's message last went out."""
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=utcnow()))
+
+
+def reconcile(session: Session, *, resend_after_seconds: float) -> list[str]:
+    """Re-queue jobs whose lease expired (failing those out of attempts) and pick queued jobs to re-send.
+
+    Returns the ids whose message should go out now; a duplicate is harmless, since only one claim wins.
+    """
+    now = utcnow()
+    expired = session.scalars(
+        select(Job)
+        .where(Job.status == "running", Job.lease_expires_at < now)
+        .with_for_update(skip_locked=True)
+    )
+    for job in expired:
+        if job.attempt >= job.max_attempts:
+            job.status, job.finished_at, job.lease_expires_at = "failed", now, None
+            job.error = {
+                "code": "max_attempts_exceeded",
+                "param": None,
+                "message": f"The worker running attempt {job.attempt} stopped answering, and the job "
+                f"has used all {job.max_attempts} attempts.",
+            }
+            job_service.add_event(
+                session, job_id=job.id, level="error", message=f"Job failed: {job.error['message']}"
+            )
+        else:
+            job.status, job.lease_owner, job.lease_expires_at = "queued", None, None
+            job_service.add_event(
+                session,
+                job_id=job.id,
+                level="warn",
+                message=f"The worker of attempt {job.attempt} stopped renewing its lease; job re-queued.",
+            )
+    stale = now - timedelta(seconds=resend_after_seconds)
+    due = list(
+        session.scalars(
+            select(Job.id).where(Job.status == "queued", or_(Job.sent_at.is_(None), Job.sent_at < stale))
+        )
+    )
+    session.flush()
+    return due

@@ -19,10 +19,7 @@ Limit = Query(20, ge=1, le=100)
 def create_job(body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
     job = job_service.create_job(session, project=project, spec=body)
     session.commit()  # the message goes out only once the row is durable
-    try:
-        queue.send_run_job(job.id)
-    except Exception:  # the job stays queued; the reconciler sends it again
-        log.exception("could not send job %s to the broker", job.id)
+    queue.send_jobs(session, [job.id])
     return job_service.to_public(job)
 
 

@@ -1,0 +1,39 @@
+"""The reconciler: one loop per deployment that keeps Postgres and the broker in agreement.
+
+It re-sends queued jobs whose message may be lost (a crash between commit and send, a flushed
+broker), re-queues jobs whose worker stopped renewing its lease, and fails jobs out of attempts.
+It runs as its own process rather than as a Celery beat task: a task would wait behind a training
+job on a busy worker, which is exactly when a dead worker's job needs re-queueing.
+"""
+
+import logging
+import time
+
+from app.config import get_settings
+from app.db.session import session_scope
+from app.jobs import lifecycle
+from app.queue import send_jobs
+
+log = logging.getLogger(__name__)
+
+
+def reconcile_once() -> list[str]:
+    """One pass; returns the ids whose message went out again."""
+    with session_scope() as session:
+        due = lifecycle.reconcile(session, resend_after_seconds=get_settings().resend_after_seconds)
+        session.commit()
+        send_jobs(session, due)
+    return due
+
+
+def run_forever() -> None:
+    """Reconcile every `reconcile_seconds` until stopped; a failed pass is logged and retried."""
+    interval = get_settings().reconcile_seconds
+    while True:
+        try:
+            due = reconcile_once()
+            if due:
+                log.info("re-sent %d job(s): %s", len(due), ", ".join(due))
+        except Exception:
+            log.exception("reconcile pass failed; retrying in %s s", interval)
+        time.sleep(interval)

@@ -1,0 +1,58 @@
+"""The reconciler process: lost messages are re-sent, dead workers' jobs re-queued, poison jobs stopped."""
+
+from datetime import timedelta
+
+import httpx
+
+from app.db.session import session_scope
+from app.db.tables import Job, Model, utcnow
+from app.jobs import service as job_service
+from app.jobs.schemas import JobCreate
+from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
+
+
+def create_unsent_job(http: httpx.Client, **state: object) -> str:
+    """A job committed to the database whose message never reached the broker (the API died in between)."""
+    training = upload(http, chat_jsonl(8))
+    with session_scope() as session:
+        job = job_service.create_job(session, project="alpha", spec=JobCreate(**job_body(training["id"])))
+        for name, value in state.items():
+            setattr(job, name, value)
+        return job.id
+
+
+def messages(http: httpx.Client, job_id: str) -> list[str]:
+    events = http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    return [e["message"] for e in events]
+
+
+def test_crash_between_commit_and_send_is_recovered(http: httpx.Client) -> None:
+    job_id = create_unsent_job(http)
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=120)
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+
+
+def test_expired_lease_is_requeued_and_run_by_a_live_worker(http: httpx.Client) -> None:
+    # As if a worker had claimed attempt 1 and then died: its lease ran out and nobody renews it.
+    expired = utcnow() - timedelta(seconds=5)
+    job_id = create_unsent_job(
+        http, status="running", attempt=1, lease_owner="dead:1", lease_expires_at=expired
+    )
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=120)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    assert any("stopped renewing its lease" in m for m in messages(http, job_id))
+    with session_scope() as session:
+        assert session.query(Model).filter_by(job_id=job_id).count() == 1
+
+
+def test_job_out_of_attempts_fails_and_stops(http: httpx.Client) -> None:
+    expired = utcnow() - timedelta(seconds=5)
+    job_id = create_unsent_job(
+        http, status="running", attempt=3, lease_owner="dead:3", lease_expires_at=expired
+    )
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "max_attempts_exceeded"
+    assert "3 attempts" in job["error"]["message"]
+    with session_scope() as session:
+        row = session.get(Job, job_id)
+        assert row is not None and row.attempt == 3, "a job out of attempts is never claimed again"
