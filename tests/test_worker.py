@@ -98,3 +98,29 @@ def test_training_crash_becomes_failed_with_a_readable_error(http: httpx.Client)
     with session_scope() as session:
         assert session.query(Model).filter_by(job_id=job_id).count() == 0
         assert session.query(Checkpoint).filter_by(job_id=job_id).count() == 0
+
+
+def test_full_fine_tuning_ships_a_loadable_model(http: httpx.Client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import tarfile
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    training = upload(http, b'{"prompt": "2+2=", "completion": " 4"}\n' * 16)
+    body = job_body(training["id"], peft="full", learning_rate_multiplier=50)
+    job = wait_for_status(
+        http, http.post("/v1/fine_tuning/jobs", json=body).json()["id"], {"succeeded", "failed"}
+    )
+    assert job["status"] == "succeeded", job
+    archive = http.get(f"/v1/models/{job['fine_tuned_model']}/adapter").content
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "adapter_config.json").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path)
+    base = load_file(TEST_HOME / "models" / "tiny-llama" / "model.safetensors")
+    changed = [
+        name for name, p in tuned.state_dict().items() if name in base and not torch.equal(p, base[name])
+    ]
+    assert len(changed) > len(base) // 2, "full fine-tuning updates (nearly) every weight"
