@@ -7,7 +7,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
-PEFT_METHODS = ("lora", "full")
+PeftMethod = Literal[
+    "lora",
+    "dora",
+    "qlora",
+    "lora_8bit",
+    "full",
+    "freeze",
+    "prefix_tuning",
+    "prompt_tuning",
+    "p_tuning",
+    "ia3",
+    "loha",
+    "lokr",
+]
+LORA_FAMILY = ("lora", "dora", "qlora", "lora_8bit", "loha", "lokr")
+QUANTIZED = ("qlora", "lora_8bit")
+# Base learning rates by method, the usual starting points: adapters learn fast, whole weights slowly,
+# and virtual-token methods need larger steps still.
+BASE_LEARNING_RATES = {
+    **dict.fromkeys(LORA_FAMILY, 2e-4),
+    "full": 2e-5,
+    "freeze": 5e-5,
+    "ia3": 3e-3,
+    **dict.fromkeys(("prefix_tuning", "prompt_tuning", "p_tuning"), 3e-3),
+}
 
 Auto = Literal["auto"]
 
@@ -25,12 +49,14 @@ class SupervisedHyperparameters(BaseModel):
     learning_rate: float | None = Field(
         None, gt=0, description="Absolute learning rate; overrides the multiplier."
     )
-    peft: Literal["lora", "full"] = Field(
-        "lora", description="Which weights train: LoRA adapters or all weights."
-    )
-    lora_r: int = Field(8, description="LoRA rank.")
+    peft: PeftMethod = Field("lora", description="The fine-tuning method: which weights train, and how.")
+    lora_r: int = Field(8, description="Rank of LoRA, DoRA, QLoRA, LoHa and LoKr updates.")
     lora_alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, description="Dropout on the LoRA path.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    num_virtual_tokens: int = Field(16, description="Virtual tokens of prefix, prompt and p-tuning.")
+    n_trainable_layers: int = Field(2, description="freeze: how many top transformer blocks train.")
+    train_head: bool = Field(True, description="freeze: whether the output head trains too.")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, description="Module names to adapt; None means the attention projections the model has."
     )
@@ -55,7 +81,14 @@ class SupervisedHyperparameters(BaseModel):
             raise ValueError("must be a positive number or 'auto'")
         return value
 
-    @field_validator("lora_r", "lora_alpha", "max_seq_length", "gradient_accumulation_steps")
+    @field_validator(
+        "lora_r",
+        "lora_alpha",
+        "max_seq_length",
+        "gradient_accumulation_steps",
+        "num_virtual_tokens",
+        "n_trainable_layers",
+    )
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
@@ -85,7 +118,7 @@ class SupervisedHyperparameters(BaseModel):
 
     def resolved(self) -> "SupervisedHyperparameters":
         """A copy with every 'auto' replaced by the value that will be used."""
-        base_lr = 2e-4 if self.peft == "lora" else 2e-5
+        base_lr = BASE_LEARNING_RATES[self.peft]
         multiplier = 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
         return self.model_copy(
             update={

@@ -12,6 +12,8 @@ from app.errors import ApiError, not_found
 from app.files import service as file_service
 from app.jobs.schemas import (
     ACTIVE_STATUSES,
+    LORA_FAMILY,
+    QUANTIZED,
     CheckpointPublic,
     EventPublic,
     JobCreate,
@@ -90,7 +92,15 @@ def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -
         )
     hp = spec.method.supervised.hyperparameters
     known = set(base.linear_modules or [])
-    if hp.peft != "full" and isinstance(hp.target_modules, list) and known:
+    if hp.peft in QUANTIZED and not known:
+        raise ApiError(
+            422,
+            f"peft '{hp.peft}' quantizes nn.Linear layers with bitsandbytes, and '{spec.model}' has none; "
+            "use 'lora' instead.",
+            param=f"{HP_PARAM}.peft",
+            code="unsupported_method",
+        )
+    if hp.peft in LORA_FAMILY and isinstance(hp.target_modules, list) and known:
         missing = [m for m in hp.target_modules if m not in known]
         if missing:
             raise ApiError(

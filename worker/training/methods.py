@@ -1,11 +1,39 @@
-"""The method registry: each entry turns resolved hyperparameters into a PEFT config (or none)."""
+"""The method registry: each entry turns resolved hyperparameters into how the model is loaded and wrapped.
+
+QLoRA is LoRA plus a 4-bit quantization config; DoRA is LoRA with `use_dora`. `full` and `freeze` use
+no PEFT config: `freeze` trains only the top `n_trainable_layers` blocks (and the head, if asked).
+"""
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
-from peft import LoraConfig, PeftConfig
+import torch
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
+from transformers import BitsAndBytesConfig
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# IA3 rescales keys, values and the MLP's output projection, the choice of its paper.
+IA3_MODULES = ("k_proj", "v_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """How one method loads and wraps the base model."""
+
+    peft_config: PeftConfig | None = None
+    quantization: BitsAndBytesConfig | None = None
+    trainable_layers: int | None = None  # freeze: how many top blocks train
+    train_head: bool = False  # freeze: whether the output head trains
 
 
 def default_target_modules(linear_modules: list[str]) -> list[str] | str:
@@ -14,23 +42,104 @@ def default_target_modules(linear_modules: list[str]) -> list[str] | str:
     return present or "all-linear"
 
 
-def lora(hp: dict[str, Any], linear_modules: list[str]) -> PeftConfig:
-    return LoraConfig(
-        r=hp["lora_r"],
-        lora_alpha=hp["lora_alpha"],
-        lora_dropout=hp["lora_dropout"],
-        target_modules=hp["target_modules"] or default_target_modules(linear_modules),
-        task_type="CAUSAL_LM",
+def compute_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _lora(hp: dict[str, Any], linear_modules: list[str], **extra: Any) -> MethodPlan:
+    return MethodPlan(
+        LoraConfig(
+            r=hp["lora_r"],
+            lora_alpha=hp["lora_alpha"],
+            lora_dropout=hp["lora_dropout"],
+            target_modules=hp["target_modules"] or default_target_modules(linear_modules),
+            use_rslora=hp.get("use_rslora", False),
+            task_type="CAUSAL_LM",
+            **extra,
+        )
     )
 
 
-def full(hp: dict[str, Any], linear_modules: list[str]) -> None:
-    return None
+def _qlora(hp: dict[str, Any], linear_modules: list[str]) -> MethodPlan:
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(),
+    )
+    return replace(_lora(hp, linear_modules), quantization=nf4)
 
 
-METHODS: dict[str, Callable[[dict[str, Any], list[str]], PeftConfig | None]] = {"lora": lora, "full": full}
+def _lora_8bit(hp: dict[str, Any], linear_modules: list[str]) -> MethodPlan:
+    return replace(_lora(hp, linear_modules), quantization=BitsAndBytesConfig(load_in_8bit=True))
 
 
-def peft_config_for(hp: dict[str, Any], linear_modules: list[str]) -> PeftConfig | None:
-    """The PEFT config of the job's method; None trains every weight."""
+def _modules_for(hp: dict[str, Any], linear_modules: list[str]) -> list[str] | str:
+    return hp["target_modules"] or default_target_modules(linear_modules)
+
+
+METHODS: dict[str, Callable[[dict[str, Any], list[str]], MethodPlan]] = {
+    "lora": _lora,
+    "dora": lambda hp, lm: _lora(hp, lm, use_dora=True),
+    "qlora": _qlora,
+    "lora_8bit": _lora_8bit,
+    "full": lambda hp, lm: MethodPlan(),
+    "freeze": lambda hp, lm: MethodPlan(
+        trainable_layers=hp["n_trainable_layers"], train_head=hp["train_head"]
+    ),
+    "prefix_tuning": lambda hp, lm: MethodPlan(
+        PrefixTuningConfig(num_virtual_tokens=hp["num_virtual_tokens"], task_type="CAUSAL_LM")
+    ),
+    "prompt_tuning": lambda hp, lm: MethodPlan(
+        PromptTuningConfig(num_virtual_tokens=hp["num_virtual_tokens"], task_type="CAUSAL_LM")
+    ),
+    "p_tuning": lambda hp, lm: MethodPlan(
+        PromptEncoderConfig(num_virtual_tokens=hp["num_virtual_tokens"], task_type="CAUSAL_LM")
+    ),
+    "ia3": lambda hp, lm: MethodPlan(
+        IA3Config(
+            target_modules=[m for m in IA3_MODULES if m in lm] or "all-linear",
+            feedforward_modules=[m for m in ("down_proj",) if m in lm],
+            task_type="CAUSAL_LM",
+        )
+    ),
+    "loha": lambda hp, lm: MethodPlan(
+        LoHaConfig(
+            r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=_modules_for(hp, lm), task_type="CAUSAL_LM"
+        )
+    ),
+    "lokr": lambda hp, lm: MethodPlan(
+        LoKrConfig(
+            r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=_modules_for(hp, lm), task_type="CAUSAL_LM"
+        )
+    ),
+}
+
+
+def plan_for(hp: dict[str, Any], linear_modules: list[str]) -> MethodPlan:
+    """The plan of the job's method."""
     return METHODS[hp["peft"]](hp, linear_modules)
+
+
+def freeze_all_but_top(model: Any, *, layers: int, train_head: bool) -> None:
+    """Partial fine-tuning: only the top `layers` decoder blocks (and optionally the head) keep gradients."""
+    blocks = next(
+        (
+            m
+            for m in model.modules()
+            if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers
+        ),
+        None,
+    )
+    if blocks is None:
+        raise ValueError("cannot find the model's stack of decoder blocks to unfreeze")
+    if layers > len(blocks):
+        raise ValueError(f"n_trainable_layers={layers} but the model has only {len(blocks)} blocks")
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    for block in blocks[len(blocks) - layers :]:
+        for parameter in block.parameters():
+            parameter.requires_grad = True
+    if train_head:
+        for parameter in model.get_output_embeddings().parameters():
+            parameter.requires_grad = True

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file
-from worker.training.methods import peft_config_for
+from worker.training.methods import MethodPlan, freeze_all_but_top, plan_for
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tuneforge")
 
@@ -57,15 +58,30 @@ def device_defaults() -> dict[str, Any]:
     return {"bf16": False, "gradient_checkpointing": False}
 
 
-def setup(spec: RunSpec) -> tuple[Any, Any, PreparedData, PreparedData | None]:
-    """Load tokenizer and model from the local base folder (safetensors only) and tokenize the data."""
+def load_model(spec: RunSpec, plan: MethodPlan) -> Any:
+    """The base model from its local folder (safetensors only), quantized and frozen as the method says."""
+    dtype = torch.bfloat16 if device_defaults()["bf16"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.base_model_path,
+        dtype=dtype,
+        trust_remote_code=False,
+        use_safetensors=True,
+        quantization_config=plan.quantization,
+    )
+    if plan.quantization is not None:
+        gradient_checkpointing = device_defaults()["gradient_checkpointing"]
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if plan.trainable_layers is not None:
+        freeze_all_but_top(model, layers=plan.trainable_layers, train_head=plan.train_head)
+    return model
+
+
+def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, PreparedData, PreparedData | None]:
+    """Load tokenizer and model and tokenize the data."""
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device_defaults()["bf16"] else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.base_model_path, dtype=dtype, trust_remote_code=False, use_safetensors=True
-    )
+    model = load_model(spec, plan)
     max_len = spec.hyperparameters["max_seq_length"]
     train = prepare_file(tokenizer, spec.training_file, max_seq_length=max_len)
     if not train.rows:
@@ -112,6 +128,7 @@ def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
 
 def fit(
     spec: RunSpec,
+    plan: MethodPlan,
     tokenizer: Any,
     model: Any,
     train: PreparedData,
@@ -125,8 +142,14 @@ def fit(
         train_dataset=Dataset.from_list(train.rows),
         eval_dataset=Dataset.from_list(valid.rows) if valid else None,
         processing_class=tokenizer,
-        peft_config=peft_config_for(spec.hyperparameters, spec.linear_modules),
+        peft_config=plan.peft_config,
         callbacks=[reporter],
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    reporter.event(
+        f"Method {spec.hyperparameters['peft']}: {trainable:,} of {total:,} parameters train.",
+        {"trainable_parameters": trainable, "total_parameters": total},
     )
     started = time.monotonic()
     output = trainer.train()
@@ -134,6 +157,8 @@ def fit(
         "train_loss": output.training_loss,
         "steps": output.global_step,
         "runtime_seconds": round(time.monotonic() - started, 2),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
     }
     if valid is not None and not reporter.stopped:
         if reporter.last_eval_step != output.global_step:
@@ -185,14 +210,15 @@ def save(spec: RunSpec, trainer: SFTTrainer, tokenizer: Any, info: dict[str, Any
 def run(spec: RunSpec) -> RunResult:
     """The whole recipe for one attempt of one job."""
     torch.manual_seed(spec.seed)
-    tokenizer, model, train, valid = setup(spec)
+    plan = plan_for(spec.hyperparameters, spec.linear_modules)
+    tokenizer, model, train, valid = setup(spec, plan)
     reporter = JobReporter(job_id=spec.job_id, attempt=spec.attempt)
     reporter.event(
         f"Training on {len(train.rows)} examples ({train.total_tokens} tokens, {train.truncated} truncated, "
         f"{train.dropped} without completion tokens dropped).",
         {"examples": len(train.rows), "tokens": train.total_tokens},
     )
-    trainer, metrics = fit(spec, tokenizer, model, train, valid, reporter)
+    trainer, metrics = fit(spec, plan, tokenizer, model, train, valid, reporter)
     trained_tokens = train.total_tokens * spec.hyperparameters["n_epochs"]
     if reporter.stopped:
         return RunResult(spec.workdir, trained_tokens, metrics, cancelled=True)
