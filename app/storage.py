@@ -5,7 +5,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from app.config import get_settings
 
@@ -37,15 +37,6 @@ class LocalArtifactStore:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         os.close(fd)
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-
-    def put_stream(self, key: str, stream: BinaryIO) -> None:
-        """Write a stream into the store under `key`, atomically."""
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(stream, out)
         os.replace(tmp, target)
 
     def local_path(self, key: str) -> Path:

@@ -9,19 +9,20 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from app.config import get_settings
+from app.db.session import session_scope
+from app.db.tables import Job, TrainingFile
+from app.jobs import lifecycle
+from app.models import service as model_service
+from app.storage import get_store
 
-from app.config import get_settings  # noqa: E402
-from app.db.session import session_scope  # noqa: E402
-from app.db.tables import Job, TrainingFile  # noqa: E402
-from app.jobs import lifecycle  # noqa: E402
-from app.models import service as model_service  # noqa: E402
-from app.storage import get_store  # noqa: E402
+if TYPE_CHECKING:
+    from worker.training.sft import RunResult, RunSpec
 
 
-def load_spec(job_id: str, attempt: int) -> "RunSpec":  # noqa: F821
+def load_spec(job_id: str, attempt: int) -> "RunSpec":
     """Everything the recipe needs, read from the database (files are read in place from the store)."""
     from worker.training.sft import RunSpec
 
@@ -51,7 +52,7 @@ def load_spec(job_id: str, attempt: int) -> "RunSpec":  # noqa: F821
         )
 
 
-def publish(job_id: str, attempt: int, result) -> None:  # type: ignore[no-untyped-def]
+def publish(job_id: str, attempt: int, result: "RunResult") -> None:
     """Upload the adapter archive, then mark the job succeeded and register its model in one transaction."""
     from worker.training.callbacks import pack_folder
 
@@ -83,8 +84,10 @@ def classify_failure(exc: BaseException) -> tuple[str, str]:
 
 
 def main(job_id: str, attempt: int) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from worker.training import sft
+        from worker.training import sft  # inside the try: a broken install fails the job, readably
 
         spec = load_spec(job_id, attempt)
         spec.workdir.mkdir(parents=True, exist_ok=True)

@@ -157,9 +157,7 @@ def get_job(session: Session, *, project: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(
-    session: Session, *, project: str, after: str | None, limit: int, metadata: dict[str, str] | None = None
-) -> tuple[list[Job], bool]:
+def list_jobs(session: Session, *, project: str, after: str | None, limit: int) -> tuple[list[Job], bool]:
     """Newest first; `after` is the id of the last job of the previous page."""
     query = select(Job).where(Job.project == project)
     if after:
@@ -171,8 +169,6 @@ def list_jobs(
             )
         )
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    if metadata:
-        rows = [r for r in rows if all((r.metadata_ or {}).get(k) == v for k, v in metadata.items())]
     return rows[:limit], len(rows) > limit
 
 
