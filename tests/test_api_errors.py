@@ -61,7 +61,7 @@ def test_malformed_jsonl_lists_lines_and_codes(http: httpx.Client) -> None:
         (b"\xff\xfe\n", "invalid_encoding"),
         (b"[1, 2]\n", "not_an_object"),
         (b'{"prompt": "a"}\n', "missing_completion"),
-        (b'{"text": "a"}\n', "unrecognized_format"),
+        (b'{"body": "a"}\n', "unrecognized_format"),
     ],
 )
 def test_each_bad_file_gets_its_code(http: httpx.Client, data: bytes, code: str) -> None:

@@ -1,4 +1,7 @@
-"""The loss mask: only assistant (or completion) tokens carry loss, whatever the chat template."""
+"""The loss mask: only assistant (or completion) tokens carry loss, whatever the chat template.
+
+Plain text trains on everything, and so does any format when `train_on_inputs` is set.
+"""
 
 from pathlib import Path
 
@@ -53,6 +56,68 @@ def test_weight_zero_turn_carries_no_loss(tokenizer) -> None:  # type: ignore[no
 def test_prompt_completion_trains_on_completion_and_eos(tokenizer) -> None:  # type: ignore[no-untyped-def]
     text = trained_text(tokenizer, {"prompt": "Translate: cat ->", "completion": " chat"})
     assert text == " chat" + tokenizer.eos_token
+
+
+def test_alpaca_trains_on_the_output_and_turn_end_only(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    example = {"instruction": "Translate to French.", "input": "The cat sleeps", "output": "Le chat dort."}
+    tokens = tokenize_example(tokenizer, example)
+    assert tokenizer.decode(tokens.input_ids).count("Translate to French.\n\nThe cat sleeps") == 1
+    text = trained_text(tokenizer, example)
+    assert "Le chat dort." in text and text.count("<|im_end|>") == 1
+    assert "Translate" not in text and "cat sleeps" not in text
+
+
+@pytest.mark.parametrize(
+    ("alpaca", "user_message"),
+    [
+        ({"instruction": "Say hi.", "output": "4"}, "Say hi."),
+        ({"instruction": "Say hi.", "input": "", "output": "4"}, "Say hi."),
+        ({"instruction": "Sum.", "input": "2, 2", "output": "4"}, "Sum.\n\n2, 2"),
+    ],
+    ids=["no_input", "empty_input", "input"],
+)
+def test_alpaca_is_the_chat_conversation_it_stands_for(tokenizer, alpaca: dict, user_message: str) -> None:  # type: ignore[no-untyped-def]
+    chat = {"messages": [{"role": "user", "content": user_message}, {"role": "assistant", "content": "4"}]}
+    assert tokenize_example(tokenizer, alpaca) == tokenize_example(tokenizer, chat)
+
+
+def test_text_trains_on_all_of_it_and_eos(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    example = {"text": "The quick brown fox."}
+    assert set(tokenize_example(tokenizer, example).completion_mask) == {1}
+    assert trained_text(tokenizer, example) == "The quick brown fox." + tokenizer.eos_token
+
+
+@pytest.mark.parametrize(
+    "example",
+    [
+        {
+            "messages": [
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi.", "weight": 0},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Ciao."},
+            ]
+        },
+        {"prompt": "Translate: cat ->", "completion": " chat"},
+        {"instruction": "Say hi.", "input": "Politely", "output": "Hello!"},
+    ],
+    ids=["chat", "prompt_completion", "alpaca"],
+)
+def test_train_on_inputs_puts_loss_on_every_token(tokenizer, example: dict) -> None:  # type: ignore[no-untyped-def]
+    default = tokenize_example(tokenizer, example)
+    everything = tokenize_example(tokenizer, example, train_on_inputs=True)
+    assert everything.input_ids == default.input_ids
+    assert 0 in default.completion_mask
+    assert everything.completion_mask == [1] * len(everything.input_ids)
+
+
+def test_prepare_file_passes_train_on_inputs(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "short", "completion": " answer"}\n')
+    default = prepare_file(tokenizer, path, max_seq_length=64).rows[0]
+    everything = prepare_file(tokenizer, path, max_seq_length=64, train_on_inputs=True).rows[0]
+    assert 0 in default["completion_mask"]
+    assert everything["completion_mask"] == [1] * len(everything["input_ids"])
 
 
 def test_prepare_file_truncates_and_drops_examples_without_loss(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,8 @@ USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}
 CHAT_LINE = {"messages": [USER, ASSISTANT]}
 PC_LINE = {"prompt": "2+2=", "completion": "4"}
+ALPACA_LINE = {"instruction": "Add the numbers.", "input": "2, 2", "output": "4"}
+TEXT_LINE = {"text": "Once upon a time."}
 
 
 def jsonl(*lines: object) -> bytes:
@@ -37,8 +39,13 @@ ERROR_CASES = {
     "invalid_encoding": ([CHAT_LINE, "x"], "invalid_encoding", 2, ["UTF-8"]),
     "invalid_json": ([CHAT_LINE, CHAT_LINE, '{"messages": ['], "invalid_json", 3, ["invalid JSON"]),
     "not_an_object": ([CHAT_LINE, "[1, 2]"], "not_an_object", 2, ["JSON object", "array"]),
-    "unrecognized_format": ([{"text": "hi"}], "unrecognized_format", 1, ["messages", "prompt", "completion"]),
-    "missing_messages": ([CHAT_LINE, {"text": "hi"}], "missing_messages", 2, ["'messages' missing"]),
+    "unrecognized_format": (
+        [{"body": "hi"}],
+        "unrecognized_format",
+        1,
+        ["messages", "prompt", "completion", "instruction", "input", "output", "text"],
+    ),
+    "missing_messages": ([CHAT_LINE, {"body": "hi"}], "missing_messages", 2, ["'messages' missing"]),
     "messages_null": ([{"messages": None}], "missing_messages", 1, ["'messages' missing"]),
     "invalid_messages_empty": ([{"messages": []}], "invalid_messages", 1, ["non-empty list"]),
     "invalid_messages_type": ([{"messages": "hi"}], "invalid_messages", 1, ["non-empty list", "string"]),
@@ -83,6 +90,27 @@ ERROR_CASES = {
     "missing_completion": ([{"prompt": "a"}], "missing_completion", 1, ["'completion' missing"]),
     "missing_prompt": ([{"completion": "a"}], "missing_prompt", 1, ["'prompt' missing"]),
     "mixed_formats": ([CHAT_LINE, CHAT_LINE, PC_LINE], "mixed_formats", 3, ["mixed formats", "chat"]),
+    "missing_instruction": ([{"output": "4"}], "invalid_instruction", 1, ["'instruction' missing"]),
+    "invalid_instruction": (
+        [ALPACA_LINE, {"instruction": ["Add"], "output": "4"}],
+        "invalid_instruction",
+        2,
+        ["'instruction'", "string", "array"],
+    ),
+    "invalid_input": (
+        [ALPACA_LINE, ALPACA_LINE, {**ALPACA_LINE, "input": 7}],
+        "invalid_input",
+        3,
+        ["'input'", "string", "7"],
+    ),
+    "null_input": ([{**ALPACA_LINE, "input": None}], "invalid_input", 1, ["'input'", "null"]),
+    "missing_output": ([ALPACA_LINE, {"instruction": "Say hi."}], "missing_output", 2, ["'output' missing"]),
+    "invalid_output": ([{**ALPACA_LINE, "output": {"a": 1}}], "invalid_output", 1, ["'output'", "object"]),
+    "invalid_text_type": ([TEXT_LINE, {"text": 3}], "invalid_text", 2, ["'text'", "string", "3"]),
+    "invalid_text_empty": ([TEXT_LINE, TEXT_LINE, {"text": ""}], "invalid_text", 3, ["'text' is empty"]),
+    "missing_text": ([TEXT_LINE, {"body": "hi"}], "invalid_text", 2, ["'text' missing"]),
+    "mixed_alpaca_chat": ([ALPACA_LINE, CHAT_LINE], "mixed_formats", 2, ["mixed formats", "alpaca", "chat"]),
+    "mixed_chat_text": ([CHAT_LINE, TEXT_LINE], "mixed_formats", 2, ["mixed formats", "text", "chat"]),
 }
 
 
@@ -154,6 +182,30 @@ def test_prompt_completion_happy_path():
     assert load_examples(jsonl(*lines)) == [lines[0], lines[2]]
 
 
+def test_alpaca_happy_path_with_and_without_input():
+    lines = [
+        ALPACA_LINE,
+        {"instruction": "Say hi.", "output": "Hi!"},
+        "",
+        {"instruction": "Say hi.", "input": "", "output": "", "extra": 1},
+    ]
+    report = validate_training_file(jsonl(*lines))
+    assert report == ValidationReport(format="alpaca", example_count=3, errors=[], error_count=0)
+    assert load_examples(jsonl(*lines)) == [lines[0], lines[1], lines[3]]
+
+
+def test_text_happy_path():
+    lines = [TEXT_LINE, {"text": "line one\nline two \u2028", "source": "wiki"}]
+    report = validate_training_file(jsonl(*lines))
+    assert report == ValidationReport(format="text", example_count=2, errors=[], error_count=0)
+    assert load_examples(jsonl(*lines)) == lines
+
+
+def test_format_constants_name_the_formats():
+    assert (validation.CHAT, validation.PROMPT_COMPLETION) == ("chat", "prompt_completion")
+    assert (validation.ALPACA, validation.TEXT) == ("alpaca", "text")
+
+
 def test_format_comes_from_first_valid_line():
     report = validate_training_file(jsonl({"prompt": 1, "completion": "x"}, CHAT_LINE, PC_LINE))
     assert report.format == "chat"
@@ -200,6 +252,15 @@ example_lines = st.one_of(
     json_values,
     st.fixed_dictionaries({"messages": st.lists(messages | json_values, max_size=4)}),
     st.fixed_dictionaries({}, optional={"prompt": json_values, "completion": json_values}),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "instruction": st.text(max_size=5) | json_values,
+            "input": json_values,
+            "output": json_values,
+        },
+    ),
+    st.fixed_dictionaries({"text": st.text(max_size=5) | json_values}),
 ).map(json.dumps)
 files = st.one_of(
     st.binary(max_size=300),
@@ -217,7 +278,7 @@ def test_never_raises_and_report_is_consistent(data, max_errors):
     assert report.ok == (not report.errors)
     assert len(report.errors) == min(report.error_count, max_errors)
     assert [e.line for e in report.errors] == sorted(e.line for e in report.errors)
-    assert report.format in (None, "chat", "prompt_completion")
+    assert report.format in (None, "chat", "prompt_completion", "alpaca", "text")
     assert (report.format is None) == (report.example_count == 0)
     if report.ok:
         assert len(load_examples(data)) == report.example_count > 0

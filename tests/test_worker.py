@@ -124,3 +124,24 @@ def test_full_fine_tuning_ships_a_loadable_model(http: httpx.Client, tmp_path) -
         name for name, p in tuned.state_dict().items() if name in base and not torch.equal(p, base[name])
     ]
     assert len(changed) > len(base) // 2, "full fine-tuning updates (nearly) every weight"
+
+
+def test_alpaca_and_text_files_train_with_packing_and_inputs(http: httpx.Client) -> None:
+    alpaca = b"".join(
+        b'{"instruction": "Add the numbers.", "input": "%d and %d", "output": "%d"}\n' % (i, i, 2 * i)
+        for i in range(16)
+    )
+    text = b"".join(b'{"text": "Once upon a time there were %d cats."}\n' % i for i in range(16))
+    for data, extra in ((alpaca, {"train_on_inputs": True}), (text, {"packing": True, "max_seq_length": 64})):
+        body = job_body(upload(http, data)["id"], **extra)
+        job = wait_for_status(
+            http, http.post("/v1/fine_tuning/jobs", json=body).json()["id"], {"succeeded", "failed"}
+        )
+        assert job["status"] == "succeeded", job
+        assert (
+            job["method"]["supervised"]["hyperparameters"] | extra
+            == job["method"]["supervised"]["hyperparameters"]
+        )
+    # Packing puts the 16 short texts into fewer rows, so the one epoch takes fewer steps than 16 / 8 = 2.
+    steps = [e["data"]["step"] for e in events_of(http, job["id"]) if e["type"] == "metrics"]
+    assert steps == [1], steps

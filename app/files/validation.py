@@ -1,9 +1,11 @@
 """Upload-time validation of fine-tuning training files (JSONL).
 
-Checks every line of an uploaded file against OpenAI's two fine-tuning formats, chat
-(``{"messages": [...]}``) and prompt/completion (``{"prompt": "...", "completion": "..."}``), and
-reports each problem with its line number and a hint on how to fix it, so users learn about a bad
-file when they upload it rather than when a training job fails. Stdlib only: it runs in the API
+Checks every line of an uploaded file against the supervised formats: OpenAI's chat
+(``{"messages": [...]}``) and prompt/completion (``{"prompt": "...", "completion": "..."}``), Alpaca
+(``{"instruction": "...", "input": "...", "output": "..."}``) and plain text (``{"text": "..."}``).
+A file's format is that of its first valid line. Each problem is reported with its line number and a
+hint on how to fix it, so users learn about a bad file when they upload it rather than when a
+training job fails. Stdlib only: it runs in the API
 process, which must stay importable without torch.
 """
 
@@ -16,11 +18,21 @@ from typing import Any
 
 CHAT = "chat"
 PROMPT_COMPLETION = "prompt_completion"
+ALPACA = "alpaca"
+TEXT = "text"
+# The keys that mark each format, tried in this order; a line takes the first format it matches.
+_FORMAT_KEYS = (
+    (CHAT, ("messages",)),
+    (PROMPT_COMPLETION, ("prompt", "completion")),
+    (ALPACA, ("instruction", "output")),
+    (TEXT, ("text",)),
+)
 ROLES = ("system", "user", "assistant")
 _ROLES_TEXT = ", ".join(repr(role) for role in ROLES)
 _FORMATS_TEXT = (
-    'accepted formats are chat {"messages": [{"role": "user", "content": "..."}, ...]} '
-    'and prompt/completion {"prompt": "...", "completion": "..."}'
+    'accepted formats are chat {"messages": [{"role": "user", "content": "..."}, ...]}, '
+    'prompt/completion {"prompt": "...", "completion": "..."}, '
+    'Alpaca {"instruction": "...", "input": "...", "output": "..."} and text {"text": "..."}'
 )
 
 
@@ -87,6 +99,11 @@ def load_examples(data: bytes) -> list[dict]:
     return examples
 
 
+def detect_format(example: dict) -> str | None:
+    """The format an example's keys mark it as, or None when they match no format."""
+    return next((name for name, keys in _FORMAT_KEYS if any(key in example for key in keys)), None)
+
+
 def _lines(data: bytes) -> Iterator[tuple[int, str | None]]:
     """Yield (line number, text) for non-blank lines; text is None where the line is not UTF-8."""
     # Editors on Windows often prepend a BOM, which json.loads rejects.
@@ -128,23 +145,16 @@ def _check_example(value: Any, file_format: str | None) -> str:
     """Check one parsed line and return its format."""
     if not isinstance(value, dict):
         raise _Invalid("not_an_object", f"expected a JSON object, got {_type_name(value)}; {_FORMATS_TEXT}")
-    if "messages" in value:
-        line_format = CHAT
-    elif "prompt" in value or "completion" in value:
-        line_format = PROMPT_COMPLETION
-    elif file_format is not None:
-        # Once the file's format is known, a line with none of its keys is most likely missing one.
-        line_format = file_format
-    else:
+    # Once the file's format is known, a line with none of its keys is most likely missing one.
+    line_format = detect_format(value) or file_format
+    if line_format is None:
         raise _Invalid("unrecognized_format", f"unrecognized example format: {_FORMATS_TEXT}")
-    if line_format == CHAT:
-        _check_chat(value.get("messages"))
-    else:
-        _check_prompt_completion(value)
+    _CHECKS[line_format](value)
     return line_format
 
 
-def _check_chat(messages: Any) -> None:
+def _check_chat(example: dict) -> None:
+    messages = example.get("messages")
     if messages is None:
         raise _Invalid("missing_messages", "'messages' missing: each chat example needs a 'messages' list")
     if not isinstance(messages, list) or not messages:
@@ -200,13 +210,40 @@ def _is_text_parts(content: Any) -> bool:
 
 def _check_prompt_completion(example: dict) -> None:
     for key in ("prompt", "completion"):
-        value = example.get(key)
-        if value is None:
-            raise _Invalid(
-                f"missing_{key}", f"'{key}' missing: each prompt/completion example needs a string '{key}'"
-            )
-        if not isinstance(value, str):
-            raise _Invalid(f"invalid_{key}", f"'{key}' must be a string, got {_type_name(value)}")
+        _check_string(example, key, missing_code=f"missing_{key}", kind="prompt/completion")
+
+
+def _check_alpaca(example: dict) -> None:
+    _check_string(example, "instruction", missing_code="invalid_instruction", kind="Alpaca")
+    if "input" in example and not isinstance(example["input"], str):
+        raise _Invalid(
+            "invalid_input",
+            f"'input' must be a string, got {_type_name(example['input'])}; "
+            'use "" or leave it out when the instruction needs no input',
+        )
+    _check_string(example, "output", missing_code="missing_output", kind="Alpaca")
+
+
+def _check_text(example: dict) -> None:
+    _check_string(example, "text", missing_code="invalid_text", kind="text")
+    if not example["text"]:
+        raise _Invalid("invalid_text", "'text' is empty: give each text example some text to train on")
+
+
+def _check_string(example: dict, key: str, *, missing_code: str, kind: str) -> None:
+    value = example.get(key)
+    if value is None:
+        raise _Invalid(missing_code, f"'{key}' missing: each {kind} example needs a string '{key}'")
+    if not isinstance(value, str):
+        raise _Invalid(f"invalid_{key}", f"'{key}' must be a string, got {_type_name(value)}")
+
+
+_CHECKS = {
+    CHAT: _check_chat,
+    PROMPT_COMPLETION: _check_prompt_completion,
+    ALPACA: _check_alpaca,
+    TEXT: _check_text,
+}
 
 
 def _type_name(value: Any) -> str:

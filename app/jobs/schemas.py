@@ -61,6 +61,10 @@ class SupervisedHyperparameters(BaseModel):
         None, description="Module names to adapt; None means the attention projections the model has."
     )
     max_seq_length: int = Field(512, description="Longer examples are truncated to this many tokens.")
+    packing: bool = Field(False, description="Pack several short examples into each max_seq_length row.")
+    train_on_inputs: bool = Field(
+        False, description="Train on every token, prompts included, not only on completions."
+    )
     gradient_accumulation_steps: int = Field(1, description="Micro-batches summed per optimizer step.")
     warmup_ratio: float = Field(0.0, description="Fraction of steps spent warming up the learning rate.")
     checkpoint_every_steps: int | None = Field(

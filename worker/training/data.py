@@ -2,14 +2,16 @@
 
 Chat examples are rendered once with the model's chat template; every assistant turn (unless its
 `weight` is 0) is located by rendering the conversation up to it, so the mask follows whatever
-template the model ships. Prompt/completion examples mask the prompt and train on completion + EOS.
+template the model ships. Alpaca examples become a user/assistant conversation and take the chat
+path. Prompt/completion examples mask the prompt and train on completion + EOS. Plain text examples
+are language modelling: text + EOS all carry loss. With `train_on_inputs` every token carries loss.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.files.validation import load_examples
+from app.files.validation import ALPACA, CHAT, TEXT, detect_format, load_examples
 
 
 @dataclass
@@ -56,6 +58,14 @@ def _weight(message: dict) -> dict:
     return {"weight": message["weight"]} if "weight" in message else {}
 
 
+def _alpaca_messages(example: dict) -> list[dict]:
+    """An Alpaca example as the conversation it stands for: instruction (+ input) asks, output answers."""
+    request = example["instruction"]
+    if example.get("input"):
+        request += "\n\n" + example["input"]
+    return [{"role": "user", "content": request}, {"role": "assistant", "content": example["output"]}]
+
+
 def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> TokenizedExample:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [
@@ -65,15 +75,28 @@ def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]
     return TokenizedExample(input_ids=list(encoded["input_ids"]), completion_mask=mask)
 
 
-def tokenize_example(tokenizer: Any, example: dict) -> TokenizedExample:
+def _text_and_spans(tokenizer: Any, example: dict) -> tuple[str, list[tuple[int, int]]]:
+    """The text to tokenize and the character spans that carry loss by default."""
+    eos = tokenizer.eos_token or ""
+    # The validator's own detection, so each line is read as the format it was checked as.
+    example_format = detect_format(example)
+    if example_format == CHAT:
+        return _chat_spans(tokenizer, example["messages"])
+    if example_format == ALPACA:
+        return _chat_spans(tokenizer, _alpaca_messages(example))
+    if example_format == TEXT:
+        text = example["text"] + eos
+        return text, [(0, len(text))]
+    prompt, completion = example["prompt"], example["completion"] + eos
+    return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+
+
+def tokenize_example(tokenizer: Any, example: dict, *, train_on_inputs: bool = False) -> TokenizedExample:
     """Tokens of one validated example and the mask of the tokens that carry loss."""
-    if "messages" in example:
-        text, spans = _chat_spans(tokenizer, example["messages"])
-        return _tokenize_with_spans(tokenizer, text, spans)
-    prompt, completion = example["prompt"], example["completion"] + (tokenizer.eos_token or "")
-    return _tokenize_with_spans(
-        tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))]
-    )
+    text, spans = _text_and_spans(tokenizer, example)
+    if train_on_inputs:
+        spans = [(0, len(text))]
+    return _tokenize_with_spans(tokenizer, text, spans)
 
 
 @dataclass
@@ -84,11 +107,13 @@ class PreparedData:
     dropped: int
 
 
-def prepare_file(tokenizer: Any, path: Path, *, max_seq_length: int) -> PreparedData:
+def prepare_file(
+    tokenizer: Any, path: Path, *, max_seq_length: int, train_on_inputs: bool = False
+) -> PreparedData:
     """Tokenize a whole training file, truncating long examples and dropping those left with no loss."""
     rows, total, truncated, dropped = [], 0, 0, 0
     for example in load_examples(path.read_bytes()):
-        tokenized = tokenize_example(tokenizer, example)
+        tokenized = tokenize_example(tokenizer, example, train_on_inputs=train_on_inputs)
         if len(tokenized.input_ids) > max_seq_length:
             truncated += 1
             tokenized = TokenizedExample(

@@ -83,11 +83,12 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, PreparedData, Prep
         tokenizer.pad_token = tokenizer.eos_token
     model = load_model(spec, plan)
     max_len = spec.hyperparameters["max_seq_length"]
-    train = prepare_file(tokenizer, spec.training_file, max_seq_length=max_len)
+    on_inputs = spec.hyperparameters.get("train_on_inputs", False)
+    train = prepare_file(tokenizer, spec.training_file, max_seq_length=max_len, train_on_inputs=on_inputs)
     if not train.rows:
         raise ValueError("no training example has any completion token left after truncation")
     valid = (
-        prepare_file(tokenizer, spec.validation_file, max_seq_length=max_len)
+        prepare_file(tokenizer, spec.validation_file, max_seq_length=max_len, train_on_inputs=on_inputs)
         if spec.validation_file
         else None
     )
@@ -114,7 +115,7 @@ def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
         eval_strategy=strategy if has_validation else "no",
         eval_steps=every if has_validation and every else None,
         max_length=hp["max_seq_length"],
-        packing=False,
+        packing=hp.get("packing", False),
         completion_only_loss=True,
         seed=spec.seed,
         data_seed=spec.seed,
