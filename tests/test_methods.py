@@ -3,6 +3,7 @@
 import io
 import tarfile
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import pytest
@@ -11,20 +12,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from app.jobs.schemas import PeftMethod
 from tests.helpers import TEST_HOME, chat_jsonl, job_body, upload, wait_for_status
 
-PEFT_METHODS = [
-    "lora",
-    "dora",
-    "qlora",
-    "lora_8bit",
-    "prefix_tuning",
-    "prompt_tuning",
-    "p_tuning",
-    "ia3",
-    "loha",
-    "lokr",
-]
+# Every adapter method the API accepts; `full` and `freeze` ship whole models and are tested apart.
+PEFT_METHODS = [m for m in get_args(PeftMethod) if m not in ("full", "freeze")]
 WEIGHT_FILES = {"adapter": "adapter_model.safetensors", "model": "model.safetensors"}
 
 
