@@ -44,6 +44,11 @@ def test_cancel_running_and_queued_jobs(http: httpx.Client) -> None:
     body = job_body(training["id"], n_epochs=200, batch_size=1)  # 8000 steps: it only ends by cancel
     running_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     wait_for_metrics(http, running_id, 3)
+    with session_scope() as session:
+        first_lease = session.get(Job, running_id).lease_expires_at  # type: ignore[union-attr]
+    time.sleep(2.5)  # the tests' heartbeat is 1 s
+    with session_scope() as session:
+        assert session.get(Job, running_id).lease_expires_at > first_lease, "the worker renews its lease"  # type: ignore[union-attr]
     queued_id = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])).json()["id"]
 
     queued = http.post(f"/v1/fine_tuning/jobs/{queued_id}/cancel").json()
