@@ -17,6 +17,16 @@ from tests.helpers import TEST_HOME, chat_jsonl, job_body, upload, wait_for_stat
 
 # Every adapter method the API accepts; `full` and `freeze` ship whole models and are tested apart.
 PEFT_METHODS = [m for m in get_args(PeftMethod) if m not in ("full", "freeze")]
+PEFT_TYPES = {
+    **dict.fromkeys(("lora", "dora", "qlora", "lora_8bit"), "LORA"),
+    "loha": "LOHA",
+    "lokr": "LOKR",
+    "ia3": "IA3",
+    "prefix_tuning": "PREFIX_TUNING",
+    "prompt_tuning": "PROMPT_TUNING",
+    "p_tuning": "P_TUNING",
+    "llama_adapter": "ADAPTION_PROMPT",
+}
 WEIGHT_FILES = {"adapter": "adapter_model.safetensors", "model": "model.safetensors"}
 
 
@@ -59,21 +69,15 @@ def test_peft_method_trains_and_loads_with_plain_peft(
 
     base_dir = TEST_HOME / "models" / "tiny-llama"
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
-    assert model.peft_config["default"].peft_type.value.lower().replace("_", "") in {
-        "lora",
-        "prefixtuning",
-        "prompttuning",
-        "ptuning",
-        "ia3",
-        "loha",
-        "lokr",
-    }
+    config = model.peft_config["default"]
+    assert config.peft_type.value == PEFT_TYPES[peft]
+    assert getattr(config, "use_dora", False) == (peft == "dora")
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits.isfinite().all()
 
     events = http.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
     counted = next(e["data"] for e in events if (e["data"] or {}).get("trainable_parameters"))
-    if peft in ("lora", "dora", "loha", "lokr", "ia3", "prefix_tuning", "prompt_tuning"):
+    if peft != "p_tuning":
         # What trained is what ships (p-tuning ships the encoder's output, not the encoder).
         assert counted["trainable_parameters"] == sum(t.numel() for t in final_weights.values())
     assert 0 < counted["trainable_parameters"] < counted["total_parameters"]
@@ -99,3 +103,31 @@ def test_invalid_method_specs_are_422_naming_the_field(http: httpx.Client, train
     assert error.status_code == 422 and error.json()["error"]["param"].endswith("target_modules")
     unknown = http.post("/v1/fine_tuning/jobs", json=job_body(training_id, peft="adapterfusion"))
     assert unknown.status_code == 422 and unknown.json()["error"]["param"].endswith(".peft")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(database: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A registered GPT-2: not Llama-family, and its Conv1D layers give bitsandbytes nothing to quantize."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from app.cli import register_folder
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)
+    ).save_pretrained(folder)
+    register_folder("tiny-gpt2", folder)
+    return "tiny-gpt2"
+
+
+@pytest.mark.parametrize("peft", ["llama_adapter", "qlora", "lora_8bit"])
+def test_method_the_model_cannot_take_is_422(
+    http: httpx.Client, training_id: str, tiny_gpt2: str, peft: str
+) -> None:
+    response = http.post("/v1/fine_tuning/jobs", json=job_body(training_id, peft=peft) | {"model": tiny_gpt2})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (
+        error["param"] == "method.supervised.hyperparameters.peft" and error["code"] == "unsupported_method"
+    )
+    assert tiny_gpt2 in error["message"]

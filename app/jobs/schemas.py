@@ -20,9 +20,12 @@ PeftMethod = Literal[
     "ia3",
     "loha",
     "lokr",
+    "llama_adapter",
 ]
 LORA_FAMILY = ("lora", "dora", "qlora", "lora_8bit", "loha", "lokr")
 QUANTIZED = ("qlora", "lora_8bit")
+# PEFT's adaption prompt (LLaMA-Adapter) knows the attention of these architectures only.
+LLAMA_ADAPTER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # Base learning rates by method, the usual starting points: adapters learn fast, whole weights slowly,
 # and virtual-token methods need larger steps still.
 BASE_LEARNING_RATES = {
@@ -30,7 +33,7 @@ BASE_LEARNING_RATES = {
     "full": 2e-5,
     "freeze": 5e-5,
     "ia3": 3e-3,
-    **dict.fromkeys(("prefix_tuning", "prompt_tuning", "p_tuning"), 3e-3),
+    **dict.fromkeys(("prefix_tuning", "prompt_tuning", "p_tuning", "llama_adapter"), 3e-3),
 }
 
 Auto = Literal["auto"]

@@ -12,6 +12,7 @@ from app.errors import ApiError, not_found
 from app.files import service as file_service
 from app.jobs.schemas import (
     ACTIVE_STATUSES,
+    LLAMA_ADAPTER_ARCHITECTURES,
     LORA_FAMILY,
     QUANTIZED,
     CheckpointPublic,
@@ -97,6 +98,14 @@ def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -
             422,
             f"peft '{hp.peft}' quantizes nn.Linear layers with bitsandbytes, and '{spec.model}' has none; "
             "use 'lora' instead.",
+            param=f"{HP_PARAM}.peft",
+            code="unsupported_method",
+        )
+    if hp.peft == "llama_adapter" and base.architecture not in LLAMA_ADAPTER_ARCHITECTURES:
+        raise ApiError(
+            422,
+            f"peft 'llama_adapter' works on Llama-family models ({', '.join(LLAMA_ADAPTER_ARCHITECTURES)}); "
+            f"'{spec.model}' is {base.architecture}.",
             param=f"{HP_PARAM}.peft",
             code="unsupported_method",
         )

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from peft import (
+    AdaptionPromptConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -27,6 +28,14 @@ IA3_MODULES = ("k_proj", "v_proj", "down_proj")
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """What a method needs to know of the base model before loading it."""
+
+    linear_modules: list[str]
+    num_layers: int
+
+
+@dataclass(frozen=True)
 class MethodPlan:
     """How one method loads and wraps the base model."""
 
@@ -34,6 +43,7 @@ class MethodPlan:
     quantization: BitsAndBytesConfig | None = None
     trainable_layers: int | None = None  # freeze: how many top blocks train
     train_head: bool = False  # freeze: whether the output head trains
+    model_loss: bool = False  # train on the model's own loss: PEFT's adaption prompt lacks TRL's fused head
 
 
 def default_target_modules(linear_modules: list[str]) -> list[str] | str:
@@ -46,13 +56,13 @@ def compute_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def _lora(hp: dict[str, Any], linear_modules: list[str], **extra: Any) -> MethodPlan:
+def _lora(hp: dict[str, Any], info: ModelInfo, **extra: Any) -> MethodPlan:
     return MethodPlan(
         LoraConfig(
             r=hp["lora_r"],
             lora_alpha=hp["lora_alpha"],
             lora_dropout=hp["lora_dropout"],
-            target_modules=hp["target_modules"] or default_target_modules(linear_modules),
+            target_modules=_modules_for(hp, info),
             use_rslora=hp.get("use_rslora", False),
             task_type="CAUSAL_LM",
             **extra,
@@ -60,65 +70,80 @@ def _lora(hp: dict[str, Any], linear_modules: list[str], **extra: Any) -> Method
     )
 
 
-def _qlora(hp: dict[str, Any], linear_modules: list[str]) -> MethodPlan:
+def _qlora(hp: dict[str, Any], info: ModelInfo) -> MethodPlan:
     nf4 = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(),
     )
-    return replace(_lora(hp, linear_modules), quantization=nf4)
+    return replace(_lora(hp, info), quantization=nf4)
 
 
-def _lora_8bit(hp: dict[str, Any], linear_modules: list[str]) -> MethodPlan:
-    return replace(_lora(hp, linear_modules), quantization=BitsAndBytesConfig(load_in_8bit=True))
+def _lora_8bit(hp: dict[str, Any], info: ModelInfo) -> MethodPlan:
+    return replace(_lora(hp, info), quantization=BitsAndBytesConfig(load_in_8bit=True))
 
 
-def _modules_for(hp: dict[str, Any], linear_modules: list[str]) -> list[str] | str:
-    return hp["target_modules"] or default_target_modules(linear_modules)
+def _modules_for(hp: dict[str, Any], info: ModelInfo) -> list[str] | str:
+    return hp["target_modules"] or default_target_modules(info.linear_modules)
 
 
-METHODS: dict[str, Callable[[dict[str, Any], list[str]], MethodPlan]] = {
+def _llama_adapter(hp: dict[str, Any], info: ModelInfo) -> MethodPlan:
+    # LLaMA-Adapter: learned prompts gated into the attention of every block.
+    config = AdaptionPromptConfig(
+        adapter_len=hp["num_virtual_tokens"], adapter_layers=info.num_layers, task_type="CAUSAL_LM"
+    )
+    return MethodPlan(config, model_loss=True)
+
+
+METHODS: dict[str, Callable[[dict[str, Any], ModelInfo], MethodPlan]] = {
     "lora": _lora,
-    "dora": lambda hp, lm: _lora(hp, lm, use_dora=True),
+    "dora": lambda hp, info: _lora(hp, info, use_dora=True),
     "qlora": _qlora,
     "lora_8bit": _lora_8bit,
-    "full": lambda hp, lm: MethodPlan(),
-    "freeze": lambda hp, lm: MethodPlan(
+    "full": lambda hp, info: MethodPlan(),
+    "freeze": lambda hp, info: MethodPlan(
         trainable_layers=hp["n_trainable_layers"], train_head=hp["train_head"]
     ),
-    "prefix_tuning": lambda hp, lm: MethodPlan(
+    "prefix_tuning": lambda hp, info: MethodPlan(
         PrefixTuningConfig(num_virtual_tokens=hp["num_virtual_tokens"], task_type="CAUSAL_LM")
     ),
-    "prompt_tuning": lambda hp, lm: MethodPlan(
+    "prompt_tuning": lambda hp, info: MethodPlan(
         PromptTuningConfig(num_virtual_tokens=hp["num_virtual_tokens"], task_type="CAUSAL_LM")
     ),
-    "p_tuning": lambda hp, lm: MethodPlan(
+    "p_tuning": lambda hp, info: MethodPlan(
         PromptEncoderConfig(num_virtual_tokens=hp["num_virtual_tokens"], task_type="CAUSAL_LM")
     ),
-    "ia3": lambda hp, lm: MethodPlan(
+    "ia3": lambda hp, info: MethodPlan(
         IA3Config(
-            target_modules=[m for m in IA3_MODULES if m in lm] or "all-linear",
-            feedforward_modules=[m for m in ("down_proj",) if m in lm],
+            target_modules=[m for m in IA3_MODULES if m in info.linear_modules] or "all-linear",
+            feedforward_modules=[m for m in ("down_proj",) if m in info.linear_modules],
             task_type="CAUSAL_LM",
         )
     ),
-    "loha": lambda hp, lm: MethodPlan(
+    "loha": lambda hp, info: MethodPlan(
         LoHaConfig(
-            r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=_modules_for(hp, lm), task_type="CAUSAL_LM"
+            r=hp["lora_r"],
+            alpha=hp["lora_alpha"],
+            target_modules=_modules_for(hp, info),
+            task_type="CAUSAL_LM",
         )
     ),
-    "lokr": lambda hp, lm: MethodPlan(
+    "lokr": lambda hp, info: MethodPlan(
         LoKrConfig(
-            r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=_modules_for(hp, lm), task_type="CAUSAL_LM"
+            r=hp["lora_r"],
+            alpha=hp["lora_alpha"],
+            target_modules=_modules_for(hp, info),
+            task_type="CAUSAL_LM",
         )
     ),
+    "llama_adapter": _llama_adapter,
 }
 
 
-def plan_for(hp: dict[str, Any], linear_modules: list[str]) -> MethodPlan:
+def plan_for(hp: dict[str, Any], info: ModelInfo) -> MethodPlan:
     """The plan of the job's method."""
-    return METHODS[hp["peft"]](hp, linear_modules)
+    return METHODS[hp["peft"]](hp, info)
 
 
 def freeze_all_but_top(model: Any, *, layers: int, train_head: bool) -> None:

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file
-from worker.training.methods import MethodPlan, freeze_all_but_top, plan_for
+from worker.training.methods import MethodPlan, ModelInfo, freeze_all_but_top, plan_for
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tuneforge")
 
@@ -127,6 +127,14 @@ def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
     )
 
 
+class ModelLossTrainer(SFTTrainer):
+    """SFTTrainer on the model's own causal-LM loss, for PEFT methods without TRL's fused-head outputs."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        outputs = model(**inputs)  # labels are already -100 outside the completion
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
 def fit(
     spec: RunSpec,
     plan: MethodPlan,
@@ -137,7 +145,8 @@ def fit(
     reporter: JobReporter,
 ) -> tuple[SFTTrainer, dict[str, Any]]:
     """Train with SFTTrainer; the reporter streams metrics and stops on cancel."""
-    trainer = SFTTrainer(
+    trainer_class = ModelLossTrainer if plan.model_loss else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=trainer_config(spec, has_validation=valid is not None),
         train_dataset=Dataset.from_list(train.rows),
@@ -211,7 +220,9 @@ def save(spec: RunSpec, trainer: SFTTrainer, tokenizer: Any, info: dict[str, Any
 def run(spec: RunSpec) -> RunResult:
     """The whole recipe for one attempt of one job."""
     torch.manual_seed(spec.seed)
-    plan = plan_for(spec.hyperparameters, spec.linear_modules)
+    config = AutoConfig.from_pretrained(spec.base_model_path, trust_remote_code=False)
+    info = ModelInfo(linear_modules=spec.linear_modules, num_layers=config.num_hidden_layers)
+    plan = plan_for(spec.hyperparameters, info)
     tokenizer, model, train, valid = setup(spec, plan)
     reporter = JobReporter(job_id=spec.job_id, attempt=spec.attempt)
     reporter.event(
