@@ -131,3 +131,19 @@ def test_prepare_file_truncates_and_drops_examples_without_loss(tokenizer, tmp_p
     assert len(prepared.rows) == 1 and prepared.truncated == 1 and prepared.dropped == 1
     assert all(len(row["input_ids"]) <= 64 for row in prepared.rows)
     assert prepared.total_tokens == len(prepared.rows[0]["input_ids"])
+
+
+def test_split_off_holds_out_a_seeded_fraction() -> None:
+    from worker.training.data import PreparedData, split_off
+
+    rows = [{"input_ids": [i] * (i + 1), "completion_mask": [1] * (i + 1)} for i in range(20)]
+    data = PreparedData(
+        rows=rows, total_tokens=sum(len(r["input_ids"]) for r in rows), truncated=0, dropped=0
+    )
+    train, valid = split_off(data, 0.25, seed=3)
+    assert (len(train.rows), len(valid.rows)) == (15, 5)
+    assert train.total_tokens + valid.total_tokens == data.total_tokens
+    assert {r["input_ids"][0] for r in train.rows} | {r["input_ids"][0] for r in valid.rows} == set(range(20))
+    assert split_off(data, 0.25, seed=3)[1].rows == valid.rows, "the same seed holds out the same examples"
+    tiny = PreparedData(rows=rows[:2], total_tokens=3, truncated=0, dropped=0)
+    assert [len(part.rows) for part in split_off(tiny, 0.01, seed=0)] == [1, 1]

@@ -150,3 +150,19 @@ def test_alpaca_and_text_files_train_with_packing_and_inputs(http: httpx.Client)
     # Packing puts the 16 short texts into fewer rows, so the one epoch takes fewer steps than 16 / 8 = 2.
     steps = [e["data"]["step"] for e in events_of(http, job["id"]) if e["type"] == "metrics"]
     assert steps == [1], steps
+
+
+def test_validation_split_reports_valid_loss(http: httpx.Client) -> None:
+    training = upload(http, chat_jsonl(16))
+    both = job_body(training["id"], validation_split=0.25) | {"validation_file": training["id"]}
+    error = http.post("/v1/fine_tuning/jobs", json=both)
+    assert error.status_code == 422 and error.json()["error"]["param"].endswith("validation_split")
+
+    body = job_body(training["id"], validation_split=0.25, checkpoint_every_steps=1)
+    job = wait_for_status(
+        http, http.post("/v1/fine_tuning/jobs", json=body).json()["id"], {"succeeded", "failed"}
+    )
+    assert job["status"] == "succeeded", job
+    assert any(e["message"].startswith("Training on 12 examples") for e in events_of(http, job["id"]))
+    checkpoints = http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert checkpoints and all("valid_loss" in c["metrics"] for c in checkpoints)

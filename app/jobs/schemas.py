@@ -64,6 +64,10 @@ class SupervisedHyperparameters(BaseModel):
         None, description="Module names to adapt; None means the attention projections the model has."
     )
     max_seq_length: int = Field(512, description="Longer examples are truncated to this many tokens.")
+    validation_split: float = Field(
+        0.0,
+        description="Without a validation_file, hold out this fraction of the training file for valid_loss.",
+    )
     packing: bool = Field(False, description="Pack several short examples into each max_seq_length row.")
     train_on_inputs: bool = Field(
         False, description="Train on every token, prompts included, not only on completions."
@@ -107,6 +111,13 @@ class SupervisedHyperparameters(BaseModel):
     def _positive_interval(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("validation_split")
+    @classmethod
+    def _split(cls, value: float) -> float:
+        if not 0 <= value <= 0.5:
+            raise ValueError("must be between 0 and 0.5")
         return value
 
     @field_validator("lora_dropout", "warmup_ratio")

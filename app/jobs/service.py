@@ -135,6 +135,13 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
             param="training_file",
             code="invalid_file_purpose",
         )
+    if spec.validation_file and spec.method.supervised.hyperparameters.validation_split:
+        raise ApiError(
+            422,
+            "Give either a validation_file or a validation_split, not both.",
+            param=f"{HP_PARAM}.validation_split",
+            code="invalid_value",
+        )
     method = spec.method.model_copy(deep=True)
     method.supervised.hyperparameters = method.supervised.hyperparameters.resolved()
     job = Job(

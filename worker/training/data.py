@@ -7,6 +7,7 @@ path. Prompt/completion examples mask the prompt and train on completion + EOS. 
 are language modelling: text + EOS all carry loss. With `train_on_inputs` every token carries loss.
 """
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,22 @@ def prepare_file(
         total += len(tokenized.input_ids)
         rows.append({"input_ids": tokenized.input_ids, "completion_mask": tokenized.completion_mask})
     return PreparedData(rows=rows, total_tokens=total, truncated=truncated, dropped=dropped)
+
+
+def split_off(data: PreparedData, fraction: float, *, seed: int) -> tuple[PreparedData, PreparedData]:
+    """Hold out `fraction` of the examples (at least one, never all), chosen by `seed`, for validation."""
+    order = list(range(len(data.rows)))
+    random.Random(seed).shuffle(order)
+    held = min(max(1, round(len(order) * fraction)), len(order) - 1)
+    if held < 1:
+        raise ValueError("validation_split needs at least two training examples")
+    valid_rows = [data.rows[i] for i in order[:held]]
+    train_rows = [data.rows[i] for i in sorted(order[held:])]
+
+    def tokens(rows: list[dict[str, list[int]]]) -> int:
+        return sum(len(row["input_ids"]) for row in rows)
+
+    return (
+        PreparedData(train_rows, tokens(train_rows), data.truncated, data.dropped),
+        PreparedData(valid_rows, tokens(valid_rows), 0, 0),
+    )

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from worker.training.callbacks import JobReporter
-from worker.training.data import PreparedData, prepare_file
+from worker.training.data import PreparedData, prepare_file, split_off
 from worker.training.methods import MethodPlan, ModelInfo, freeze_all_but_top, plan_for
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tuneforge")
@@ -87,11 +87,13 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, PreparedData, Prep
     train = prepare_file(tokenizer, spec.training_file, max_seq_length=max_len, train_on_inputs=on_inputs)
     if not train.rows:
         raise ValueError("no training example has any completion token left after truncation")
-    valid = (
-        prepare_file(tokenizer, spec.validation_file, max_seq_length=max_len, train_on_inputs=on_inputs)
-        if spec.validation_file
-        else None
-    )
+    valid = None
+    if spec.validation_file:
+        valid = prepare_file(
+            tokenizer, spec.validation_file, max_seq_length=max_len, train_on_inputs=on_inputs
+        )
+    elif spec.hyperparameters.get("validation_split"):
+        train, valid = split_off(train, spec.hyperparameters["validation_split"], seed=spec.seed)
     return tokenizer, model, train, valid
 
 
