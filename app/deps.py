@@ -16,7 +16,9 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the transaction commits before the response is sent, so a client that acts on a
+# response (create a job with the file it just uploaded) always finds what it was told exists.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_project(request: Request, session: SessionDep) -> str:
