@@ -1,5 +1,6 @@
 """Trainer callbacks that report to Tuneforge: metrics events, checkpoints, and cooperative cancel."""
 
+import os
 import secrets
 import tarfile
 import tempfile
@@ -21,7 +22,8 @@ MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safete
 def pack_folder(folder: Path, names: list[str] | None = None) -> Path:
     """A .tar.gz of the folder's files (flat, at the archive root), written to a temp file."""
     fd, tmp = tempfile.mkstemp(suffix=".tar.gz", prefix="tuneforge-pack-")
-    with tarfile.open(tmp, "w:gz", fileobj=open(fd, "wb", closefd=True)) as archive:
+    os.close(fd)  # tarfile opens (and, unlike a passed file object, closes and flushes) the path itself
+    with tarfile.open(tmp, "w:gz") as archive:
         for path in sorted(folder.iterdir()):
             if path.is_file() and (names is None or path.name in names):
                 archive.add(path, arcname=path.name)

@@ -109,7 +109,7 @@ def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
         per_device_eval_batch_size=hp["batch_size"],
         gradient_accumulation_steps=hp["gradient_accumulation_steps"],
         learning_rate=hp["learning_rate"],
-        warmup_steps=hp["warmup_ratio"],
+        warmup_steps=hp["warmup_ratio"],  # transformers reads a value below 1 as a fraction of all steps
         lr_scheduler_type="linear",
         logging_steps=1,
         save_strategy=strategy,
