@@ -70,17 +70,11 @@ def register_folder(name: str, folder: Path) -> None:
     """Register a local model folder as base model NAME."""
     from worker.training.base_models import inspect_model
 
-    architecture, linear_modules = inspect_model(folder)
+    profile = inspect_model(folder)
     migrate.upgrade()
     with session_scope() as session:
-        model_service.register_base_model(
-            session,
-            name=name,
-            path=folder.resolve(),
-            architecture=architecture,
-            linear_modules=linear_modules,
-        )
-    typer.echo(f"registered base model {name} ({architecture}) at {folder}")
+        model_service.register_base_model(session, name=name, path=folder.resolve(), profile=profile)
+    typer.echo(f"registered base model {name} ({profile['architecture']}) at {folder}")
 
 
 @models_cli.command("make-tiny")

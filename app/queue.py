@@ -24,9 +24,10 @@ def make_celery(settings: Settings) -> Celery:
     transport_options: dict = {}
     if settings.resolved_broker_url.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
+            "control_folder": str(folder / "control"),  # kombu's default is ./control in the working dir
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),

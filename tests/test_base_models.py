@@ -117,9 +117,17 @@ def test_import_gguf_gives_a_safetensors_model_that_answers(tmp_path: Path) -> N
     assert sorted(p.name for p in dest.glob("*.safetensors")) == ["model.safetensors"]
     config = json.loads((dest / "config.json").read_text())
     assert "quantization_config" not in config, "a dequantized import must not look quantized to trainers"
-    assert inspect_model(dest) == (
-        "LlamaForCausalLM",
-        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
-    )
+    profile = inspect_model(dest)
+    assert profile["architecture"] == "LlamaForCausalLM" and profile["causal_lm"]
+    assert profile["linear_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    assert profile["total_parameters"] == 134_515_008  # SmolLM2-135M, embedding and head tied
     (answer,) = chat_answers(dest, ["What is the capital of France?"], max_new_tokens=12)
     assert "Paris" in answer

@@ -3,7 +3,6 @@
 import io
 import tarfile
 from pathlib import Path
-from typing import get_args
 
 import httpx
 import pytest
@@ -12,11 +11,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from app.jobs.schemas import PeftMethod
+from app.jobs.schemas import PEFT_METHODS as ALL_METHODS
 from tests.helpers import TEST_HOME, chat_jsonl, job_body, upload, wait_for_status
 
 # Every adapter method the API accepts; `full` and `freeze` ship whole models and are tested apart.
-PEFT_METHODS = [m for m in get_args(PeftMethod) if m not in ("full", "freeze")]
+PEFT_METHODS = [m for m in ALL_METHODS if m not in ("full", "freeze")]
 PEFT_TYPES = {
     **dict.fromkeys(("lora", "dora", "qlora", "lora_8bit"), "LORA"),
     "loha": "LOHA",

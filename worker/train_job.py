@@ -5,6 +5,7 @@ It resolves the job into a RunSpec, runs the recipe, publishes the result and ma
 fenced by the attempt number.
 """
 
+import importlib
 import os
 import sys
 import traceback
@@ -15,6 +16,7 @@ from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import Job, TrainingFile
 from app.jobs import lifecycle
+from app.jobs.schemas import hyperparameters_of
 from app.models import service as model_service
 from app.storage import get_store
 
@@ -41,7 +43,8 @@ def load_spec(job_id: str, attempt: int) -> "RunSpec":
             base_model=base.id,
             base_model_path=Path(base.path or ""),
             linear_modules=list(base.linear_modules or []),
-            hyperparameters=job.method["supervised"]["hyperparameters"],
+            profile=base.profile or {},
+            hyperparameters=hyperparameters_of(job.method),
             method=job.method,
             seed=job.seed,
             training_file=store.local_path(training.storage_key),
@@ -73,6 +76,24 @@ def publish(job_id: str, attempt: int, result: "RunResult") -> None:
         )
 
 
+# The recipe module of each task; each has `run(spec: RunSpec) -> RunResult`.
+RECIPES = {
+    "supervised": "worker.training.sft",
+    "dpo": "worker.training.dpo",
+    "classification": "worker.training.classify",
+}
+
+
+def run_recipe(spec: "RunSpec") -> "RunResult":
+    """Resolve `peft: auto` on this worker, then run the task's recipe."""
+    if spec.hyperparameters["peft"] == "auto":
+        from worker.training.auto import resolve_auto
+
+        spec = resolve_auto(spec)
+    recipe = importlib.import_module(RECIPES[spec.method["type"]])
+    return recipe.run(spec)
+
+
 def classify_failure(exc: BaseException) -> tuple[str, str]:
     """An error code and a message a user can act on."""
     text = f"{exc.__class__.__name__}: {exc}"
@@ -87,11 +108,9 @@ def main(job_id: str, attempt: int) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from worker.training import sft  # inside the try: a broken install fails the job, readably
-
-        spec = load_spec(job_id, attempt)
+        spec = load_spec(job_id, attempt)  # imports torch: inside the try, a broken install fails the job
         spec.workdir.mkdir(parents=True, exist_ok=True)
-        result = sft.run(spec)
+        result = run_recipe(spec)
         if not result.cancelled:
             publish(job_id, attempt, result)
         return 0

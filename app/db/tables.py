@@ -107,6 +107,8 @@ class Model(Base):
     # Leaf names of the base's linear layers (q_proj, ...), recorded at registration so the API can check
     # target_modules without loading the model.
     linear_modules: Mapped[list[Any] | None] = mapped_column(JSON)
+    # Base models: shapes and parameter counts from a meta-device build, for memory plans without torch.
+    profile: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     job_id: Mapped[str | None] = mapped_column(String(40))
     storage_key: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

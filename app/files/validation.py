@@ -1,8 +1,10 @@
 """Upload-time validation of fine-tuning training files (JSONL).
 
-Checks every line of an uploaded file against the supervised formats: OpenAI's chat
+Checks every line of an uploaded file against the formats of the three tasks. Supervised: OpenAI's chat
 (``{"messages": [...]}``) and prompt/completion (``{"prompt": "...", "completion": "..."}``), Alpaca
 (``{"instruction": "...", "input": "...", "output": "..."}``) and plain text (``{"text": "..."}``).
+DPO: OpenAI's preference format (``{"input": {"messages": [...]}, "preferred_output": [...],
+"non_preferred_output": [...]}``). Classification: ``{"text": "...", "label": "..."}``.
 A file's format is that of its first valid line. Each problem is reported with its line number and a
 hint on how to fix it, so users learn about a bad file when they upload it rather than when a
 training job fails. Stdlib only: it runs in the API
@@ -20,19 +22,31 @@ CHAT = "chat"
 PROMPT_COMPLETION = "prompt_completion"
 ALPACA = "alpaca"
 TEXT = "text"
+PREFERENCE = "preference"
+CLASSIFICATION = "classification"
 # The keys that mark each format, tried in this order; a line takes the first format it matches.
 _FORMAT_KEYS = (
     (CHAT, ("messages",)),
+    (PREFERENCE, ("preferred_output", "non_preferred_output")),
     (PROMPT_COMPLETION, ("prompt", "completion")),
     (ALPACA, ("instruction", "output")),
+    (CLASSIFICATION, ("label",)),
     (TEXT, ("text",)),
 )
+# Which file formats each task (`method.type`) trains on.
+TASK_FORMATS = {
+    "supervised": (CHAT, PROMPT_COMPLETION, ALPACA, TEXT),
+    "dpo": (PREFERENCE,),
+    "classification": (CLASSIFICATION,),
+}
 ROLES = ("system", "user", "assistant")
 _ROLES_TEXT = ", ".join(repr(role) for role in ROLES)
 _FORMATS_TEXT = (
     'accepted formats are chat {"messages": [{"role": "user", "content": "..."}, ...]}, '
     'prompt/completion {"prompt": "...", "completion": "..."}, '
-    'Alpaca {"instruction": "...", "input": "...", "output": "..."} and text {"text": "..."}'
+    'Alpaca {"instruction": "...", "input": "...", "output": "..."}, text {"text": "..."}, '
+    'preference {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]} '
+    'and classification {"text": "...", "label": "..."}'
 )
 
 
@@ -230,6 +244,37 @@ def _check_text(example: dict) -> None:
         raise _Invalid("invalid_text", "'text' is empty: give each text example some text to train on")
 
 
+def _check_preference(example: dict) -> None:
+    prompt = example.get("input")
+    if not isinstance(prompt, dict) or not isinstance(prompt.get("messages"), list) or not prompt["messages"]:
+        raise _Invalid(
+            "invalid_input",
+            f"'input' must be an object with a non-empty 'messages' list, got {_type_name(prompt)}",
+        )
+    for index, message in enumerate(prompt["messages"]):
+        _check_message(f"input.messages[{index}]", message)
+    for key in ("preferred_output", "non_preferred_output"):
+        output = example.get(key)
+        if not isinstance(output, list) or not output:
+            raise _Invalid(
+                f"invalid_{key}",
+                f"'{key}' must be a non-empty list of assistant messages, got {_type_name(output)}",
+            )
+        for index, message in enumerate(output):
+            _check_message(f"{key}[{index}]", message)
+            if message["role"] != "assistant":
+                raise _Invalid(f"invalid_{key}", f"{key}[{index}] must have role 'assistant'")
+
+
+def _check_classification(example: dict) -> None:
+    _check_text(example)
+    label = example.get("label")
+    if isinstance(label, bool) or not isinstance(label, str | int) or label == "":
+        raise _Invalid(
+            "invalid_label", f"'label' must be a non-empty string or an integer, got {_type_name(label)}"
+        )
+
+
 def _check_string(example: dict, key: str, *, missing_code: str, kind: str) -> None:
     value = example.get(key)
     if value is None:
@@ -243,6 +288,8 @@ _CHECKS = {
     PROMPT_COMPLETION: _check_prompt_completion,
     ALPACA: _check_alpaca,
     TEXT: _check_text,
+    PREFERENCE: _check_preference,
+    CLASSIFICATION: _check_classification,
 }
 
 

@@ -1,13 +1,16 @@
 """Fine-tuning job specs and objects, shaped like OpenAI's; Tuneforge's own knobs live in `method`."""
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+TASKS = ("supervised", "dpo", "classification")
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
-PeftMethod = Literal[
+# `auto` is resolved by the worker that runs the job: full if it fits its memory, else LoRA, else QLoRA.
+PeftChoice = Literal[
+    "auto",
     "lora",
     "dora",
     "qlora",
@@ -22,8 +25,17 @@ PeftMethod = Literal[
     "lokr",
     "llama_adapter",
 ]
+PEFT_METHODS = get_args(PeftChoice)[1:]  # the methods themselves, without auto
 LORA_FAMILY = ("lora", "dora", "qlora", "lora_8bit", "loha", "lokr")
 QUANTIZED = ("qlora", "lora_8bit")
+# The methods each task offers; supervised offers them all. DPO's reference model is the base with
+# adapters disabled, which prompt-learning methods cannot provide; a new classification head trains
+# alongside weight adapters, full or partial fine-tuning.
+TASK_METHODS = {
+    "supervised": PEFT_METHODS + ("auto",),
+    "dpo": (*LORA_FAMILY, "full", "auto"),
+    "classification": (*LORA_FAMILY, "full", "freeze", "auto"),
+}
 # PEFT's adaption prompt (LLaMA-Adapter) knows the attention of these architectures only.
 LLAMA_ADAPTER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # Base learning rates by method, the usual starting points: adapters learn fast, whole weights slowly,
@@ -39,8 +51,8 @@ BASE_LEARNING_RATES = {
 Auto = Literal["auto"]
 
 
-class SupervisedHyperparameters(BaseModel):
-    """Hyperparameters of a supervised job: OpenAI's three, plus the PEFT and sequence knobs."""
+class TrainingHyperparameters(BaseModel):
+    """Hyperparameters every task shares: OpenAI's three, plus the PEFT and sequence knobs."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,7 +64,11 @@ class SupervisedHyperparameters(BaseModel):
     learning_rate: float | None = Field(
         None, gt=0, description="Absolute learning rate; overrides the multiplier."
     )
-    peft: PeftMethod = Field("lora", description="The fine-tuning method: which weights train, and how.")
+    peft: PeftChoice = Field(
+        "lora",
+        description="The fine-tuning method: which weights train, and how. 'auto' picks full, LoRA or QLoRA "
+        "by the worker's memory.",
+    )
     lora_r: int = Field(8, description="Rank of LoRA, DoRA, QLoRA, LoHa and LoKr updates.")
     lora_alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, description="Dropout on the LoRA path.")
@@ -134,18 +150,50 @@ class SupervisedHyperparameters(BaseModel):
             raise ValueError("must be a non-empty list of module names or 'all-linear'")
         return value
 
-    def resolved(self) -> "SupervisedHyperparameters":
-        """A copy with every 'auto' replaced by the value that will be used."""
-        base_lr = BASE_LEARNING_RATES[self.peft]
+    def resolved(self) -> Self:
+        """A copy with every 'auto' replaced by the value that will be used.
+
+        With `peft: auto` the learning rate stays unset until the worker has picked the method.
+        """
         multiplier = 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
+        learning_rate = self.learning_rate
+        if learning_rate is None and self.peft != "auto":
+            learning_rate = BASE_LEARNING_RATES[self.peft] * multiplier
         return self.model_copy(
             update={
                 "n_epochs": 3 if self.n_epochs == "auto" else self.n_epochs,
                 "batch_size": 4 if self.batch_size == "auto" else self.batch_size,
                 "learning_rate_multiplier": multiplier,
-                "learning_rate": self.learning_rate or base_lr * multiplier,
+                "learning_rate": learning_rate,
             }
         )
+
+
+class SupervisedHyperparameters(TrainingHyperparameters):
+    """Hyperparameters of a supervised (SFT) job."""
+
+
+class DpoHyperparameters(TrainingHyperparameters):
+    """Hyperparameters of a DPO job: `beta` weighs the preference margin against staying near the base."""
+
+    beta: float | Auto = Field("auto", description="DPO's KL weight; auto means 0.1.")
+
+    @field_validator("beta")
+    @classmethod
+    def _positive_beta(cls, value: float | str) -> float | str:
+        if value != "auto" and (not isinstance(value, float | int) or value <= 0):
+            raise ValueError("must be a positive number or 'auto'")
+        return value
+
+    def resolved(self) -> Self:
+        resolved = super().resolved()
+        return resolved.model_copy(update={"beta": 0.1 if self.beta == "auto" else float(self.beta)})
+
+
+class ClassificationHyperparameters(TrainingHyperparameters):
+    """Hyperparameters of a sequence-classification job (a new head on the base model)."""
+
+    max_seq_length: int = Field(128, description="Longer texts are truncated to this many tokens.")
 
 
 class Supervised(BaseModel):
@@ -154,15 +202,63 @@ class Supervised(BaseModel):
     hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
 
 
-class Method(BaseModel):
+class Dpo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["supervised"] = Field("supervised", description="The training task.")
-    supervised: Supervised = Field(default_factory=Supervised)
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class Classification(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: ClassificationHyperparameters = Field(default_factory=ClassificationHyperparameters)
+
+
+_TASK_BLOCKS: dict[str, type[BaseModel]] = {
+    "supervised": Supervised,
+    "dpo": Dpo,
+    "classification": Classification,
+}
+
+
+class Method(BaseModel):
+    """OpenAI's `method`: a `type` and that type's block of hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo", "classification"] = Field(
+        "supervised",
+        description="The task: supervised (SFT), dpo (preference pairs) or classification (text -> label).",
+    )
+    supervised: Supervised | None = None
+    dpo: Dpo | None = None
+    classification: Classification | None = None
+
+    @model_validator(mode="after")
+    def _one_block_of_its_type(self) -> "Method":
+        for task in TASKS:
+            if task != self.type and getattr(self, task) is not None:
+                raise ValueError(f"method.{task} is given but method.type is '{self.type}'")
+        if getattr(self, self.type) is None:
+            setattr(self, self.type, _TASK_BLOCKS[self.type]())
+        return self
+
+    @property
+    def hyperparameters(self) -> TrainingHyperparameters:
+        return getattr(self, self.type).hyperparameters
+
+    @hyperparameters.setter
+    def hyperparameters(self, value: TrainingHyperparameters) -> None:
+        getattr(self, self.type).hyperparameters = value
+
+
+def hyperparameters_of(method: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a stored job's method, whatever its type."""
+    return method[method["type"]]["hyperparameters"]
 
 
 class LegacyHyperparameters(BaseModel):
-    """OpenAI's deprecated top-level `hyperparameters`; folded into `method.supervised`."""
+    """OpenAI's deprecated top-level `hyperparameters`; folded into the method's hyperparameters."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -210,10 +306,9 @@ class JobCreate(BaseModel):
     @model_validator(mode="after")
     def _fold_legacy_hyperparameters(self) -> "JobCreate":
         if self.hyperparameters:
-            hp = self.method.supervised.hyperparameters
+            hp = self.method.hyperparameters
             given = self.hyperparameters.model_dump(exclude_none=True)
-            self.method.supervised.hyperparameters = hp.model_copy(update=given)
-            SupervisedHyperparameters.model_validate(self.method.supervised.hyperparameters.model_dump())
+            self.method.hyperparameters = type(hp).model_validate(hp.model_dump() | given)
         return self
 
 

@@ -10,20 +10,21 @@ from app.config import get_settings
 from app.db.tables import Checkpoint, Job, JobEvent, utcnow
 from app.errors import ApiError, not_found
 from app.files import service as file_service
+from app.files.validation import TASK_FORMATS
 from app.jobs.schemas import (
     ACTIVE_STATUSES,
     LLAMA_ADAPTER_ARCHITECTURES,
     LORA_FAMILY,
     QUANTIZED,
+    TASK_METHODS,
     CheckpointPublic,
     EventPublic,
     JobCreate,
     JobError,
     JobPublic,
+    hyperparameters_of,
 )
 from app.models import service as model_service
-
-HP_PARAM = "method.supervised.hyperparameters"
 
 
 def _ts(value: Any) -> int | None:
@@ -31,7 +32,7 @@ def _ts(value: Any) -> int | None:
 
 
 def to_public(job: Job) -> JobPublic:
-    hp = job.method["supervised"]["hyperparameters"]
+    hp = hyperparameters_of(job.method)
     return JobPublic(
         id=job.id,
         created_at=int(job.created_at.timestamp()),
@@ -91,14 +92,31 @@ def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -
             param="model",
             code="invalid_base_model",
         )
-    hp = spec.method.supervised.hyperparameters
+    task, hp = spec.method.type, spec.method.hyperparameters
+    hp_param = f"method.{task}.hyperparameters"
     known = set(base.linear_modules or [])
+    if task in ("supervised", "dpo") and not (base.architecture or "").endswith("ForCausalLM"):
+        raise ApiError(
+            422,
+            f"'{spec.model}' is {base.architecture}, not a causal language model; "
+            f"method.type '{task}' needs one (an encoder can take 'classification').",
+            param="model",
+            code="unsupported_model",
+        )
+    if hp.peft not in TASK_METHODS[task]:
+        raise ApiError(
+            422,
+            f"peft '{hp.peft}' is not offered for method.type '{task}'; "
+            f"choose one of {', '.join(TASK_METHODS[task])}.",
+            param=f"{hp_param}.peft",
+            code="unsupported_method",
+        )
     if hp.peft in QUANTIZED and not known:
         raise ApiError(
             422,
             f"peft '{hp.peft}' quantizes nn.Linear layers with bitsandbytes, and '{spec.model}' has none; "
             "use 'lora' instead.",
-            param=f"{HP_PARAM}.peft",
+            param=f"{hp_param}.peft",
             code="unsupported_method",
         )
     if hp.peft == "llama_adapter" and base.architecture not in LLAMA_ADAPTER_ARCHITECTURES:
@@ -106,7 +124,7 @@ def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -
             422,
             f"peft 'llama_adapter' works on Llama-family models ({', '.join(LLAMA_ADAPTER_ARCHITECTURES)}); "
             f"'{spec.model}' is {base.architecture}.",
-            param=f"{HP_PARAM}.peft",
+            param=f"{hp_param}.peft",
             code="unsupported_method",
         )
     if hp.peft in LORA_FAMILY and isinstance(hp.target_modules, list) and known:
@@ -115,7 +133,7 @@ def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -
             raise ApiError(
                 422,
                 f"target_modules {missing} are not linear layers of '{spec.model}'; it has {sorted(known)}.",
-                param=f"{HP_PARAM}.target_modules",
+                param=f"{hp_param}.target_modules",
                 code="invalid_target_modules",
             )
 
@@ -126,24 +144,38 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
     training = file_service.get_file(
         session, project=project, file_id=spec.training_file, param="training_file"
     )
+    files = [("training_file", training)]
     if spec.validation_file:
-        file_service.get_file(session, project=project, file_id=spec.validation_file, param="validation_file")
-    if training.purpose != "fine-tune":
-        raise ApiError(
-            400,
-            f"File '{training.id}' has purpose '{training.purpose}', not 'fine-tune'.",
-            param="training_file",
-            code="invalid_file_purpose",
+        validation = file_service.get_file(
+            session, project=project, file_id=spec.validation_file, param="validation_file"
         )
-    if spec.validation_file and spec.method.supervised.hyperparameters.validation_split:
+        files.append(("validation_file", validation))
+    accepted = TASK_FORMATS[spec.method.type]
+    for param, file in files:
+        if file.purpose != "fine-tune":
+            raise ApiError(
+                400,
+                f"File '{file.id}' has purpose '{file.purpose}', not 'fine-tune'.",
+                param=param,
+                code="invalid_file_purpose",
+            )
+        if file.format not in accepted:
+            raise ApiError(
+                400,
+                f"File '{file.id}' holds {file.format} examples; method.type '{spec.method.type}' "
+                f"trains on {' or '.join(accepted)} files.",
+                param=param,
+                code="invalid_file_format",
+            )
+    if spec.validation_file and spec.method.hyperparameters.validation_split:
         raise ApiError(
             422,
             "Give either a validation_file or a validation_split, not both.",
-            param=f"{HP_PARAM}.validation_split",
+            param=f"method.{spec.method.type}.hyperparameters.validation_split",
             code="invalid_value",
         )
     method = spec.method.model_copy(deep=True)
-    method.supervised.hyperparameters = method.supervised.hyperparameters.resolved()
+    method.hyperparameters = method.hyperparameters.resolved()
     job = Job(
         id="ftjob-" + secrets.token_hex(12),
         project=project,

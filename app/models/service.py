@@ -1,6 +1,7 @@
 """Base models (shared by every project) and fine-tuned models (owned by the project that trained them)."""
 
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -23,17 +24,16 @@ def to_public(row: Model) -> ModelPublic:
     )
 
 
-def register_base_model(
-    session: Session, *, name: str, path: Path, architecture: str | None, linear_modules: list[str]
-) -> Model:
-    """Register (or re-register) a local model folder under `name`."""
+def register_base_model(session: Session, *, name: str, path: Path, profile: dict[str, Any]) -> Model:
+    """Register (or re-register) a local model folder under `name`, with its profile (see inspect_model)."""
     row = session.get(Model, name)
     if row is not None and row.kind != BASE:
         raise ApiError(409, f"'{name}' is a fine-tuned model id; pick another name.", param="name")
     if row is None:
         row = Model(id=name, kind=BASE)
         session.add(row)
-    row.path, row.architecture, row.linear_modules = str(path), architecture, sorted(linear_modules)
+    row.path, row.profile = str(path), profile
+    row.architecture, row.linear_modules = profile["architecture"], sorted(profile["linear_modules"])
     session.flush()
     return row
 

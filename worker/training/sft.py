@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file, split_off
+from worker.training.memory import MemoryMeter
 from worker.training.methods import MethodPlan, ModelInfo, freeze_all_but_top, plan_for
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tuneforge")
@@ -33,6 +34,7 @@ class RunSpec:
     base_model: str  # the registered name
     base_model_path: Path
     linear_modules: list[str]
+    profile: dict[str, Any]  # the base's shapes and counts, recorded at registration (inspect_model)
     hyperparameters: dict[str, Any]  # resolved: no 'auto' left
     method: dict[str, Any]
     seed: int
@@ -169,6 +171,7 @@ def fit(
         "train_loss": output.training_loss,
         "steps": output.global_step,
         "runtime_seconds": round(time.monotonic() - started, 2),
+        "seconds_per_step": round((time.monotonic() - started) / max(output.global_step, 1), 3),
         "trainable_parameters": trainable,
         "total_parameters": total,
     }
@@ -225,6 +228,8 @@ def run(spec: RunSpec) -> RunResult:
     config = AutoConfig.from_pretrained(spec.base_model_path, trust_remote_code=False)
     info = ModelInfo(linear_modules=spec.linear_modules, num_layers=config.num_hidden_layers)
     plan = plan_for(spec.hyperparameters, info)
+    meter = MemoryMeter()
+    meter.start()
     tokenizer, model, train, valid = setup(spec, plan)
     reporter = JobReporter(job_id=spec.job_id, attempt=spec.attempt)
     reporter.event(
@@ -233,6 +238,12 @@ def run(spec: RunSpec) -> RunResult:
         {"examples": len(train.rows), "tokens": train.total_tokens},
     )
     trainer, metrics = fit(spec, plan, tokenizer, model, train, valid, reporter)
+    metrics["peak_memory_mb"] = meter.peak_mb()
+    reporter.event(
+        f"Training finished after {metrics['steps']} steps ({metrics['seconds_per_step']} s a step, "
+        f"peak memory {metrics['peak_memory_mb']} MiB).",
+        metrics,
+    )
     trained_tokens = train.total_tokens * spec.hyperparameters["n_epochs"]
     if reporter.stopped:
         return RunResult(spec.workdir, trained_tokens, metrics, cancelled=True)

@@ -1,0 +1,45 @@
+"""Peak memory of a training run, measured the same way the memory plan counts it.
+
+On a GPU that is torch's peak allocation. On a CPU it is the process's peak resident set (VmHWM) above
+the resident set just before the model is loaded: the imported libraries are not the run's memory.
+Linux lets a process reset its own VmHWM (writing 5 to /proc/self/clear_refs), so the peak is the run's.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class MemoryMeter:
+    """Call `start()` before loading the model and `peak_mb()` after training."""
+
+    def __init__(self) -> None:
+        self.baseline_kib = 0
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        except OSError:
+            pass  # not Linux, or not allowed: the peak then includes what ran before (an overestimate)
+        self.baseline_kib = _status_kib("VmRSS") or 0
+
+    def peak_mb(self) -> float | None:
+        """The run's peak memory in MiB, or None where this platform does not report it."""
+        if torch.cuda.is_available():
+            return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        peak = _status_kib("VmHWM")
+        return None if peak is None else round((peak - self.baseline_kib) / 1024, 1)
