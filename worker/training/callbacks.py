@@ -16,6 +16,8 @@ from app.jobs import service as job_service
 from app.storage import get_store
 
 # Files of a checkpoint folder that make up the model; optimizer state stays on the worker for resume.
+# Trainer's timing figures among the eval_* logs: not metrics of the model.
+EVAL_BOOKKEEPING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json")
 
 
@@ -62,11 +64,17 @@ class JobReporter(TrainerCallback):
         if "loss" in logs:
             self._record_train_log(state, logs)
         if "eval_loss" in logs:
-            self.last_metrics["valid_loss"] = logs["eval_loss"]
+            # Every eval_* metric (loss, and a recipe's own: accuracy, F1, DPO rewards) becomes valid_*.
+            valid = {
+                "valid_" + key.removeprefix("eval_"): value
+                for key, value in logs.items()
+                if key.startswith("eval_") and key not in EVAL_BOOKKEEPING
+            }
+            self.last_metrics.update(valid)
             self.last_eval_step = state.global_step
             self.event(
                 f"Step {state.global_step}: validation loss={logs['eval_loss']:.4f}",
-                {"step": state.global_step, "valid_loss": logs["eval_loss"]},
+                {"step": state.global_step} | valid,
             )
 
     def _record_train_log(self, state, logs: dict) -> None:  # type: ignore[no-untyped-def]
@@ -98,9 +106,9 @@ class JobReporter(TrainerCallback):
         finally:
             archive.unlink(missing_ok=True)
         metrics = {"step": state.global_step} | {
-            k: self.last_metrics[k]
-            for k in ("train_loss", "valid_loss", "train_mean_token_accuracy")
-            if k in self.last_metrics
+            k: v
+            for k, v in self.last_metrics.items()
+            if k in ("train_loss", "train_mean_token_accuracy") or k.startswith("valid_")
         }
         with session_scope() as session:
             lifecycle.record_checkpoint(
