@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import typer
@@ -78,13 +79,21 @@ def register_folder(name: str, folder: Path) -> None:
 
 
 @models_cli.command("make-tiny")
-def models_make_tiny(name: str = "tiny-llama", seed: int = 0) -> None:
-    """Build a tiny random Llama with a chat template locally and register it."""
+def models_make_tiny(
+    name: str = "tiny-llama",
+    seed: int = 0,
+    hidden_size: Annotated[int, typer.Option(help="Width; 1024 with 4 layers gives ~49M parameters.")] = 64,
+    layers: Annotated[int, typer.Option(help="Decoder blocks.")] = 2,
+    intermediate_size: Annotated[int, typer.Option(help="MLP width.")] = 128,
+) -> None:
+    """Build a small random Llama with a chat template locally and register it."""
     from worker.training.base_models import make_tiny_llama
 
     folder = get_settings().resolved_model_dir / name
     if not (folder / "config.json").exists():
-        make_tiny_llama(folder, seed=seed)
+        make_tiny_llama(
+            folder, seed=seed, hidden_size=hidden_size, num_layers=layers, intermediate_size=intermediate_size
+        )
     register_folder(name, folder)
 
 

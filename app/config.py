@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     resend_after_seconds: float = Field(300.0, description="Re-send a queued job's message after this long.")
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
     job_timeout_seconds: int = Field(24 * 3600, description="A training run longer than this is failed.")
+    worker_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory (GiB) `peft: auto` plans against on this worker; unset means the GPU's total "
+        "memory, or MemAvailable from /proc/meminfo on a CPU worker.",
+    )
 
     @property
     def resolved_home(self) -> Path:

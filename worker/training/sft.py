@@ -71,11 +71,25 @@ def load_model(spec: RunSpec, plan: MethodPlan) -> Any:
         quantization_config=plan.quantization,
     )
     if plan.quantization is not None:
+        if not torch.cuda.is_available():
+            release_checkpoint_file(model)
         gradient_checkpointing = device_defaults()["gradient_checkpointing"]
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if plan.trainable_layers is not None:
         freeze_all_but_top(model, layers=plan.trainable_layers, train_head=plan.train_head)
     return model
+
+
+def release_checkpoint_file(model: Any) -> None:
+    """Copy the unquantized tensors (embeddings, norms) of a quantized CPU model out of the checkpoint.
+
+    On CPU they are zero-copy views of the memory-mapped safetensors file, which keeps the whole
+    full-precision file mapped and resident after quantization read it: more memory than the 4-bit model.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.clone()
 
 
 def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, PreparedData, PreparedData | None]:
@@ -229,7 +243,7 @@ def run(spec: RunSpec) -> RunResult:
     info = ModelInfo(linear_modules=spec.linear_modules, num_layers=config.num_hidden_layers)
     plan = plan_for(spec.hyperparameters, info)
     meter = MemoryMeter()
-    meter.start()
+    meter.start(quantized=plan.quantization is not None)
     tokenizer, model, train, valid = setup(spec, plan)
     reporter = JobReporter(job_id=spec.job_id, attempt=spec.attempt)
     reporter.event(
@@ -237,6 +251,7 @@ def run(spec: RunSpec) -> RunResult:
         f"{train.dropped} without completion tokens dropped).",
         {"examples": len(train.rows), "tokens": train.total_tokens},
     )
+    meter.training_starts()
     trainer, metrics = fit(spec, plan, tokenizer, model, train, valid, reporter)
     metrics["peak_memory_mb"] = meter.peak_mb()
     reporter.event(

@@ -1,0 +1,1 @@
+"""POST /v1/fine_tuning/estimate: parameter counts, memory and time per method, before anything runs."""
