@@ -3,8 +3,8 @@
     .venv/bin/python bench/methods.py [--model smollm2|small-llama] [--methods lora,qlora,full]
 
 Runs on the embedded default in a fresh temp home (SQLite, filesystem broker, one worker), through the API
-like any client. The task: 64 chat examples from chatterbot-corpus, 1 epoch at batch 8 (8 optimizer
-steps), max_seq_length 128, each method at its own default learning rate, validation loss on 32 other
+like any client. The task: 32 chat examples from chatterbot-corpus, 1 epoch at batch 4 (8 optimizer
+steps), max_seq_length 128, each method at its own default learning rate, validation loss on 16 other
 examples. Peak memory is what the worker measured (worker/training/memory.py); the plan is
 POST /v1/fine_tuning/estimate with device "cpu". Ratios are against LoRA in the same run, because step
 times on a shared machine drift between runs.
@@ -29,7 +29,8 @@ from app.db.session import session_scope  # noqa: E402
 from app.jobs.schemas import PEFT_METHODS  # noqa: E402
 from app.keys import service as key_service  # noqa: E402
 
-HYPERPARAMETERS = {"n_epochs": 1, "batch_size": 8, "max_seq_length": 128}
+HYPERPARAMETERS = {"n_epochs": 1, "batch_size": 4, "max_seq_length": 128}
+TRAIN, VALID = 32, 16
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -45,13 +46,13 @@ def register_model(which: str) -> str:
 
 
 def task_files(client: httpx.Client) -> tuple[str, str]:
-    """64 training and 32 validation chat examples from chatterbot-corpus."""
+    """TRAIN training and VALID validation chat examples from chatterbot-corpus."""
     from worker.demo_data import build_demo_data
 
-    lines = build_demo_data(get_settings().resolved_home / "bench", train_count=96).train_path.read_bytes()
-    rows = lines.splitlines(keepends=True)
+    data = build_demo_data(get_settings().resolved_home / "bench", train_count=TRAIN + VALID)
+    rows = data.train_path.read_bytes().splitlines(keepends=True)
     ids = []
-    for name, chunk in (("train.jsonl", rows[:64]), ("valid.jsonl", rows[64:96])):
+    for name, chunk in (("train.jsonl", rows[:TRAIN]), ("valid.jsonl", rows[TRAIN : TRAIN + VALID])):
         files = {"file": (name, b"".join(chunk))}
         response = client.post("/v1/files", files=files, data={"purpose": "fine-tune"})
         response.raise_for_status()
@@ -134,7 +135,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     finally:
         stop_services(processes)
-    print(f"\nmodel {model}, {HYPERPARAMETERS}, 64 train / 32 validation examples\n")
+    print(f"\nmodel {model}, {HYPERPARAMETERS}, {TRAIN} train / {VALID} validation examples\n")
     print_table(rows)
 
 

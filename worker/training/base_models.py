@@ -300,10 +300,13 @@ def inspect_model(folder: Path) -> dict[str, Any]:
     """
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     architectures = config.architectures or []
-    causal_lm = any(name.endswith("ForCausalLM") for name in architectures)
+    # A checkpoint saved from a causal-LM class (LlamaForCausalLM, GPT2LMHeadModel) generates text;
+    # a bare encoder (BertModel) can only take a classification head.
+    causal_lm = any(name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in architectures)
     with torch.device("meta"):
         model = (AutoModelForCausalLM if causal_lm else AutoModel).from_config(config)
     shapes = _shapes(model)
