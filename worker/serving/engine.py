@@ -1,0 +1,287 @@
+"""The generation engine: base models resident once, fine-tuned adapters loaded on demand, LRU-evicted.
+
+Plain LoRA adapters of a base live together in one PeftModel over that base and are served in mixed
+batches: every row names its adapter (or ``__base__``) through PEFT's ``adapter_names``, so requests for
+different adapters and for the base share each forward pass. PEFT 0.21 supports ``adapter_names`` for
+LoRA layers only, and refuses it for DoRA; so every other fine-tuned model (DoRA, LoHa, LoKr, IA3, and
+full or freeze fine-tunes that ship whole weights) is served from its own model, loaded from the base
+folder plus that adapter, and batched only with requests for the same model. Those own models count
+against the same LRU limit. Prompt-learning methods (prefix or prompt tuning, llama-adapter) are refused:
+their virtual tokens do not fit this decode loop's KV cache yet.
+
+The engine is not thread-safe: the batcher calls it from its one worker thread. Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from worker.serving.decode import BASE_ADAPTER, Row, Step, decode
+
+# Adapter types PEFT can mix in one batch with `adapter_names` (checked in peft/tuners/lora/layer.py).
+MIXABLE_PEFT_TYPES = {"LORA"}
+PROMPT_LEARNING_TYPES = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit the model's context window."""
+
+
+class UnsupportedModel(ValueError):
+    """A fine-tuned model this engine cannot generate with (a classifier, a prompt-learning adapter)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which weights serve a request: a base model folder, plus an adapter (or full model) folder."""
+
+    model_id: str
+    base_id: str
+    base_path: Path
+    adapter_path: Path | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One completion request: a chat (`messages`) or a raw `prompt`, and OpenAI's sampling settings."""
+
+    target: Target
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Prepared:
+    """A request tokenized and checked, ready to join a batch of its `group`."""
+
+    request: GenerationRequest
+    row: Row
+    group: str
+
+
+@dataclass
+class _Base:
+    tokenizer: Any
+    model: Any  # the plain model until its first LoRA adapter arrives, then the PeftModel around it
+    context: int
+    eos_ids: set[int]
+    pad_id: int
+
+
+def adapter_name(model_id: str) -> str:
+    """A PEFT adapter name for a model id: module names may not hold '.', and ids hold ':' and '/'."""
+    digest = hashlib.sha1(model_id.encode()).hexdigest()[:10]
+    return re.sub(r"[^A-Za-z0-9_]", "_", model_id)[-40:] + "_" + digest
+
+
+@lru_cache(maxsize=1024)
+def adapter_kind(folder: Path) -> str:
+    """'lora' (mixable), 'own' (served from its own model) for a folder; raise if it cannot be served."""
+    config_file = folder / "adapter_config.json"
+    if not config_file.exists():
+        if (folder / "config.json").exists():
+            return "own"  # full or freeze fine-tune: whole weights
+        raise UnsupportedModel(f"{folder} holds neither an adapter nor model weights")
+    config = json.loads(config_file.read_text())
+    peft_type, task = config.get("peft_type"), config.get("task_type")
+    if task == "SEQ_CLS":
+        raise UnsupportedModel(
+            "this is a classification model; it answers /v1/classifications, not completions"
+        )
+    if peft_type in PROMPT_LEARNING_TYPES or peft_type == "ADAPTION_PROMPT":
+        raise UnsupportedModel(f"serving {peft_type.lower()} adapters is not supported yet")
+    if (
+        peft_type in MIXABLE_PEFT_TYPES
+        and not config.get("use_dora")
+        and not config.get("alora_invocation_tokens")
+    ):
+        return "lora"
+    return "own"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(folder: Path, device: torch.device) -> Any:
+    """A causal LM from a local folder: safetensors only, no remote code, in eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=_dtype(device), use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(device).eval()
+
+
+class Engine:
+    """Resident base models and an LRU of active fine-tuned models; generates for batches of one group."""
+
+    def __init__(self, *, max_active_adapters: int = 8, device: torch.device | None = None) -> None:
+        if max_active_adapters < 1:
+            raise ValueError("max_active_adapters must be at least 1")
+        self.max_active = max_active_adapters
+        self.device = device or default_device()
+        self._bases: dict[str, _Base] = {}
+        # adapter name -> (kind, base id, own model or None), least recently used first
+        self._active: OrderedDict[str, tuple[str, str, Any]] = OrderedDict()
+        self.loads = 0  # adapters loaded so far: tests and metrics read it
+
+    # --- residency -------------------------------------------------------------------------------------
+    def base(self, base_id: str, path: Path) -> _Base:
+        """The resident base model `base_id`, loaded once from `path`."""
+        if base_id not in self._bases:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            model = load_model(path, self.device)
+            eos = model.generation_config.eos_token_id
+            eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            eos_ids |= {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+            context = model.config.get_text_config().max_position_embeddings
+            self._bases[base_id] = _Base(tokenizer, model, context, eos_ids, pad)
+        return self._bases[base_id]
+
+    def active_adapters(self) -> list[str]:
+        """Adapter names currently loaded, least recently used first."""
+        return list(self._active)
+
+    def group(self, target: Target) -> str:
+        """Requests of one group can share a batch: a base with its LoRA adapters, or one own model."""
+        if target.adapter_path is None or adapter_kind(target.adapter_path) == "lora":
+            return f"base:{target.base_id}"
+        return f"own:{adapter_name(target.model_id)}"
+
+    def ensure_adapter(self, target: Target, *, pinned: frozenset[str] = frozenset()) -> str:
+        """Make the target's adapter active (loading it if needed, evicting the LRU one); return its name."""
+        if target.adapter_path is None:
+            return BASE_ADAPTER
+        name = adapter_name(target.model_id)
+        if name in self._active:
+            self._active.move_to_end(name)
+            return name
+        while len(self._active) >= self.max_active:
+            victim = next((n for n in self._active if n not in pinned), None)
+            if victim is None:
+                raise RuntimeError("more adapters in one batch than max_active_adapters")
+            self._evict(victim)
+        kind = adapter_kind(target.adapter_path)
+        base = self.base(target.base_id, target.base_path)
+        own = None
+        if kind == "lora":
+            if isinstance(base.model, PeftModel):
+                base.model.load_adapter(str(target.adapter_path), adapter_name=name, is_trainable=False)
+            else:
+                base.model = PeftModel.from_pretrained(
+                    base.model, str(target.adapter_path), adapter_name=name, is_trainable=False
+                ).eval()
+        elif (target.adapter_path / "adapter_config.json").exists():
+            own = PeftModel.from_pretrained(
+                load_model(target.base_path, self.device), str(target.adapter_path), is_trainable=False
+            ).eval()
+        else:
+            own = load_model(target.adapter_path, self.device)
+        self._active[name] = (kind, target.base_id, own)
+        self.loads += 1
+        return name
+
+    def _evict(self, name: str) -> None:
+        kind, base_id, _own = self._active.pop(name)
+        if kind != "lora":
+            return  # dropping the reference frees its own model
+        model = self._bases[base_id].model
+        model.delete_adapter(name)
+        remaining = [n for n in model.peft_config if n != name]
+        # PEFT may leave no adapter active after a delete; mixed batches need an active one to route rows.
+        if remaining and not set(model.active_adapters) <= set(remaining):
+            model.set_adapter(remaining[0])
+
+    # --- requests -------------------------------------------------------------------------------------
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """Render and tokenize the prompt, check it fits the context, and fix the token budget."""
+        target = request.target
+        base = self.base(target.base_id, target.base_path)
+        group = self.group(target)  # raises UnsupportedModel early, before the request joins a batch
+        tokenizer = base.tokenizer
+        if request.messages is not None:
+            text = tokenizer.apply_chat_template(
+                request.messages,
+                chat_template=_chat_template(target.adapter_path),
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(request.prompt or "")["input_ids"]
+        room = base.context - len(ids)
+        if room < 1:
+            raise PromptTooLong(
+                f"The prompt is {len(ids)} tokens; model '{target.model_id}' has a context of "
+                f"{base.context} tokens. Shorten the prompt."
+            )
+        max_tokens = min(request.max_tokens or room, room)
+        row = Row(
+            prompt_ids=list(ids),
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=list(request.stop),
+            seed=request.seed,
+        )
+        return Prepared(request, row, group)
+
+    def generate(self, batch: list[Prepared]) -> Iterator[list[Step]]:
+        """Run one batch of a single group; `Step.row` indexes into `batch`."""
+        groups = {p.group for p in batch}
+        if len(groups) != 1:
+            raise ValueError(f"a batch must hold one group, got {sorted(groups)}")
+        targets = [p.request.target for p in batch]
+        pinned = frozenset(adapter_name(t.model_id) for t in targets if t.adapter_path is not None)
+        for prepared in batch:
+            prepared.row.adapter = self.ensure_adapter(prepared.request.target, pinned=pinned)
+        first = targets[0]
+        base = self.base(first.base_id, first.base_path)
+        if groups.pop().startswith("own:"):
+            model, mixed = self._active[batch[0].row.adapter][2], False
+        else:
+            model, mixed = base.model, isinstance(base.model, PeftModel)
+        yield from decode(
+            model,
+            base.tokenizer,
+            [p.row for p in batch],
+            eos_ids=base.eos_ids,
+            pad_id=base.pad_id,
+            mixed_adapters=mixed,
+        )
+
+
+@lru_cache(maxsize=1024)
+def _chat_template(adapter_path: Path | None) -> str | None:
+    """The adapter's own chat template when it ships one (training may set one), else the base's (None)."""
+    if adapter_path is None:
+        return None
+    jinja = adapter_path / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    config = adapter_path / "tokenizer_config.json"
+    if config.exists():
+        template = json.loads(config.read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None

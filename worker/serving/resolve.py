@@ -1,0 +1,84 @@
+"""Model id -> the folders that serve it, read from the database and the artifact store.
+
+The one place that decides 404 (unknown, or another project's model) and 409 (its job has not
+succeeded yet). Fine-tuned adapters are extracted once from their tar.gz into
+``<home>/serving/adapters/<model id, made safe>`` and reused from there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from app.config import get_settings
+from app.db.session import session_scope
+from app.errors import ApiError
+from app.jobs import service as job_service
+from app.models import service as model_service
+from app.storage import get_store
+from worker.serving.engine import Target
+
+
+def resolve(model_id: str, *, project: str | None) -> Target:
+    """The target for `model_id` as `project` sees it; raise ApiError 404 or 409 otherwise."""
+    with session_scope() as session:
+        try:
+            row = model_service.get_model(session, project=project or "", model_id=model_id, param="model")
+        except ApiError as missing:
+            job_id = model_id.rsplit(":", 1)[-1] if model_id.startswith("ft:") else None
+            if job_id and project:
+                try:
+                    job = job_service.get_job(session, project=project, job_id=job_id)
+                except ApiError:
+                    raise missing from None
+                if job.status != "succeeded" and job_service.fine_tuned_model_id(job) == model_id:
+                    raise ApiError(
+                        409,
+                        f"Model '{model_id}' is not ready: its fine-tuning job {job.id} is {job.status}. "
+                        "It can be used once the job has succeeded.",
+                        param="model",
+                        code="model_not_ready",
+                    ) from None
+            raise
+        if row.kind == model_service.BASE:
+            return Target(model_id=row.id, base_id=row.id, base_path=Path(row.path or ""))
+        base = model_service.get_base_model(session, model_id=row.base_model or "")
+        base_path, storage_key = Path(base.path or ""), row.storage_key or ""
+    archive = get_store().local_path(storage_key)
+    return Target(
+        model_id=model_id, base_id=base.id, base_path=base_path, adapter_path=extracted(model_id, archive)
+    )
+
+
+def cache_folder(model_id: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
+    return get_settings().resolved_home / "serving" / "adapters" / safe
+
+
+def extracted(model_id: str, archive: Path) -> Path:
+    """The adapter archive unpacked into its cache folder (once; atomically, so readers never see half)."""
+    folder = cache_folder(model_id)
+    if folder.is_dir():
+        return folder
+    if not archive.is_file():
+        raise ApiError(
+            500, f"The adapter of '{model_id}' is missing from the artifact store.", type="server_error"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")  # "data" refuses absolute paths, links out, devices
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():  # another request may have won the race; otherwise it is a real failure
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
