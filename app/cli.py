@@ -1,12 +1,14 @@
 """The `tuneforge` command: run the service, manage keys and base models, migrate, and run the demo.
 
-tuneforge up --port 8000            # API + worker on the embedded default (or Postgres/Redis from env)
+tuneforge up --port 8000            # API + worker + inference server on the embedded default
+tuneforge serve --port 8001         # the inference server alone (needs torch)
 tuneforge keys create --project me  # prints a new API key as its last line
 tuneforge models make-tiny          # registers `tiny-llama`
 """
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -156,11 +158,34 @@ def reconciler() -> None:
     run_forever()
 
 
-def start_services(port: int, host: str = "127.0.0.1", log_dir: Path | None = None) -> list[subprocess.Popen]:
-    """Start the API, one worker and the reconciler; with `log_dir`, their output goes to files there."""
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def inference_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "worker.serving", "--host", host, "--port", str(port)]
+
+
+def start_services(
+    port: int, host: str = "127.0.0.1", log_dir: Path | None = None, inference_port: int | None = None
+) -> list[subprocess.Popen]:
+    """Start the API, one worker, the reconciler and the inference server; with `log_dir`, output goes there.
+
+    The inference server listens on loopback only (it trusts its caller) on `inference_port`, by default a
+    free port, so several stacks on one machine never collide; the API is told where it is. When
+    TUNEFORGE_INFERENCE_URL is set, the API uses that server and none is started here.
+    """
     migrate.upgrade()
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    api = [
+    commands: dict[str, list[str]] = {}
+    if not get_settings().inference_url:
+        inference_port = inference_port or free_port()
+        env["TUNEFORGE_INFERENCE_URL"] = f"http://127.0.0.1:{inference_port}"
+        commands["inference"] = inference_command(inference_port)  # first: it takes longest to start
+    commands["api"] = [
         sys.executable,
         "-m",
         "uvicorn",
@@ -172,9 +197,10 @@ def start_services(port: int, host: str = "127.0.0.1", log_dir: Path | None = No
         "--log-level",
         "warning",
     ]
-    reconciler = [sys.executable, "-m", "app.cli", "reconciler"]
+    commands["worker"] = worker_command()
+    commands["reconciler"] = [sys.executable, "-m", "app.cli", "reconciler"]
     processes = []
-    for name, command in (("api", api), ("worker", worker_command()), ("reconciler", reconciler)):
+    for name, command in commands.items():
         output = (log_dir / f"{name}.log").open("ab") if log_dir else None
         processes.append(
             subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
@@ -182,15 +208,17 @@ def start_services(port: int, host: str = "127.0.0.1", log_dir: Path | None = No
     return processes
 
 
-def wait_ready(base_url: str, processes: list[subprocess.Popen], timeout: float = 90) -> None:
-    """Wait for the API's /readyz; fail fast if one of the service processes died."""
+def wait_ready(base_url: str, processes: list[subprocess.Popen], timeout: float = 120) -> None:
+    """Wait for the API's /readyz, inference server included; fail fast if a service process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for process in processes:
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+            response = httpx.get(f"{base_url}/readyz", timeout=3)
+            # /readyz only reports the inference server; a stack that started one waits for it here.
+            if response.status_code == 200 and response.json()["checks"].get("inference") == "ok":
                 return
         except httpx.HTTPError:
             pass
@@ -214,9 +242,15 @@ def _interrupt(*_: object) -> None:
 
 
 @cli.command()
-def up(port: int = 8000, host: str = "127.0.0.1") -> None:
-    """Run the API, a worker and the reconciler in the foreground until Ctrl-C."""
-    processes = start_services(port, host)
+def up(
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    inference_port: Annotated[
+        int | None, typer.Option(help="Port of the inference server (loopback only); default a free one.")
+    ] = None,
+) -> None:
+    """Run the API, a worker, the reconciler and the inference server in the foreground until Ctrl-C."""
+    processes = start_services(port, host, inference_port=inference_port)
     typer.echo(f"Tuneforge on http://{host}:{port} (home {get_settings().resolved_home}); Ctrl-C stops it")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -226,6 +260,18 @@ def up(port: int = 8000, host: str = "127.0.0.1") -> None:
         pass
     finally:
         stop_services(processes)
+
+
+@cli.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Default: TUNEFORGE_INFERENCE_PORT (8001).")] = None,
+) -> None:
+    """Run the inference server alone (needs torch); the API forwards chat and completions to it."""
+    from worker.serving.app import run_server
+
+    migrate.upgrade()
+    run_server(host, port or get_settings().inference_port)
 
 
 @cli.command()

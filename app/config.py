@@ -39,6 +39,26 @@ class Settings(BaseSettings):
         "memory, or MemAvailable from /proc/meminfo on a CPU worker.",
     )
 
+    inference_url: str = Field(
+        "",
+        description="Base URL of the inference server the API forwards chat and text completions to; empty "
+        "means http://127.0.0.1:<inference_port>. `tuneforge up` starts one and sets this for its API.",
+    )
+    inference_port: int = Field(
+        8001, description="Port of `tuneforge serve` and of the default inference_url."
+    )
+    # The next three are also read by worker/serving/settings.py straight from the environment under the
+    # same names (TUNEFORGE_MAX_ACTIVE_ADAPTERS, ...): one variable configures both; keep the defaults equal.
+    max_active_adapters: int = Field(
+        8, ge=1, description="Fine-tuned models the inference server keeps loaded; the LRU one is evicted."
+    )
+    batch_window_ms: float = Field(
+        15,
+        ge=0,
+        description="How long the inference server waits to gather concurrent requests in a batch.",
+    )
+    max_batch_size: int = Field(32, ge=1, description="Most requests the inference server runs in one batch.")
+
     @property
     def resolved_home(self) -> Path:
         return self.home.resolve()
@@ -62,6 +82,10 @@ class Settings(BaseSettings):
     @property
     def resolved_model_dir(self) -> Path:
         return (self.model_dir or self.resolved_home / "models").resolve()
+
+    @property
+    def resolved_inference_url(self) -> str:
+        return (self.inference_url or f"http://127.0.0.1:{self.inference_port}").rstrip("/")
 
 
 @lru_cache

@@ -80,31 +80,10 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, list[dict], list[d
 def trainer_config(spec: RunSpec, *, has_validation: bool) -> DPOConfig:
     """DPOConfig from the job's resolved hyperparameters and the device; checkpoints as in SFT."""
     hp = spec.hyperparameters
-    every = hp.get("checkpoint_every_steps")
-    strategy = "steps" if every else "epoch"
     return DPOConfig(
-        output_dir=str(spec.workdir / "trainer"),
+        **sft.training_arguments(spec, has_validation=has_validation),
         beta=hp["beta"],
-        num_train_epochs=hp["n_epochs"],
-        per_device_train_batch_size=hp["batch_size"],
-        per_device_eval_batch_size=hp["batch_size"],
-        gradient_accumulation_steps=hp["gradient_accumulation_steps"],
-        learning_rate=hp["learning_rate"],
-        warmup_steps=hp["warmup_ratio"],  # transformers reads a value below 1 as a fraction of all steps
-        lr_scheduler_type="linear",
         max_length=hp["max_seq_length"],
-        logging_steps=1,
-        save_strategy=strategy,
-        save_steps=every or 500,
-        eval_strategy=strategy if has_validation else "no",
-        eval_steps=every if has_validation and every else None,
-        seed=spec.seed,
-        data_seed=spec.seed,
-        report_to="none",
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        **sft.device_defaults(),
     )
 
 

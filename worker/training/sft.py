@@ -113,12 +113,12 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, PreparedData, Prep
     return tokenizer, model, train, valid
 
 
-def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
-    """SFTConfig from the job's resolved hyperparameters and the device."""
+def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]:
+    """The TrainingArguments every task's recipe shares: schedule, checkpoints, evaluation, seed, device."""
     hp = spec.hyperparameters
     every = hp.get("checkpoint_every_steps")
     strategy = "steps" if every else "epoch"
-    return SFTConfig(
+    return dict(
         output_dir=str(spec.workdir / "trainer"),
         num_train_epochs=hp["n_epochs"],
         per_device_train_batch_size=hp["batch_size"],
@@ -132,9 +132,6 @@ def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
         save_steps=every or 500,
         eval_strategy=strategy if has_validation else "no",
         eval_steps=every if has_validation and every else None,
-        max_length=hp["max_seq_length"],
-        packing=hp.get("packing", False),
-        completion_only_loss=True,
         seed=spec.seed,
         data_seed=spec.seed,
         report_to="none",
@@ -142,6 +139,17 @@ def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         **device_defaults(),
+    )
+
+
+def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
+    """SFTConfig from the job's resolved hyperparameters and the device."""
+    hp = spec.hyperparameters
+    return SFTConfig(
+        **training_arguments(spec, has_validation=has_validation),
+        max_length=hp["max_seq_length"],
+        packing=hp.get("packing", False),
+        completion_only_loss=True,
     )
 
 

@@ -1,0 +1,121 @@
+"""Chat and text completions through the API (key -> project -> inference server), with the openai SDK.
+
+The `server` stack runs the inference server as its own process; `finished_job` trains while that stack
+is up, so chatting with its model here also shows a new model is served without a restart.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import TEST_HOME, free_port
+from tests.helpers import chat_jsonl, job_body, upload
+
+QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
+
+
+def sdk(server: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=key, max_retries=0)
+
+
+def chat_both_ways(client: openai.OpenAI, model: str) -> str:
+    """The greedy answer of `model`, checked equal whether streamed or not; usage reported both ways."""
+    whole = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
+    assert whole.object == "chat.completion" and whole.model == model
+    assert whole.usage is not None and whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    answer = whole.choices[0].message.content
+    assert streamed == answer
+    assert chunks[-1].usage == whole.usage
+    assert answer is not None
+    return answer
+
+
+def test_chat_with_base_and_fine_tuned_model(server: str, api_key: str, finished_job: dict) -> None:
+    client = sdk(server, api_key)
+    base = chat_both_ways(client, "tiny-llama")
+    tuned = chat_both_ways(client, finished_job["fine_tuned_model"])
+    assert tuned != base  # the adapter is applied, not silently the base model
+
+    text = client.completions.create(model="tiny-llama", prompt="3 plus 3 is", max_tokens=5, temperature=0)
+    assert text.object == "text_completion" and text.usage is not None and text.usage.completion_tokens == 5
+
+
+def test_errors_pass_through_in_openai_shapes(
+    server: str, api_key: str, other_key: str, finished_job: dict, http: httpx.Client
+) -> None:
+    client = sdk(server, api_key)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=QUESTION)
+    with pytest.raises(openai.NotFoundError):  # another project's model is not found, never forbidden
+        sdk(server, other_key).chat.completions.create(
+            model=finished_job["fine_tuned_model"], messages=QUESTION
+        )
+    with pytest.raises(openai.AuthenticationError):
+        sdk(server, "tf-not-a-key").chat.completions.create(model="tiny-llama", messages=QUESTION)
+    no_key = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny-llama", "messages": QUESTION})
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "missing_api_key"
+
+    # A job that has not succeeded: its model id is known but not ready.
+    training = upload(http, chat_jsonl())
+    job = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])).json()
+    http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    with pytest.raises(openai.ConflictError) as conflict:
+        client.chat.completions.create(model=f"ft:tiny-llama::{job['id']}", messages=QUESTION)
+    assert conflict.value.code == "model_not_ready"
+
+    long_message = [{"role": "user", "content": "seven " * 600}]  # tiny-llama's context is 512 tokens
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="tiny-llama", messages=long_message, max_tokens=4)
+    assert too_long.value.code == "context_length_exceeded"
+
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    for body in (b"[1, 2]", b"not json"):
+        response = httpx.post(f"{server}/v1/completions", content=body, headers=headers)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "invalid_json"
+
+
+def test_unreachable_inference_server_is_503_and_not_unready(api_key: str, database: str) -> None:
+    """An API pointed at a port nothing listens on: ready (inference is optional), chat says how to fix it."""
+    port, dead = free_port(), free_port()
+    env = os.environ | {"TUNEFORGE_INFERENCE_URL": f"http://127.0.0.1:{dead}"}
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
+    with (TEST_HOME / "api-no-inference.log").open("ab") as log:
+        api = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        ready = None
+        deadline = time.monotonic() + 60
+        while ready is None and time.monotonic() < deadline:
+            assert api.poll() is None, "the API process exited; see api-no-inference.log"
+            try:
+                ready = httpx.get(f"{base_url}/readyz", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert ready is not None and ready.status_code == 200, ready
+        assert ready.json()["checks"]["inference"].startswith("unavailable")
+
+        with pytest.raises(openai.InternalServerError) as error:
+            sdk(base_url, api_key).chat.completions.create(model="tiny-llama", messages=QUESTION)
+        assert error.value.status_code == 503 and error.value.code == "inference_unavailable"
+        assert "tuneforge serve" in error.value.message
+    finally:
+        api.terminate()
+        api.wait(timeout=20)
