@@ -7,6 +7,7 @@ a SQLite database, Celery's filesystem transport and local artifacts. Production
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,26 @@ class Settings(BaseSettings):
         description="How long the inference server waits to gather concurrent requests in a batch.",
     )
     max_batch_size: int = Field(32, ge=1, description="Most requests the inference server runs in one batch.")
+
+    inference_backend: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description="Who answers chat and text completions: 'builtin' is `tuneforge serve` at inference_url; "
+        "'vllm' is a vLLM server at vllm_url, started with --enable-lora, that Tuneforge registers "
+        "finished LoRA adapters with (see app/inference/vllm.py).",
+    )
+    vllm_url: str = Field(
+        "http://127.0.0.1:8000", description="Base URL of the vLLM server (inference_backend 'vllm')."
+    )
+    vllm_adapter_dir: str | None = Field(
+        None,
+        description="Where vLLM sees the folder <home>/vllm/adapters (a shared volume mounted elsewhere on "
+        "another host or container); unset means vLLM reads the API's own path.",
+    )
+    vllm_served_model_names: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON object {"<base model id>": "<vLLM --served-model-name>"}; a base model not '
+        "listed is served under its Tuneforge id.",
+    )
 
     @property
     def resolved_home(self) -> Path:

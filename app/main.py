@@ -34,7 +34,8 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (files_router, jobs_router, models_router, estimate_router, inference_router):
+    # inference_router before models_router: its /v1/models/{id}/merged must win over the catch-all retrieve.
+    for router in (files_router, jobs_router, inference_router, models_router, estimate_router):
         app.include_router(router)
 
     @app.get("/livez", tags=["ops"])
@@ -47,7 +48,10 @@ def create_app() -> FastAPI:
         if not all(v == "ok" for v in checks.values()):
             raise ApiError(503, f"Not ready: {checks}", type="server_error", code="not_ready")
         # Informational only: without an inference server, fine-tuning still works; chat answers 503.
-        checks["inference"] = inference_service.check_health(get_settings().resolved_inference_url)
+        settings = get_settings()
+        checks["inference"] = inference_service.check_health(settings.resolved_inference_url)
+        if settings.inference_backend == "vllm":  # chat goes to vLLM; merged exports and classifiers do not
+            checks["vllm"] = inference_service.check_health(settings.vllm_url, path="/health")
         return {"status": "ok", "checks": checks}
 
     return app

@@ -1,4 +1,8 @@
-"""HTTP routes for /v1/chat/completions and /v1/completions: authenticate, then forward."""
+"""HTTP routes served by the inference server: authenticate, then forward.
+
+Chat and text completions, classifications, and merged model exports. `app.main` includes this router
+before the models router, whose catch-all `/v1/models/{id}` would otherwise take `/v1/models/{id}/merged`.
+"""
 
 from typing import Annotated
 
@@ -45,3 +49,16 @@ async def completions(request: Request, project: ProjectDep, client: ClientDep) 
     """OpenAI's text completions (`stream` gives server-sent events) for base and fine-tuned models."""
     body = await request.body()
     return await inference_service.forward(client, path="/v1/completions", raw_body=body, project=project)
+
+
+@router.post("/classifications", openapi_extra=_BODY_DOC)
+async def classifications(request: Request, project: ProjectDep, client: ClientDep) -> Response:
+    """Labels and their probabilities for `input` (a text or a list of texts) from a classification model."""
+    body = await request.body()
+    return await inference_service.classify(client, raw_body=body, project=project)
+
+
+@router.get("/models/{model_id:path}/merged", response_class=Response)
+async def download_merged(model_id: str, project: ProjectDep, client: ClientDep) -> Response:
+    """The fine-tuned model merged into its base: full safetensors weights (.tar.gz) to deploy elsewhere."""
+    return await inference_service.download_merged(client, model_id=model_id, project=project)

@@ -3,7 +3,8 @@
 The inference server (`worker/serving`, needs torch) trusts its caller: the API authenticates the key and
 names the project in `PROJECT_HEADER`. The server resolves the model id itself and already answers in
 OpenAI's shapes and error envelope, so the API relays its status and body unchanged; only an unreachable
-or misbehaving server becomes an error of the API's own.
+or misbehaving server becomes an error of the API's own. With `inference_backend = "vllm"` the same relay
+targets a vLLM server instead, after `app.inference.vllm.prepare` has resolved the model and rewritten it.
 """
 
 import json
@@ -15,7 +16,9 @@ import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from app.config import get_settings
+from app.db.session import session_scope
 from app.errors import ApiError, envelope
+from app.inference import vllm as vllm_backend
 
 # Duplicates worker.serving.app.PROJECT_HEADER: the API may not import worker (it would pull in torch).
 PROJECT_HEADER = "X-Tuneforge-Project"
@@ -27,7 +30,9 @@ TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 
 def open_client() -> httpx.AsyncClient:
     """The connection pool to the inference server; the app opens one at startup and closes it at shutdown."""
-    return httpx.AsyncClient(base_url=get_settings().resolved_inference_url, timeout=TIMEOUT)
+    settings = get_settings()
+    url = settings.vllm_url if settings.inference_backend == "vllm" else settings.resolved_inference_url
+    return httpx.AsyncClient(base_url=url.rstrip("/"), timeout=TIMEOUT)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -59,19 +64,23 @@ def unavailable(url: str, exc: Exception) -> ApiError:
 
 async def forward(client: httpx.AsyncClient, *, path: str, raw_body: bytes, project: str) -> Response:
     """POST `raw_body` to the inference server's `path` as `project`; relay its answer or its stream."""
-    parse_body(raw_body)
-    request = client.build_request(
-        "POST",
-        path,
-        content=raw_body,
-        headers={"Content-Type": "application/json", PROJECT_HEADER: project},
-    )
+    body = parse_body(raw_body)
+    headers = {"Content-Type": "application/json", PROJECT_HEADER: project}
+    vllm = get_settings().inference_backend == "vllm"
+    if vllm:  # vLLM knows no projects: the model is resolved, and its adapter registered, here
+        body = await anyio.to_thread.run_sync(_prepare_for_vllm, project, body)
+        raw_body, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+    request = client.build_request("POST", path, content=raw_body, headers=headers)
     try:
         upstream = await client.send(request, stream=True)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        if vllm:
+            raise vllm_backend.unavailable(exc) from None
         raise unavailable(str(client.base_url).rstrip("/"), exc) from None
     except httpx.TransportError as exc:
         raise _failed(exc) from None
+    if vllm and upstream.status_code == 404:  # a restarted vLLM has forgotten the adapters it was given
+        vllm_backend.forget(body["model"])
     content_type = upstream.headers.get("content-type", "")
     if content_type.startswith("text/event-stream"):
         return StreamingResponse(
@@ -91,6 +100,11 @@ async def forward(client: httpx.AsyncClient, *, path: str, raw_body: bytes, proj
             code="inference_failed",
         )
     return Response(content, status_code=upstream.status_code, media_type="application/json")
+
+
+def _prepare_for_vllm(project: str, body: dict[str, Any]) -> dict[str, Any]:
+    with session_scope() as session:
+        return vllm_backend.prepare(session, project=project, body=body)
 
 
 async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
@@ -116,10 +130,105 @@ def _failed(exc: Exception) -> ApiError:
     )
 
 
-def check_health(url: str) -> str:
-    """'ok' if the inference server at `url` answers /healthz, else why not (for /readyz, never raises)."""
+def check_health(url: str, path: str = "/healthz") -> str:
+    """'ok' if the inference server at `url` answers `path`, else why not (for /readyz, never raises)."""
     try:
-        response = httpx.get(f"{url}/healthz", timeout=1.0)
+        response = httpx.get(f"{url}{path}", timeout=1.0)
     except httpx.HTTPError as exc:
         return f"unavailable: {exc.__class__.__name__}"
     return "ok" if response.status_code == 200 else f"unavailable: HTTP {response.status_code}"
+
+
+async def classify(client: httpx.AsyncClient, *, raw_body: bytes, project: str) -> Response:
+    """POST a classification request to Tuneforge's inference server as `project`; relay its JSON answer."""
+    parse_body(raw_body)
+    server, owned = _tuneforge_client(client)
+    try:
+        request = server.build_request(
+            "POST",
+            "/v1/classifications",
+            content=raw_body,
+            headers={"Content-Type": "application/json", PROJECT_HEADER: project},
+        )
+        upstream = await _send(server, request)
+        try:
+            content = await upstream.aread()
+        except httpx.TransportError as exc:
+            raise _failed(exc) from None
+        finally:
+            await upstream.aclose()
+    finally:
+        if owned:
+            await server.aclose()
+    if not upstream.headers.get("content-type", "").startswith("application/json"):
+        raise ApiError(
+            502,
+            f"The inference server answered {upstream.status_code} without JSON: {content[:200]!r}.",
+            type="server_error",
+            code="inference_failed",
+        )
+    return Response(content, status_code=upstream.status_code, media_type="application/json")
+
+
+async def download_merged(client: httpx.AsyncClient, *, model_id: str, project: str) -> Response:
+    """The merged export of `model_id` (a .tar.gz), streamed through from Tuneforge's inference server."""
+    server, owned = _tuneforge_client(client)
+    # The id goes into the path as is: ids hold ':' and '/', which the server's `:path` route accepts.
+    request = server.build_request("GET", f"/internal/merged/{model_id}", headers={PROJECT_HEADER: project})
+    try:
+        upstream = await _send(server, request)
+    except ApiError:
+        if owned:
+            await server.aclose()
+        raise
+    if upstream.status_code != 200:  # errors are small JSON envelopes: relay them whole
+        try:
+            content = await upstream.aread()
+        except httpx.TransportError as exc:
+            raise _failed(exc) from None
+        finally:
+            await upstream.aclose()
+            if owned:
+                await server.aclose()
+        media_type = upstream.headers.get("content-type", "application/json")
+        return Response(content, status_code=upstream.status_code, media_type=media_type)
+    # Content-Length is relayed so a client can tell an archive cut short by a failure mid-transfer.
+    headers = {
+        name: upstream.headers[name]
+        for name in ("content-length", "content-disposition")
+        if name in upstream.headers
+    }
+    body = _relay_bytes(upstream, server if owned else None)
+    return StreamingResponse(body, media_type="application/gzip", headers=headers, status_code=200)
+
+
+def _tuneforge_client(client: httpx.AsyncClient) -> tuple[httpx.AsyncClient, bool]:
+    """The app's client, or with the vLLM backend one of its own to INFERENCE_URL (True: close it after).
+
+    Merged exports and classifications exist only on Tuneforge's inference server; vLLM has neither.
+    """
+    settings = get_settings()
+    if settings.inference_backend != "vllm":
+        return client, False
+    return httpx.AsyncClient(base_url=settings.resolved_inference_url.rstrip("/"), timeout=TIMEOUT), True
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    try:
+        return await client.send(request, stream=True)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise unavailable(str(client.base_url).rstrip("/"), exc) from None
+    except httpx.TransportError as exc:
+        raise _failed(exc) from None
+
+
+async def _relay_bytes(upstream: httpx.Response, owned: httpx.AsyncClient | None) -> AsyncIterator[bytes]:
+    """A binary body as it arrives; a failure mid-transfer ends it short (never text inside the archive)."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
+            if owned is not None:
+                await owned.aclose()

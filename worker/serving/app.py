@@ -1,5 +1,7 @@
 """The internal inference HTTP server: OpenAI's chat and text completions, streaming or not.
 
+It also answers classifications (`classifier`) and merged model exports (`merge`), for the API to relay.
+
 The API server forwards to it; it trusts its caller (no API keys). The caller names the model by id and
 the project asking in the ``X-Tuneforge-Project`` header; this server resolves the id itself (database and
 artifact store, see `resolve`), so 404 and 409 are decided in one place. Errors use OpenAI's envelope.
@@ -18,9 +20,10 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Header
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from app.errors import ApiError, envelope, install_error_handlers
+from worker.serving import classifier, merge
 from worker.serving.batcher import Batcher, Handle
 from worker.serving.engine import Engine, GenerationRequest, PromptTooLong, Target, UnsupportedModel
 from worker.serving.resolve import resolve
@@ -71,6 +74,20 @@ def create_app(engine: Engine | None = None, resolver: Resolver = resolve) -> Fa
         target = await run_in_threadpool(resolver, body.model, project=x_tuneforge_project)
         request = _generation(body, target, prompt=body.text())
         return await _respond(app.state.batcher, body, request, chat=False)
+
+    @app.post("/v1/classifications")
+    async def classifications(
+        body: classifier.ClassificationRequest, x_tuneforge_project: ProjectHeader = None
+    ) -> Any:
+        target = await run_in_threadpool(resolver, body.model, project=x_tuneforge_project)
+        return await run_in_threadpool(classifier.classify, target, body.texts())
+
+    @app.get("/internal/merged/{model_id:path}", response_class=FileResponse)
+    async def merged(model_id: str, x_tuneforge_project: ProjectHeader = None) -> FileResponse:
+        target = await run_in_threadpool(resolver, model_id, project=x_tuneforge_project)
+        archive = await run_in_threadpool(merge.merged_archive, target)
+        filename = model_id.replace(":", "_").replace("/", "_") + "-merged.tar.gz"
+        return FileResponse(archive, media_type="application/gzip", filename=filename)
 
     return app
 

@@ -95,16 +95,18 @@ def adapter_name(model_id: str) -> str:
 def adapter_kind(folder: Path) -> str:
     """'lora' (mixable), 'own' (served from its own model) for a folder; raise if it cannot be served."""
     config_file = folder / "adapter_config.json"
+    not_generative = "this is a classification model; it answers /v1/classifications, not completions"
     if not config_file.exists():
         if (folder / "config.json").exists():
+            architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+            if any(name.endswith("ForSequenceClassification") for name in architectures):
+                raise UnsupportedModel(not_generative)
             return "own"  # full or freeze fine-tune: whole weights
         raise UnsupportedModel(f"{folder} holds neither an adapter nor model weights")
     config = json.loads(config_file.read_text())
     peft_type, task = config.get("peft_type"), config.get("task_type")
     if task == "SEQ_CLS":
-        raise UnsupportedModel(
-            "this is a classification model; it answers /v1/classifications, not completions"
-        )
+        raise UnsupportedModel(not_generative)
     if peft_type in PROMPT_LEARNING_TYPES or peft_type == "ADAPTION_PROMPT":
         raise UnsupportedModel(f"serving {peft_type.lower()} adapters is not supported yet")
     if (

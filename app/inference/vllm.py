@@ -1,0 +1,221 @@
+"""The vLLM backend: serve base models and finished LoRA adapters from a vLLM server.
+
+Selected with ``TUNEFORGE_INFERENCE_BACKEND=vllm``. vLLM must run with LoRA enabled and runtime updates
+allowed, so that adapters can be registered while it serves::
+
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve <base> --enable-lora --max-loras 8 --max-lora-rank 64
+
+Before a request reaches vLLM, `prepare` resolves the model id for the project (404 / 409 as the built-in
+server decides them), unpacks a fine-tuned model's adapter once into ``<home>/vllm/adapters/<id>``,
+registers it once per process with ``POST /v1/load_lora_adapter`` under its Tuneforge id, and rewrites
+``model`` to the name vLLM knows. Only LoRA adapters qualify: a full or freeze fine-tune is whole weights,
+which vLLM would serve from a server of its own per model. Plain HTTP and the standard library: no torch.
+"""
+
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+from sqlalchemy.orm import Session
+
+from app.config import get_settings
+from app.db.tables import Model
+from app.errors import ApiError
+from app.jobs import service as job_service
+from app.models import service as model_service
+from app.storage import get_store
+
+# Registering an adapter makes vLLM read it from disk, possibly onto a GPU: allow it some time.
+LOAD_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+
+# lora_names this process has registered. vLLM forgets them when it restarts; `forget` drops a name
+# when vLLM no longer knows it, so the next request registers it again.
+_loaded: set[str] = set()
+_loaded_lock = threading.Lock()
+
+
+def prepare(session: Session, *, project: str, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with `model` rewritten to vLLM's name for it; registers a fine-tuned model's adapter first."""
+    model_id = body.get("model")
+    if not isinstance(model_id, str) or not model_id:
+        raise ApiError(400, "'model' is required, e.g. \"tiny-llama\".", param="model", code="invalid_value")
+    row = _resolve(session, project=project, model_id=model_id)
+    if row.kind == model_service.BASE:
+        return body | {"model": served_name(row.id)}
+    if not row.storage_key:
+        raise ApiError(500, f"'{model_id}' has no adapter in the artifact store.", type="server_error")
+    folder = unpacked(model_id, get_store().local_path(row.storage_key))
+    check_lora(model_id, folder)
+    if model_id not in _loaded:
+        load_adapter(model_id, vllm_path(folder))
+    return body | {"model": model_id}
+
+
+def served_name(base_id: str) -> str:
+    """The name vLLM serves the base model `base_id` under."""
+    return get_settings().vllm_served_model_names.get(base_id, base_id)
+
+
+def forget(lora_name: str) -> None:
+    """Register `lora_name` again on its next request (vLLM said it does not know it)."""
+    with _loaded_lock:
+        _loaded.discard(lora_name)
+
+
+def _resolve(session: Session, *, project: str, model_id: str) -> Model:
+    """The model row; 404 as get_model decides, 409 for this project's job that has not succeeded."""
+    try:
+        return model_service.get_model(session, project=project, model_id=model_id, param="model")
+    except ApiError as missing:
+        # The same rule as worker/serving/resolve.py, which the API may not import.
+        job_id = model_id.rsplit(":", 1)[-1] if model_id.startswith("ft:") else None
+        if not job_id:
+            raise
+        try:
+            job = job_service.get_job(session, project=project, job_id=job_id)
+        except ApiError:
+            raise missing from None
+        if job.status != "succeeded" and job_service.fine_tuned_model_id(job) == model_id:
+            raise ApiError(
+                409,
+                f"Model '{model_id}' is not ready: its fine-tuning job {job.id} is {job.status}. "
+                "It can be used once the job has succeeded.",
+                param="model",
+                code="model_not_ready",
+            ) from None
+        raise
+
+
+def adapter_folder(model_id: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
+    return get_settings().resolved_home / "vllm" / "adapters" / safe
+
+
+def vllm_path(folder: Path) -> str:
+    """`folder` as the vLLM server sees it: under vllm_adapter_dir when it mounts the adapters elsewhere."""
+    mounted = get_settings().vllm_adapter_dir
+    return str(PurePosixPath(mounted) / folder.name) if mounted else str(folder)
+
+
+def unpacked(model_id: str, archive: Path) -> Path:
+    """The adapter archive unpacked into its folder, once; atomically, so vLLM never reads half of it."""
+    folder = adapter_folder(model_id)
+    if folder.is_dir():
+        return folder
+    if not archive.is_file():
+        raise ApiError(
+            500, f"The adapter of '{model_id}' is missing from the artifact store.", type="server_error"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
+                    raise ApiError(
+                        500,
+                        f"The adapter archive of '{model_id}' holds an unsafe path: {member.name!r}.",
+                        type="server_error",
+                    )
+            tar.extractall(tmp, filter="data")  # also refuses links out of the folder and devices
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; vLLM may run as another user on a shared volume
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():  # another request may have won the race; otherwise it is a real failure
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def check_lora(model_id: str, folder: Path) -> None:
+    """400 model_not_servable unless `folder` holds a plain LoRA adapter for text generation."""
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        reason = (
+            "it is a full or freeze fine-tune (whole model weights), which vLLM would need a server of its "
+            "own to serve"
+        )
+    else:
+        config = json.loads(config_file.read_text())
+        peft_type = config.get("peft_type")
+        if peft_type != "LORA":
+            reason = f"it is a {peft_type} adapter"
+        elif config.get("use_dora"):
+            reason = "it is a DoRA adapter, which vLLM does not load"
+        elif config.get("task_type") == "SEQ_CLS":
+            reason = "it is a classification model, which answers /v1/classifications, not completions"
+        else:
+            return
+    raise ApiError(
+        400,
+        f"Model '{model_id}' cannot be served by the vLLM backend: {reason}. vLLM serves LoRA adapters only; "
+        "serve this model with TUNEFORGE_INFERENCE_BACKEND=builtin.",
+        param="model",
+        code="model_not_servable",
+    )
+
+
+def load_adapter(lora_name: str, lora_path: str) -> None:
+    """Register the adapter with vLLM under `lora_name`; an adapter it already holds counts as success."""
+    url = f"{get_settings().vllm_url.rstrip('/')}/v1/load_lora_adapter"
+    try:
+        response = httpx.post(
+            url, json={"lora_name": lora_name, "lora_path": lora_path}, timeout=LOAD_TIMEOUT
+        )
+    except httpx.TransportError as exc:
+        raise unavailable(exc) from None
+    already = response.status_code == 400 and "already been loaded" in response.text
+    if not response.is_success and not already:
+        hint = (
+            " Does vLLM see the adapter folder at that path? Set TUNEFORGE_VLLM_ADAPTER_DIR to where the "
+            "shared volume is mounted on the vLLM side."
+            if response.status_code == 404
+            else ""
+        )
+        raise ApiError(
+            502,
+            f"vLLM at {url} could not load the adapter of '{lora_name}' from '{lora_path}': HTTP "
+            f"{response.status_code}: {_message(response)}.{hint}",
+            type="server_error",
+            code="adapter_load_failed",
+        )
+    with _loaded_lock:
+        _loaded.add(lora_name)
+
+
+def unavailable(exc: Exception) -> ApiError:
+    """The 503 for a vLLM server that cannot be reached."""
+    url = get_settings().vllm_url.rstrip("/")
+    return ApiError(
+        503,
+        f"The vLLM server at {url} is not reachable ({exc.__class__.__name__}). Start it with "
+        "`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve <base> --enable-lora` and point "
+        "TUNEFORGE_VLLM_URL at it.",
+        type="server_error",
+        code="inference_unavailable",
+    )
+
+
+def _message(response: httpx.Response) -> str:
+    """vLLM's error message: `{"error": {"message"}}` in newer versions, `{"message"}` in older ones."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        if "message" in body:
+            return str(body["message"])
+    return response.text[:300]
