@@ -155,6 +155,6 @@ def test_other_projects_objects_are_404_and_unlisted(
 def test_ops_endpoints(server: str) -> None:
     assert httpx.get(f"{server}/livez").json() == {"status": "ok"}
     ready = httpx.get(f"{server}/readyz").json()
-    assert ready["checks"] == {"database": "ok", "broker": "ok"}
+    assert ready["checks"] == {"database": "ok", "broker": "ok", "inference": "ok"}
     assert "/v1/fine_tuning/jobs" in httpx.get(f"{server}/openapi.json").json()["paths"]
     assert httpx.get(f"{server}/docs").status_code == 200
