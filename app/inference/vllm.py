@@ -26,7 +26,6 @@ import httpx
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.db.tables import Model
 from app.errors import ApiError
 from app.jobs import service as job_service
 from app.models import service as model_service
@@ -46,7 +45,7 @@ def prepare(session: Session, *, project: str, body: dict[str, Any]) -> dict[str
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise ApiError(400, "'model' is required, e.g. \"tiny-llama\".", param="model", code="invalid_value")
-    row = _resolve(session, project=project, model_id=model_id)
+    row = job_service.get_servable_model(session, project=project, model_id=model_id)
     if row.kind == model_service.BASE:
         return body | {"model": served_name(row.id)}
     if not row.storage_key:
@@ -67,30 +66,6 @@ def forget(lora_name: str) -> None:
     """Register `lora_name` again on its next request (vLLM said it does not know it)."""
     with _loaded_lock:
         _loaded.discard(lora_name)
-
-
-def _resolve(session: Session, *, project: str, model_id: str) -> Model:
-    """The model row; 404 as get_model decides, 409 for this project's job that has not succeeded."""
-    try:
-        return model_service.get_model(session, project=project, model_id=model_id, param="model")
-    except ApiError as missing:
-        # The same rule as worker/serving/resolve.py, which the API may not import.
-        job_id = model_id.rsplit(":", 1)[-1] if model_id.startswith("ft:") else None
-        if not job_id:
-            raise
-        try:
-            job = job_service.get_job(session, project=project, job_id=job_id)
-        except ApiError:
-            raise missing from None
-        if job.status != "succeeded" and job_service.fine_tuned_model_id(job) == model_id:
-            raise ApiError(
-                409,
-                f"Model '{model_id}' is not ready: its fine-tuning job {job.id} is {job.status}. "
-                "It can be used once the job has succeeded.",
-                param="model",
-                code="model_not_ready",
-            ) from None
-        raise
 
 
 def adapter_folder(model_id: str) -> Path:

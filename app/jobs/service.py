@@ -7,7 +7,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.db.tables import Checkpoint, Job, JobEvent, utcnow
+from app.db.tables import Checkpoint, Job, JobEvent, Model, utcnow
 from app.errors import ApiError, not_found
 from app.files import service as file_service
 from app.files.validation import TASK_FORMATS
@@ -198,6 +198,29 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
     session.flush()
     add_event(session, job_id=job.id, message=f"Created fine-tuning job: {job.id}")
     return job
+
+
+def get_servable_model(session: Session, *, project: str, model_id: str) -> Model:
+    """A model this project may use: 404 as get_model decides, 409 for its own job that has not succeeded."""
+    try:
+        return model_service.get_model(session, project=project, model_id=model_id, param="model")
+    except ApiError as missing:
+        job_id = model_id.rsplit(":", 1)[-1] if model_id.startswith("ft:") else None
+        if not job_id:
+            raise
+        try:
+            job = get_job(session, project=project, job_id=job_id)
+        except ApiError:
+            raise missing from None
+        if job.status != "succeeded" and fine_tuned_model_id(job) == model_id:
+            raise ApiError(
+                409,
+                f"Model '{model_id}' is not ready: its fine-tuning job {job.id} is {job.status}. "
+                "It can be used once the job has succeeded.",
+                param="model",
+                code="model_not_ready",
+            ) from None
+        raise
 
 
 def get_job(session: Session, *, project: str, job_id: str) -> Job:

@@ -26,24 +26,7 @@ from worker.serving.engine import Target
 def resolve(model_id: str, *, project: str | None) -> Target:
     """The target for `model_id` as `project` sees it; raise ApiError 404 or 409 otherwise."""
     with session_scope() as session:
-        try:
-            row = model_service.get_model(session, project=project or "", model_id=model_id, param="model")
-        except ApiError as missing:
-            job_id = model_id.rsplit(":", 1)[-1] if model_id.startswith("ft:") else None
-            if job_id and project:
-                try:
-                    job = job_service.get_job(session, project=project, job_id=job_id)
-                except ApiError:
-                    raise missing from None
-                if job.status != "succeeded" and job_service.fine_tuned_model_id(job) == model_id:
-                    raise ApiError(
-                        409,
-                        f"Model '{model_id}' is not ready: its fine-tuning job {job.id} is {job.status}. "
-                        "It can be used once the job has succeeded.",
-                        param="model",
-                        code="model_not_ready",
-                    ) from None
-            raise
+        row = job_service.get_servable_model(session, project=project or "", model_id=model_id)
         if row.kind == model_service.BASE:
             return Target(model_id=row.id, base_id=row.id, base_path=Path(row.path or ""))
         base = model_service.get_base_model(session, model_id=row.base_model or "")
