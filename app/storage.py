@@ -3,11 +3,13 @@
 import os
 import re
 import shutil
+import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from app.config import get_settings
+from app.errors import ApiError
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-.]+)*$")
 
@@ -50,3 +52,35 @@ class LocalArtifactStore:
 def get_store() -> LocalArtifactStore:
     """The configured artifact store."""
     return LocalArtifactStore(get_settings().resolved_artifact_dir)
+
+
+def unpack_once(archive: Path, folder: Path, *, model_id: str) -> Path:
+    """An adapter archive unpacked into `folder`, once; atomically, so readers never see half of it."""
+    if folder.is_dir():
+        return folder
+    if not archive.is_file():
+        raise ApiError(
+            500, f"The adapter of '{model_id}' is missing from the artifact store.", type="server_error"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
+                    raise ApiError(
+                        500,
+                        f"The adapter archive of '{model_id}' holds an unsafe path: {member.name!r}.",
+                        type="server_error",
+                    )
+            tar.extractall(tmp, filter="data")  # also refuses links out of the folder and devices
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a server running as another user may read it
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():  # another request may have won the race; otherwise it is a real failure
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -13,11 +13,7 @@ which vLLM would serve from a server of its own per model. Plain HTTP and the st
 """
 
 import json
-import os
 import re
-import shutil
-import tarfile
-import tempfile
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -29,7 +25,7 @@ from app.config import get_settings
 from app.errors import ApiError
 from app.jobs import service as job_service
 from app.models import service as model_service
-from app.storage import get_store
+from app.storage import get_store, unpack_once
 
 # Registering an adapter makes vLLM read it from disk, possibly onto a GPU: allow it some time.
 LOAD_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
@@ -81,35 +77,7 @@ def vllm_path(folder: Path) -> str:
 
 def unpacked(model_id: str, archive: Path) -> Path:
     """The adapter archive unpacked into its folder, once; atomically, so vLLM never reads half of it."""
-    folder = adapter_folder(model_id)
-    if folder.is_dir():
-        return folder
-    if not archive.is_file():
-        raise ApiError(
-            500, f"The adapter of '{model_id}' is missing from the artifact store.", type="server_error"
-        )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar.getmembers():
-                if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
-                    raise ApiError(
-                        500,
-                        f"The adapter archive of '{model_id}' holds an unsafe path: {member.name!r}.",
-                        type="server_error",
-                    )
-            tar.extractall(tmp, filter="data")  # also refuses links out of the folder and devices
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; vLLM may run as another user on a shared volume
-        os.rename(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not folder.is_dir():  # another request may have won the race; otherwise it is a real failure
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return unpack_once(archive, adapter_folder(model_id), model_id=model_id)
 
 
 def check_lora(model_id: str, folder: Path) -> None:

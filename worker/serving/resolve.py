@@ -7,19 +7,14 @@ succeeded yet). Fine-tuned adapters are extracted once from their tar.gz into
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 
 from app.config import get_settings
 from app.db.session import session_scope
-from app.errors import ApiError
 from app.jobs import service as job_service
 from app.models import service as model_service
-from app.storage import get_store
+from app.storage import get_store, unpack_once
 from worker.serving.engine import Target
 
 
@@ -43,25 +38,5 @@ def cache_folder(model_id: str) -> Path:
 
 
 def extracted(model_id: str, archive: Path) -> Path:
-    """The adapter archive unpacked into its cache folder (once; atomically, so readers never see half)."""
-    folder = cache_folder(model_id)
-    if folder.is_dir():
-        return folder
-    if not archive.is_file():
-        raise ApiError(
-            500, f"The adapter of '{model_id}' is missing from the artifact store.", type="server_error"
-        )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(tmp, filter="data")  # "data" refuses absolute paths, links out, devices
-        os.rename(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not folder.is_dir():  # another request may have won the race; otherwise it is a real failure
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    """The adapter archive unpacked into its cache folder, once."""
+    return unpack_once(archive, cache_folder(model_id), model_id=model_id)

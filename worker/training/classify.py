@@ -12,7 +12,6 @@ must beat), then at every checkpoint and at the end: loss, accuracy, macro F1 an
 Run by worker/train_job.py inside a child process, like sft.py, whose spec, manifest and save it reuses.
 """
 
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from transformers import (
 from app.files.validation import load_examples
 from worker.training import sft
 from worker.training.callbacks import JobReporter
+from worker.training.data import split_rows
 from worker.training.memory import MemoryMeter
 from worker.training.methods import MethodPlan, ModelInfo, freeze_all_but_top, plan_for
 from worker.training.sft import RunResult, RunSpec
@@ -61,16 +61,6 @@ def label_ids(examples: list[dict], labels: list[str], *, source: str) -> list[i
             )
         ids.append(index[name])
     return ids
-
-
-def split_examples(examples: list[dict], fraction: float, *, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out `fraction` of the examples (at least one, never all), chosen by `seed`, for validation."""
-    if len(examples) < 2:
-        raise ValueError("validation_split needs at least two training examples")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = min(max(1, round(len(order) * fraction)), len(order) - 1)
-    return [examples[i] for i in sorted(order[held:])], [examples[i] for i in order[:held]]
 
 
 def tokenize(tokenizer: Any, examples: list[dict], ids: list[int], max_len: int) -> Dataset:
@@ -129,9 +119,7 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, list[str], Dataset
     if spec.validation_file:
         valid_examples = read_examples(spec.validation_file)
     elif hp.get("validation_split"):
-        train_examples, valid_examples = split_examples(
-            train_examples, hp["validation_split"], seed=spec.seed
-        )
+        train_examples, valid_examples = split_rows(train_examples, hp["validation_split"], seed=spec.seed)
     labels = label_names(train_examples)
     if len(labels) < 2:
         raise ValueError(f"the training file has one label ({labels[0]!r}); a classifier needs at least two")

@@ -10,9 +10,11 @@ are language modelling: text + EOS all carry loss. With `train_on_inputs` every 
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.files.validation import ALPACA, CHAT, TEXT, detect_format, load_examples
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -128,15 +130,19 @@ def prepare_file(
     return PreparedData(rows=rows, total_tokens=total, truncated=truncated, dropped=dropped)
 
 
-def split_off(data: PreparedData, fraction: float, *, seed: int) -> tuple[PreparedData, PreparedData]:
-    """Hold out `fraction` of the examples (at least one, never all), chosen by `seed`, for validation."""
-    order = list(range(len(data.rows)))
+def split_rows(rows: list[T], fraction: float, *, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out `fraction` of the rows (at least one, never all), chosen by `seed`, for validation."""
+    if len(rows) < 2:
+        raise ValueError("validation_split needs at least two training examples")
+    order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = min(max(1, round(len(order) * fraction)), len(order) - 1)
-    if held < 1:
-        raise ValueError("validation_split needs at least two training examples")
-    valid_rows = [data.rows[i] for i in order[:held]]
-    train_rows = [data.rows[i] for i in sorted(order[held:])]
+    return [rows[i] for i in sorted(order[held:])], [rows[i] for i in order[:held]]
+
+
+def split_off(data: PreparedData, fraction: float, *, seed: int) -> tuple[PreparedData, PreparedData]:
+    """split_rows for tokenized supervised data, keeping the token counts right."""
+    train_rows, valid_rows = split_rows(data.rows, fraction, seed=seed)
 
     def tokens(rows: list[dict[str, list[int]]]) -> int:
         return sum(len(row["input_ids"]) for row in rows)

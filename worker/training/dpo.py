@@ -9,7 +9,6 @@ template. With an adapter method the reference policy is the base model with the
 Run by worker/train_job.py inside a child process, like sft.py, whose loaders, manifest and save it reuses.
 """
 
-import random
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from trl import DPOConfig, DPOTrainer
 from app.files.validation import load_examples
 from worker.training import sft
 from worker.training.callbacks import JobReporter
+from worker.training.data import split_rows
 from worker.training.memory import MemoryMeter
 from worker.training.methods import MethodPlan, ModelInfo, plan_for
 from worker.training.sft import RunResult, RunSpec
@@ -53,16 +53,6 @@ def load_pairs(path: Any) -> list[dict]:
     return [preference_row(example) for example in load_examples(path.read_bytes())]
 
 
-def split_pairs(rows: list[dict], fraction: float, *, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out `fraction` of the pairs (at least one, never all), chosen by `seed`, for validation."""
-    if len(rows) < 2:
-        raise ValueError("validation_split needs at least two training examples")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = min(max(1, round(len(order) * fraction)), len(order) - 1)
-    return [rows[i] for i in sorted(order[held:])], [rows[i] for i in order[:held]]
-
-
 def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, list[dict], list[dict] | None]:
     """Load tokenizer and model and read the preference pairs."""
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path, trust_remote_code=False)
@@ -73,7 +63,7 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, list[dict], list[d
     if spec.validation_file:
         valid = load_pairs(spec.validation_file)
     elif spec.hyperparameters.get("validation_split"):
-        train, valid = split_pairs(train, spec.hyperparameters["validation_split"], seed=spec.seed)
+        train, valid = split_rows(train, spec.hyperparameters["validation_split"], seed=spec.seed)
     return tokenizer, model, train, valid
 
 
