@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     inference_port: int = Field(
         8001, description="Port of `tuneforge serve` and of the default inference_url."
     )
-    # The next three are also read by worker/serving/settings.py straight from the environment under the
+    # The next four are also read by worker/serving/settings.py straight from the environment under the
     # same names (TUNEFORGE_MAX_ACTIVE_ADAPTERS, ...): one variable configures both; keep the defaults equal.
     max_active_adapters: int = Field(
         8, ge=1, description="Fine-tuned models the inference server keeps loaded; the LRU one is evicted."
@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         description="How long the inference server waits to gather concurrent requests in a batch.",
     )
     max_batch_size: int = Field(32, ge=1, description="Most requests the inference server runs in one batch.")
+    merge_single_adapter: bool = Field(
+        True,
+        description="Serve back-to-back batches of one LoRA adapter on merged weights (one extra copy of "
+        "the adapted weights while merged).",
+    )
 
     inference_backend: Literal["builtin", "vllm"] = Field(
         "builtin",

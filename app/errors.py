@@ -60,6 +60,12 @@ def install_error_handlers(app: FastAPI) -> None:
             envelope(f"Invalid request: {details}", "invalid_request_error", param, "invalid_value"), 422
         )
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a bad request: the client still gets the envelope; the traceback goes to the log.
+        message = f"Internal error ({exc.__class__.__name__}); the server log has the details."
+        return JSONResponse(envelope(message, "server_error", None, "internal_error"), 500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "invalid_api_key"}.get(exc.status_code)

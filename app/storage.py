@@ -1,5 +1,6 @@
 """Artifact store: training files, checkpoints and adapters, addressed by keys that come from the database."""
 
+import hashlib
 import os
 import re
 import shutil
@@ -52,6 +53,13 @@ class LocalArtifactStore:
 def get_store() -> LocalArtifactStore:
     """The configured artifact store."""
     return LocalArtifactStore(get_settings().resolved_artifact_dir)
+
+
+def cache_folder(area: str, model_id: str) -> Path:
+    """Where `area` ('serving', 'vllm') keeps the adapter of `model_id` unpacked; ids are not path-safe."""
+    digest = hashlib.sha1(model_id.encode()).hexdigest()[:10]
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
+    return get_settings().resolved_home / area / "adapters" / f"{safe}-{digest}"
 
 
 def unpack_once(archive: Path, folder: Path, *, model_id: str) -> Path:

@@ -1,6 +1,7 @@
 """Serving benchmarks, printed as ratios measured in one process on the same model and requests.
 
-    .venv/bin/python bench/serving.py [--requests 32] [--new-tokens 16] [--threads 2]
+    .venv/bin/python bench/serving.py [--requests 32] [--new-tokens 16] [--threads 2] [--hidden-size 512]
+                                      [--layers 4]
 
 (a) Mixed-adapter batching: 8 LoRA adapters, N chat requests spread round-robin over them, greedy, a fixed
     number of new tokens. "mixed" serves all N in one batch through the engine (PEFT `adapter_names`).
@@ -9,13 +10,17 @@
     adapters without mixed batches); "per-adapter" batches each adapter's own requests together and
     runs the 8 batches one after another. Throughput is generated tokens per second; all three produce
     the same tokens (checked).
-(b) Unmerged vs merged: the same requests, one at a time, for one adapter: through the engine's path
-    (PeftModel holding all 8 adapters, the row routed with `adapter_names`) vs a model with that adapter
-    merged into the weights (`merge_and_unload`). Latency is the mean time per request.
+(b) Unmerged vs merged: the same requests, one at a time, for one adapter, through the engine (a
+    PeftModel holding all 8 adapters) vs a model with that adapter merged for good (`merge_and_unload`).
+    The engine runs them twice: as it serves by default (a single-adapter batch swaps in W + BA) and
+    with that off (PEFT's LoRA layers on every step). Latency is the mean time per request.
+(c) Traffic that alternates between two adapters, one request at a time: the engine swaps in merged
+    weights only for an adapter that served the batch before too, so here it keeps PEFT's layers; the
+    ratio shows what that rule costs against swapping off.
 
-The model is a random Llama from make_tiny_llama, 512 wide, 4 blocks (about 13M parameters): big enough
+The model is a random Llama from make_tiny_llama, 512 wide, 4 blocks by default (15.0M parameters): big enough
 that compute matters on 2 CPU cores, small enough to run in a couple of minutes. Timings are medians of
-`--repeats` runs after one warm-up.
+`--repeats` interleaved runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from worker.serving.decode import Row, decode
-from worker.serving.engine import Engine, GenerationRequest, Target, load_model
+from worker.serving.engine import Engine, GenerationRequest, Prepared, Target, load_model
 from worker.training.base_models import make_tiny_llama
 
 QUESTIONS = [
@@ -60,14 +65,16 @@ def make_adapter(base: Path, dest: Path, seed: int) -> Path:
     return dest
 
 
-def timed(fn: Callable[[], list[str]], repeats: int) -> tuple[float, list[str]]:
-    fn()  # warm-up
-    times, out = [], []
+def timed(*fns: Callable[[], list[str]], repeats: int) -> list[tuple[float, list[str]]]:
+    """Median time and output of each function, run in interleaved rounds so drift hits them alike."""
+    outs = [fn() for fn in fns]  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), out) for t, out in zip(times, outs, strict=True)]
 
 
 def run_rows(model, tokenizer, rows: list[Row], pad_id: int, *, mixed: bool) -> list[str]:  # type: ignore[no-untyped-def]
@@ -84,13 +91,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     root = Path(tempfile.mkdtemp(prefix="tuneforge-bench-serving-"))
     base_path = root / "base"
-    make_tiny_llama(base_path, seed=0, hidden_size=512, num_layers=4, intermediate_size=1376)
+    make_tiny_llama(
+        base_path,
+        seed=0,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        intermediate_size=args.hidden_size * 43 // 16,  # 1376 at 512 wide, as Llama sizes its MLP
+    )
     adapter_ids = [f"ft:bench:a{i}:job{i}" for i in range(8)]
     paths = [make_adapter(base_path, root / f"a{i}", seed=i) for i in range(8)]
 
@@ -132,9 +147,9 @@ def main() -> None:
             out.update(zip(index, texts, strict=True))
         return [out[i] for i in range(len(rows))]
 
-    t_mixed, r_mixed = timed(mixed, args.repeats)
-    t_request, r_request = timed(per_request, args.repeats)
-    t_adapter, r_adapter = timed(per_adapter, args.repeats)
+    (t_mixed, r_mixed), (t_request, r_request), (t_adapter, r_adapter) = timed(
+        mixed, per_request, per_adapter, repeats=args.repeats
+    )
     assert r_mixed == r_request == r_adapter
 
     print(
@@ -151,23 +166,51 @@ def main() -> None:
         f"  -> mixed is {t_adapter / t_mixed:.2f}x the throughput"
     )
 
-    # (b) one adapter, the same requests one at a time: unmerged (engine path) vs merged weights
-    first = [r for r in rows if r.adapter == rows[0].adapter]
+    # (b) one adapter, the same requests one at a time: through the engine vs merge_and_unload weights
+    first = [p for p in prepared if p.row.adapter == rows[0].adapter]
     merged = PeftModel.from_pretrained(load_model(base_path, engine.device), str(paths[0])).merge_and_unload()
     merged.eval()
 
-    def unmerged_one() -> list[str]:
-        return [run_rows(model, tokenizer, [r], base.pad_id, mixed=True)[0] for r in first]
+    # The same adapters in a second engine that never swaps in merged weights (PEFT's LoRA layers only).
+    peft_engine = Engine(max_active_adapters=8, device=torch.device("cpu"), merge_single_adapter=False)
+    for p in prepared:
+        peft_engine.ensure_adapter(p.request.target)
+
+    def one_at_a_time(requests: list[Prepared], swap: bool) -> Callable[[], list[str]]:
+        engine_ = engine if swap else peft_engine
+
+        def run() -> list[str]:
+            return ["".join(s.text for steps in engine_.generate([p]) for s in steps) for p in requests]
+
+        return run
 
     def merged_one() -> list[str]:
-        return [run_rows(merged, tokenizer, [r], base.pad_id, mixed=False)[0] for r in first]
+        return [run_rows(merged, tokenizer, [p.row], base.pad_id, mixed=False)[0] for p in first]
 
-    t_unmerged, _ = timed(unmerged_one, args.repeats)
-    t_merged, _ = timed(merged_one, args.repeats)
+    # The engine stops at end-of-sequence; a random model rarely emits it, and the check below says so.
+    (t_swapped, r_swapped), (t_peft, r_peft), (t_merged, r_merged) = timed(
+        one_at_a_time(first, swap=True), one_at_a_time(first, swap=False), merged_one, repeats=args.repeats
+    )
+    assert r_swapped == r_peft == r_merged, "merged and unmerged weights gave different tokens"
     n = len(first)
     print(
-        f"(b) unmerged adapter {1000 * t_unmerged / n:7.1f} ms/request, merged {1000 * t_merged / n:7.1f} "
-        f"ms/request -> unmerged is {t_unmerged / t_merged:.2f}x the latency"
+        f"(b) merge_and_unload model {1000 * t_merged / n:6.1f} ms/request\n"
+        f"    engine, swapped W + BA  {1000 * t_swapped / n:6.1f} ms/request -> "
+        f"{t_swapped / t_merged:.2f}x the merged latency\n"
+        f"    engine, PEFT LoRA layers {1000 * t_peft / n:5.1f} ms/request -> "
+        f"{t_peft / t_merged:.2f}x the merged latency"
+    )
+
+    # (c) every request on another adapter than the one before it
+    alternating = [p for p in prepared if p.row.adapter in (rows[0].adapter, rows[1].adapter)]
+    (t_alt_swap, r_alt_swap), (t_alt_peft, r_alt_peft) = timed(
+        one_at_a_time(alternating, swap=True), one_at_a_time(alternating, swap=False), repeats=args.repeats
+    )
+    assert r_alt_swap == r_alt_peft
+    n = len(alternating)
+    print(
+        f"(c) alternating adapters: engine {1000 * t_alt_swap / n:6.1f} ms/request, PEFT layers only "
+        f"{1000 * t_alt_peft / n:6.1f} ms/request -> {t_alt_swap / t_alt_peft:.2f}x the latency"
     )
 
 

@@ -97,6 +97,33 @@ def test_mixed_batch_equals_each_request_alone(base_folder: Path, adapters: dict
     assert len(set(texts)) == len(texts)
 
 
+def test_repeated_adapter_runs_on_swapped_weights_and_swaps_back_exactly(
+    base_folder: Path, adapters: dict[str, Path]
+) -> None:
+    """Consecutive single-adapter batches run on W + BA; the next mixed batch gets the very original W."""
+    engine = Engine()
+    plain = Engine(merge_single_adapter=False)  # PEFT's LoRA layers on every step
+    (id0, p0), (id1, p1) = list(adapters.items())[:2]
+    one, other = target(base_folder, id0, p0), target(base_folder, id1, p1)
+    expected = run(plain, [chat(one, q) for q in QUESTIONS[:3]])
+    run(engine, [chat(other, "Hi")])  # loads both adapters before any swap
+    base = engine.base(BASE, base_folder)
+    weights = {n: w for n, w in base.model.get_base_model().named_parameters() if "base_layer" in n}
+    before = {n: w.detach().clone() for n, w in weights.items()}
+
+    served = [run(engine, [chat(one, q)])[0] for q in QUESTIONS[:3]]
+    assert base.alone == adapter_name(id0)  # swapped in from the second batch on
+    swapped = dict(base.model.get_base_model().named_parameters())
+    assert any(not torch.equal(swapped[n], w) for n, w in before.items())
+    assert served == expected  # W + BA answers as PEFT's layers do (greedy, same tokens)
+
+    mixed = run(engine, [chat(one, QUESTIONS[0]), chat(other, QUESTIONS[0])])
+    assert base.alone is None
+    restored = dict(base.model.get_base_model().named_parameters())
+    assert all(restored[n] is w and torch.equal(w, before[n]) for n, w in weights.items())
+    assert mixed == run(plain, [chat(one, QUESTIONS[0]), chat(other, QUESTIONS[0])])
+
+
 def test_batcher_serves_concurrent_requests_together(base_folder: Path, adapters: dict[str, Path]) -> None:
     engine = Engine()
     targets = [target(base_folder)] + [target(base_folder, mid, path) for mid, path in adapters.items()]

@@ -20,7 +20,7 @@ from app.db.session import session_scope
 from app.errors import ApiError, envelope
 from app.inference import vllm as vllm_backend
 
-# Duplicates worker.serving.app.PROJECT_HEADER: the API may not import worker (it would pull in torch).
+# The inference server reads it as its `x_tuneforge_project` header parameter.
 PROJECT_HEADER = "X-Tuneforge-Project"
 
 # Generation on a CPU can take minutes before a whole answer exists; connecting must be quick, though,

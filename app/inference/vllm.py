@@ -13,7 +13,6 @@ which vLLM would serve from a server of its own per model. Plain HTTP and the st
 """
 
 import json
-import re
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,7 +24,7 @@ from app.config import get_settings
 from app.errors import ApiError
 from app.jobs import service as job_service
 from app.models import service as model_service
-from app.storage import get_store, unpack_once
+from app.storage import cache_folder, get_store, unpack_once
 
 # Registering an adapter makes vLLM read it from disk, possibly onto a GPU: allow it some time.
 LOAD_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
@@ -65,8 +64,7 @@ def forget(lora_name: str) -> None:
 
 
 def adapter_folder(model_id: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
-    return get_settings().resolved_home / "vllm" / "adapters" / safe
+    return cache_folder("vllm", model_id)
 
 
 def vllm_path(folder: Path) -> str:

@@ -30,7 +30,6 @@ from worker.serving.resolve import resolve
 from worker.serving.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from worker.serving.settings import serving_settings
 
-PROJECT_HEADER = "X-Tuneforge-Project"
 Resolver = Callable[..., Target]
 # FastAPI reads a `x_tuneforge_project` parameter from the X-Tuneforge-Project header (any case).
 ProjectHeader = Annotated[str | None, Header()]
@@ -43,7 +42,11 @@ def create_app(engine: Engine | None = None, resolver: Resolver = resolve) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher = Batcher(
-            engine or Engine(max_active_adapters=settings.max_active_adapters),
+            engine
+            or Engine(
+                max_active_adapters=settings.max_active_adapters,
+                merge_single_adapter=settings.merge_single_adapter,
+            ),
             window_s=settings.batch_window_ms / 1000,
             max_batch_size=settings.max_batch_size,
         )

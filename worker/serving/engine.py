@@ -6,8 +6,16 @@ different adapters and for the base share each forward pass. PEFT 0.21 supports 
 LoRA layers only, and refuses it for DoRA; so every other fine-tuned model (DoRA, LoHa, LoKr, IA3, and
 full or freeze fine-tunes that ship whole weights) is served from its own model, loaded from the base
 folder plus that adapter, and batched only with requests for the same model. Those own models count
-against the same LRU limit. Prompt-learning methods (prefix or prompt tuning, llama-adapter) are refused:
-their virtual tokens do not fit this decode loop's KV cache yet.
+against the same LRU limit, and have their adapter merged into their weights when they load.
+Prompt-learning methods (prefix or prompt tuning, llama-adapter) are refused: their virtual tokens do not
+fit this decode loop's KV cache yet.
+
+When consecutive batches all use one LoRA adapter (the common case under light load), they run on merged
+weights: each adapted layer's weight is swapped for W + BA, computed once, and the original tensor goes
+back, bit for bit, before a batch needs the base or other adapters. That takes PEFT's per-layer LoRA work
+out of every decode step, at the cost of one extra copy of the adapted weights while an adapter is
+swapped in (``merge_single_adapter=False`` turns it off). Batches on the base alone likewise run with the
+LoRA layers switched off.
 
 The engine is not thread-safe: the batcher calls it from its one worker thread. Nothing here knows HTTP.
 """
@@ -26,6 +34,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.serving.decode import BASE_ADAPTER, Row, Step, decode
@@ -83,6 +92,10 @@ class _Base:
     context: int
     eos_ids: set[int]
     pad_id: int
+    # The one adapter (or __base__) the model is set up to serve alone, with each swapped layer's weight.
+    alone: str | None = None
+    last_single: str | None = None  # the adapter of the last batch, when that batch had just one
+    originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = field(default_factory=list)
 
 
 def adapter_name(model_id: str) -> str:
@@ -137,10 +150,17 @@ def load_model(folder: Path, device: torch.device) -> Any:
 class Engine:
     """Resident base models and an LRU of active fine-tuned models; generates for batches of one group."""
 
-    def __init__(self, *, max_active_adapters: int = 8, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_active_adapters: int = 8,
+        device: torch.device | None = None,
+        merge_single_adapter: bool = True,
+    ) -> None:
         if max_active_adapters < 1:
             raise ValueError("max_active_adapters must be at least 1")
         self.max_active = max_active_adapters
+        self.merge_single_adapter = merge_single_adapter
         self.device = device or default_device()
         self._bases: dict[str, _Base] = {}
         # adapter name -> (kind, base id, own model or None), least recently used first
@@ -188,6 +208,7 @@ class Engine:
         base = self.base(target.base_id, target.base_path)
         own = None
         if kind == "lora":
+            self._serve_mixed(base)  # a new adapter's layers must join the enabled, unswapped state
             if isinstance(base.model, PeftModel):
                 base.model.load_adapter(str(target.adapter_path), adapter_name=name, is_trainable=False)
             else:
@@ -195,9 +216,11 @@ class Engine:
                     base.model, str(target.adapter_path), adapter_name=name, is_trainable=False
                 ).eval()
         elif (target.adapter_path / "adapter_config.json").exists():
+            # Its own copy of the base: merging costs nothing more and spares every step the adapter's work.
             own = PeftModel.from_pretrained(
                 load_model(target.base_path, self.device), str(target.adapter_path), is_trainable=False
-            ).eval()
+            )
+            own = own.merge_and_unload().eval()
         else:
             own = load_model(target.adapter_path, self.device)
         self._active[name] = (kind, target.base_id, own)
@@ -208,7 +231,9 @@ class Engine:
         kind, base_id, _own = self._active.pop(name)
         if kind != "lora":
             return  # dropping the reference frees its own model
-        model = self._bases[base_id].model
+        base = self._bases[base_id]
+        self._serve_mixed(base)
+        model = base.model
         model.delete_adapter(name)
         remaining = [n for n in model.peft_config if n != name]
         # PEFT may leave no adapter active after a delete; mixed batches need an active one to route rows.
@@ -260,18 +285,82 @@ class Engine:
             prepared.row.adapter = self.ensure_adapter(prepared.request.target, pinned=pinned)
         first = targets[0]
         base = self.base(first.base_id, first.base_path)
+        rows = [p.row for p in batch]
+        run = {"eos_ids": base.eos_ids, "pad_id": base.pad_id}
         if groups.pop().startswith("own:"):
-            model, mixed = self._active[batch[0].row.adapter][2], False
-        else:
-            model, mixed = base.model, isinstance(base.model, PeftModel)
-        yield from decode(
-            model,
-            base.tokenizer,
-            [p.row for p in batch],
-            eos_ids=base.eos_ids,
-            pad_id=base.pad_id,
-            mixed_adapters=mixed,
-        )
+            yield from decode(
+                self._active[rows[0].adapter][2], base.tokenizer, rows, **run, mixed_adapters=False
+            )
+            return
+        if not isinstance(base.model, PeftModel):
+            yield from decode(base.model, base.tokenizer, rows, **run, mixed_adapters=False)
+            return
+        names = {row.adapter for row in rows}
+        single = names.pop() if len(names) == 1 else None
+        # Swap only for an adapter that served the batch before too: swapping costs about one decode
+        # step's work, so traffic that alternates between adapters is better served by PEFT's layers.
+        again, base.last_single = single is not None and single == base.last_single, single
+        if (
+            self.merge_single_adapter
+            and single is not None
+            and (base.alone == single or again)
+            and self._serve_alone(base, single)
+        ):
+            yield from decode(base.model, base.tokenizer, rows, **run, mixed_adapters=False)
+            return
+        self._serve_mixed(base)
+        yield from decode(base.model, base.tokenizer, rows, **run, mixed_adapters=True)
+
+    # --- single-adapter batches on merged weights ---------------------------------------------------------
+    def _serve_alone(self, base: _Base, name: str) -> bool:
+        """Set the base's model up to serve only `name` (or the base) at plain-model speed; False if it can't.
+
+        Every LoRA layer is disabled, so it runs just its base layer, and each layer `name` adapts gets
+        W + BA as its weight; the original W is kept to put back. Staying in this state between batches is
+        what makes it pay: switching costs one pass over the modules and, for an adapter, its deltas.
+        """
+        if base.alone == name:
+            return True
+        if name != BASE_ADAPTER and not _mergeable(base.model, name):
+            return False
+        self._serve_mixed(base)
+        with torch.no_grad():
+            for module in base.model.modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                module.enable_adapters(False)
+                if name != BASE_ADAPTER and _adapts(module, name):
+                    layer = module.get_base_layer()
+                    merged = layer.weight + module.get_delta_weight(name).to(layer.weight.dtype)
+                    base.originals.append((layer, layer.weight))
+                    layer.weight = torch.nn.Parameter(merged, requires_grad=False)
+        base.alone = name
+        return True
+
+    def _serve_mixed(self, base: _Base) -> None:
+        """Undo `_serve_alone`: the original tensors go back, so nothing drifts however often it swaps."""
+        if base.alone is None:
+            return
+        for layer, original in base.originals:
+            layer.weight = original
+        base.originals.clear()
+        for module in base.model.modules():
+            if isinstance(module, LoraLayer):
+                module.enable_adapters(True)
+        base.alone = None
+
+
+def _adapts(module: LoraLayer, name: str) -> bool:
+    return name in module.lora_A or name in module.lora_embedding_A
+
+
+def _mergeable(model: PeftModel, name: str) -> bool:
+    """Whether swapping in W + BA serves `name` exactly as PEFT would: not for LoRA biases or Conv layers."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and _adapts(m, name)]
+    return all(
+        isinstance(m.get_base_layer(), torch.nn.Linear | torch.nn.Embedding) and not m.lora_bias.get(name)
+        for m in layers
+    )
 
 
 @lru_cache(maxsize=1024)

@@ -2,19 +2,17 @@
 
 The one place that decides 404 (unknown, or another project's model) and 409 (its job has not
 succeeded yet). Fine-tuned adapters are extracted once from their tar.gz into
-``<home>/serving/adapters/<model id, made safe>`` and reused from there.
+``<home>/serving/adapters/<model id, made safe>-<hash>`` and reused from there.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from app.config import get_settings
 from app.db.session import session_scope
 from app.jobs import service as job_service
 from app.models import service as model_service
-from app.storage import get_store, unpack_once
+from app.storage import cache_folder, get_store, unpack_once
 from worker.serving.engine import Target
 
 
@@ -32,11 +30,6 @@ def resolve(model_id: str, *, project: str | None) -> Target:
     )
 
 
-def cache_folder(model_id: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
-    return get_settings().resolved_home / "serving" / "adapters" / safe
-
-
 def extracted(model_id: str, archive: Path) -> Path:
     """The adapter archive unpacked into its cache folder, once."""
-    return unpack_once(archive, cache_folder(model_id), model_id=model_id)
+    return unpack_once(archive, cache_folder("serving", model_id), model_id=model_id)
