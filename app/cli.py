@@ -113,9 +113,10 @@ def models_import_gguf(file: Path, name: str = typer.Option(..., help="Model id 
 @models_cli.command("import")
 def models_import(folder: Path, name: str = typer.Option(..., help="Model id to register.")) -> None:
     """Register an existing Hugging Face model folder (safetensors) as a base model."""
-    if not any(folder.glob("*.safetensors")):
-        raise typer.BadParameter(f"{folder} holds no .safetensors weights; only safetensors are loaded")
-    register_folder(name, folder)
+    try:
+        register_folder(name, folder)
+    except ValueError as exc:  # e.g. pickle weights only: the message says what to do
+        raise typer.BadParameter(str(exc)) from None
 
 
 def worker_command(name: str | None = None) -> list[str]:
@@ -254,12 +255,28 @@ def up(
     typer.echo(f"Tuneforge on http://{host}:{port} (home {get_settings().resolved_home}); Ctrl-C stops it")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while all(p.poll() is None for p in processes):
+        while True:
             time.sleep(1)
+            if not supervise(processes):
+                break
     except KeyboardInterrupt:
         pass
     finally:
         stop_services(processes)
+
+
+def supervise(processes: list[subprocess.Popen]) -> bool:
+    """Start a new worker in place of one that died (its job resumes elsewhere); False if another died."""
+    for index, process in enumerate(processes):
+        if process.poll() is None:
+            continue
+        is_worker = isinstance(process.args, list) and process.args[:6] == worker_command()[:6]
+        if not is_worker:  # (workers differ only in their node name, after these six arguments)
+            typer.echo(f"{process.args!r} exited with {process.returncode}; stopping", err=True)
+            return False
+        typer.echo(f"the worker exited with {process.returncode}; starting a new one", err=True)
+        processes[index] = subprocess.Popen(worker_command(), env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    return True
 
 
 @cli.command()

@@ -28,10 +28,30 @@ class Settings(BaseSettings):
         60, description="How long a worker's claim on a job lasts without a heartbeat."
     )
     heartbeat_seconds: float = Field(5.0, description="How often a worker renews its lease.")
-    max_attempts: int = Field(3, description="Attempts before a job is failed for good.")
+    max_attempts: int = Field(
+        3, description="Attempts before a job is failed for good; worker shutdowns do not count."
+    )
+    training_memory_limit_mb: int = Field(
+        0,
+        ge=0,
+        description="Caps each training process's address space (RLIMIT_AS, CPU workers): a run that "
+        "needs more fails with out_of_memory and a hint, instead of the kernel's OOM killer taking it or "
+        "the machine. 0: no cap. Leave it 0 on GPU workers (CUDA maps large virtual ranges).",
+    )
+    shutdown_grace_seconds: float = Field(
+        25.0,
+        description="On SIGTERM a worker gives its run this long to save a checkpoint before stopping it "
+        "(keep it below the orchestrator's grace period, e.g. docker's stop_grace_period).",
+    )
     reconcile_seconds: float = Field(30.0, description="How often the reconciler (Celery beat) runs.")
     resend_after_seconds: float = Field(300.0, description="Re-send a queued job's message after this long.")
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
+    rate_limit_per_minute: int = Field(
+        600,
+        ge=0,
+        description="Requests per minute each API key may make (bursts up to this many); 0 disables. "
+        "Enforced by each API process on its own.",
+    )
     job_timeout_seconds: int = Field(24 * 3600, description="A training run longer than this is failed.")
     worker_memory_gb: float | None = Field(
         None,

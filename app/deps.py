@@ -1,4 +1,4 @@
-"""Request dependencies: a transaction per request and the caller's project from its API key."""
+"""Request dependencies: a transaction per request; the caller's project from its API key, rate-limited."""
 
 from collections.abc import Iterator
 from typing import Annotated
@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from app import ratelimit
 from app.db.session import session_scope
 from app.errors import ApiError
 from app.keys import service as key_service
@@ -22,6 +23,7 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_project(request: Request, session: SessionDep) -> str:
+    """The project of the request's API key; 401 without a live key, 429 past the key's rate limit."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -36,6 +38,8 @@ def get_project(request: Request, session: SessionDep) -> str:
         raise ApiError(
             401, "Invalid or revoked API key.", type="invalid_request_error", code="invalid_api_key"
         )
+    # Counted after authentication, so only live keys get a bucket and unknown tokens cannot grow the table.
+    ratelimit.enforce(token.strip())
     return project
 
 

@@ -3,7 +3,44 @@
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What was wrong and how to fix it.")
+    type: str = Field(
+        description="`invalid_request_error` for the caller's mistakes, `server_error` for ours."
+    )
+    param: str | None = Field(None, description="The request field the error is about, if any.")
+    code: str | None = Field(None, description="A stable machine-readable code, such as `file_not_found`.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (OpenAI's envelope)."""
+
+    error: ErrorDetail
+
+
+# Documented on every operation; "4XX" also replaces FastAPI's own 422 schema, which the envelope overrides.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    "4XX": {"model": ErrorResponse, "description": "The request was refused; `error` says why."},
+}
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """A request body passed the size limit while it streamed in (FastAPI's body parser re-raises these)."""
+
+    def __init__(self, limit_mb: int) -> None:
+        super().__init__(
+            413, f"Upload is larger than the {limit_mb} MB upload limit (TUNEFORGE_MAX_UPLOAD_MB)."
+        )
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            envelope(str(self.detail), "invalid_request_error", "file", "file_too_large"), 413
+        )
 
 
 class ApiError(Exception):
@@ -60,11 +97,22 @@ def install_error_handlers(app: FastAPI) -> None:
             envelope(f"Invalid request: {details}", "invalid_request_error", param, "invalid_value"), 422
         )
 
+    @app.exception_handler(DataError)
+    async def _data_error(_: Request, exc: DataError) -> JSONResponse:
+        if "NUL" not in str(exc.orig):
+            raise exc  # a bug, not a bad value: the catch-all below answers 500 and logs it
+        message = "Text fields may not contain NUL (\\u0000) characters; remove them and retry."
+        return JSONResponse(envelope(message, "invalid_request_error", None, "invalid_value"), 400)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         # A bug, not a bad request: the client still gets the envelope; the traceback goes to the log.
         message = f"Internal error ({exc.__class__.__name__}); the server log has the details."
         return JSONResponse(envelope(message, "server_error", None, "internal_error"), 500)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,15 +1,26 @@
 """The FastAPI application: `uvicorn app.main:app`."""
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import unquote
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import queue
 from app.config import get_settings
 from app.db.session import get_engine
-from app.errors import ApiError, install_error_handlers
+from app.errors import (
+    ERROR_RESPONSES,
+    ApiError,
+    BodyTooLarge,
+    ErrorResponse,
+    envelope,
+    install_error_handlers,
+)
 from app.estimate.routes import router as estimate_router
 from app.files.routes import router as files_router
 from app.inference import service as inference_service
@@ -32,8 +43,11 @@ def create_app() -> FastAPI:
         version="0.1.0",
         description="OpenAI-compatible fine-tuning for open models.",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     install_error_handlers(app)
+    app.add_middleware(UploadLimit)
+    app.add_middleware(SafePaths)
     # inference_router before models_router: its /v1/models/{id}/merged must win over the catch-all retrieve.
     for router in (files_router, jobs_router, inference_router, models_router, estimate_router):
         app.include_router(router)
@@ -42,7 +56,11 @@ def create_app() -> FastAPI:
     def livez() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={503: {"model": ErrorResponse, "description": "The database or the broker is down."}},
+    )
     def readyz() -> dict:
         checks = {"database": _check_database(), "broker": _check_broker()}
         if not all(v == "ok" for v in checks.values()):
@@ -55,6 +73,68 @@ def create_app() -> FastAPI:
         return {"status": "ok", "checks": checks}
 
     return app
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class SafePaths:
+    """Refuse, before routing, a path with a '.' or '..' segment or a control character (NUL included).
+
+    Ids come from the database and never hold these; refusing them here keeps traversal attempts away from
+    every route, the artifact store, Postgres (which rejects NUL) and URLs built for the inference server.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path, query = scope["path"], unquote(scope.get("query_string", b"").decode("latin-1"))
+            if _CONTROL.search(path) or _CONTROL.search(query) or {".", ".."} & set(path.split("/")):
+                message = "The URL holds a '.' or '..' segment or a control character; ids never do."
+                body = envelope(message, "invalid_request_error", None, "invalid_path")
+                await JSONResponse(body, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+UPLOAD_PATH = "/v1/files"
+FRAMING_BYTES = 64 << 10  # the multipart boundaries, headers and `purpose` field around the file
+
+
+class UploadLimit:
+    """Stop an upload body as soon as it passes TUNEFORGE_MAX_UPLOAD_MB: 413 before the disk fills.
+
+    A declared Content-Length over the limit is refused before any of the body is read; a chunked body, or
+    one whose length was not declared, is cut off at the first chunk past it. The file itself is checked to
+    the byte when it is stored (app/files/service.py); this cap covers the file plus its multipart framing.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != UPLOAD_PATH:
+            await self.app(scope, receive, send)
+            return
+        limit_mb = get_settings().max_upload_mb
+        cap = (limit_mb << 20) + FRAMING_BYTES
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > cap:
+            await BodyTooLarge(limit_mb).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > cap:
+                raise BodyTooLarge(limit_mb)  # FastAPI's body parser lets HTTP exceptions through
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def _check_database() -> str:

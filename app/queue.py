@@ -59,6 +59,19 @@ def send_run_job(job_id: str) -> None:
     celery_app.send_task(RUN_JOB, args=[job_id], queue=jobs, declare=[jobs])
 
 
+def waiting_messages() -> int | None:
+    """Messages waiting in the job queue (not yet taken by a worker); None if the broker cannot say."""
+    try:
+        with celery_app.connection_for_write() as connection:
+            declared = job_queue(get_settings())(connection.default_channel).queue_declare(passive=True)
+            return int(declared.message_count)
+    except Exception as exc:
+        if "NOT_FOUND" in str(exc):  # no such queue: a flushed broker forgot it, and its messages
+            return 0
+        log.warning("could not count the job queue's messages: %r", exc)
+        return None
+
+
 def send_jobs(session: Session, job_ids: list[str]) -> None:
     """Send each job's message and record it; a job whose send fails stays unsent for the reconciler."""
     sent = []

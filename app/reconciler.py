@@ -1,9 +1,10 @@
 """The reconciler: one loop per deployment that keeps Postgres and the broker in agreement.
 
-It re-sends queued jobs whose message may be lost (a crash between commit and send, a flushed
-broker), re-queues jobs whose worker stopped renewing its lease, and fails jobs out of attempts.
-It runs as its own process rather than as a Celery beat task: a task would wait behind a training
-job on a busy worker, which is exactly when a dead worker's job needs re-queueing.
+It re-sends queued jobs whose message may be lost (a crash between commit and send; a flushed or
+restarted broker, found quickly as queued jobs while the broker's queue is empty), re-queues jobs whose
+worker stopped renewing its lease, and fails jobs out of attempts. It runs as its own process rather
+than as a Celery beat task: a task would wait behind a training job on a busy worker, which is exactly
+when a dead worker's job needs re-queueing.
 """
 
 import logging
@@ -12,15 +13,22 @@ import time
 from app.config import get_settings
 from app.db.session import session_scope
 from app.jobs import lifecycle
-from app.queue import send_jobs
+from app.queue import send_jobs, waiting_messages
 
 log = logging.getLogger(__name__)
 
 
 def reconcile_once() -> list[str]:
     """One pass; returns the ids whose message went out again."""
+    settings = get_settings()
     with session_scope() as session:
-        due = lifecycle.reconcile(session, resend_after_seconds=get_settings().resend_after_seconds)
+        due = lifecycle.reconcile(
+            session,
+            resend_after_seconds=settings.resend_after_seconds,
+            queue_empty=waiting_messages() == 0,
+            # a message just sent may be in a worker's hands before its claim commits
+            settle_seconds=max(10.0, 3 * settings.reconcile_seconds),
+        )
         session.commit()
         send_jobs(session, due)
     return due

@@ -26,6 +26,7 @@ os.environ.update(
     TUNEFORGE_QUEUE=f"tuneforge-test-{uuid.uuid4().hex[:8]}",  # stale messages of other runs never reach us
     TUNEFORGE_HEARTBEAT_SECONDS="1",
     TUNEFORGE_RECONCILE_SECONDS="1",
+    TUNEFORGE_RATE_LIMIT_PER_MINUTE="0",  # tests poll hard; tests/test_rate_limit.py runs its own limited API
     HF_HUB_OFFLINE="1",
 )
 

@@ -1,13 +1,16 @@
 """Alembic: one head, upgrade from empty, downgrade/upgrade round trip, and tables matching the models."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import Connection, create_engine, inspect, make_url, text
 
 from app.db import migrate
+from app.db.session import get_engine
 from app.db.tables import Base
 
 
@@ -32,4 +35,46 @@ def test_sqlite_upgrade_downgrade_round_trip(tmp_path: Path) -> None:
     migrate.upgrade(url)
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    engine.dispose()
+
+
+@pytest.fixture
+def empty_postgres(database: str) -> Iterator[str]:
+    """A fresh, empty database next to the test one (`<name>_alembic`), dropped afterwards."""
+    url = make_url(database)
+    name = f"{url.database}_alembic"
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    fresh = url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield fresh
+    finally:
+        get_engine(fresh).dispose()  # migrations ran on the cached engine
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _enum_types(connection: Connection) -> set[str]:
+    query = "SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+    query += "WHERE t.typtype = 'e' AND n.nspname = 'public'"
+    return set(connection.scalars(text(query)))
+
+
+def test_postgres_upgrade_downgrade_round_trip(empty_postgres: str) -> None:
+    """Empty -> head -> base -> head on Postgres: tables match the models at head, none is left at base."""
+    engine = create_engine(empty_postgres)
+    migrate.upgrade(empty_postgres)
+    assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
+    migrate.downgrade(empty_postgres)
+    with engine.connect() as connection:
+        assert set(inspect(connection).get_table_names()) <= {"alembic_version"}
+        assert _enum_types(connection) == set()
+    migrate.upgrade(empty_postgres)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        heads = ScriptDirectory.from_config(migrate.alembic_config()).get_heads()
+        assert MigrationContext.configure(connection).get_current_heads() == tuple(heads)
     engine.dispose()

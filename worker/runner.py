@@ -1,23 +1,41 @@
 """Runs one job on this worker: claim it, train in a child process, heartbeat the lease, clean up.
 
-The parent never imports torch; it only watches. A child that dies without recording an error
-(killed, segfault, OOM-killer) is turned into `failed` with the tail of its log.
+The parent never imports torch; it only watches:
+- The child dies with the worker (PR_SET_PDEATHSIG), so a killed worker never leaves a run behind that
+  could overlap the next attempt.
+- On worker shutdown (SIGTERM) the child is told to checkpoint and stop, and the job is re-queued; the
+  next attempt resumes from that checkpoint. Preemptions do not use up `max_attempts`.
+- A child that dies without recording an error (killed, segfault, the OOM killer) is retried while
+  attempts remain, each retry resuming from the last checkpoint; then the job fails with the last error.
+- If the database cannot be reached, the child keeps training while the lease may still be valid; past
+  that it is stopped, since the reconciler may by then have given the job to another worker.
 """
 
+import ctypes
 import logging
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from app.config import get_settings
 from app.db.session import session_scope
+from app.db.tables import Job
 from app.jobs import lifecycle
+from app.queue import send_jobs
+from worker.train_job import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_SECONDS = 30
+POLL_SECONDS = 0.5
+# Set when the worker starts a warm shutdown (worker/tasks.py connects it to Celery's signal).
+SHUTDOWN = threading.Event()
 
 
 def _log_tail(path: Path, lines: int = 5) -> str:
@@ -25,6 +43,15 @@ def _log_tail(path: Path, lines: int = 5) -> str:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _child_setup(memory_limit_mb: int) -> None:
+    """In the child, before exec: die with the worker (Linux), and cap the address space if configured."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if memory_limit_mb:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def run_job(job_id: str) -> None:
@@ -45,43 +72,91 @@ def run_job(job_id: str) -> None:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=os.environ | {"HF_HUB_OFFLINE": "1"},
+            preexec_fn=partial(_child_setup, settings.training_memory_limit_mb),
         )
         returncode = _watch(child, job_id=job_id, attempt=attempt)
-    if returncode not in (0, None):
-        with session_scope() as session:
-            lifecycle.fail(
+    if returncode in (0, None):
+        return
+    with session_scope() as session:
+        if returncode == EXIT_PREEMPTED:
+            requeued = lifecycle.requeue(
                 session,
                 job_id=job_id,
                 attempt=attempt,
-                code="training_crashed",
-                message=f"The training process exited with code {returncode}. "
-                f"Last log lines: {_log_tail(log_path)}",
+                counts=False,
+                message="The worker shut down; the job is re-queued and resumes from its last checkpoint.",
             )
+        else:
+            requeued = _retry_or_fail(session, job_id, attempt, returncode, _log_tail(log_path))
+        session.commit()
+        if requeued:
+            send_jobs(session, [job_id])  # if this send is lost, the reconciler sends it
+
+
+def _retry_or_fail(session, job_id: str, attempt: int, returncode: int, tail: str) -> bool:  # type: ignore[no-untyped-def]
+    """A crashed child: re-queue while attempts remain (True), else fail with its error."""
+    how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
+    if returncode == -signal.SIGKILL:
+        how += " (the out-of-memory killer does this: try a smaller batch_size or qlora)"
+    message = f"The training process {how}. Last log lines: {tail}"
+    job = session.get(Job, job_id)
+    if job is not None and job.attempt == attempt and job.status == "running" and attempt < job.max_attempts:
+        return lifecycle.requeue(
+            session,
+            job_id=job_id,
+            attempt=attempt,
+            counts=True,
+            message=f"{message} Retrying (attempt {attempt} of {job.max_attempts} used).",
+        )
+    if job is not None and attempt >= job.max_attempts:
+        message = f"{message} The job has used all {job.max_attempts} attempts."
+    lifecycle.fail(session, job_id=job_id, attempt=attempt, code="training_crashed", message=message)
+    return False
 
 
 def _watch(child: subprocess.Popen, *, job_id: str, attempt: int) -> int | None:
-    """Heartbeat the lease until the child exits; stop it if the job is cancelled or runs too long."""
+    """Heartbeat the lease until the child exits; stop it on cancel, shutdown, timeout or lost database.
+
+    Returns the child's exit code, or None when this attempt no longer owns the job.
+    """
     settings = get_settings()
     deadline = time.monotonic() + settings.job_timeout_seconds
+    renewed = time.monotonic()
+    preempt_deadline: float | None = None
     while True:
+        returncode = _wait(child, settings.heartbeat_seconds, until_shutdown=preempt_deadline is None)
+        if returncode is not None:
+            return returncode
+        now = time.monotonic()
+        if SHUTDOWN.is_set() and preempt_deadline is None:
+            log.info("worker shutting down: asking job %s to checkpoint and stop", job_id)
+            child.send_signal(signal.SIGTERM)
+            preempt_deadline = now + settings.shutdown_grace_seconds
+        if preempt_deadline is not None and now > preempt_deadline:
+            log.warning("job %s did not checkpoint within the grace period; stopping it", job_id)
+            _kill(child)
+            return EXIT_PREEMPTED  # re-queued all the same: it resumes from its last complete checkpoint
         try:
-            return child.wait(timeout=settings.heartbeat_seconds)
-        except subprocess.TimeoutExpired:
-            pass
-        with session_scope() as session:
-            owned = lifecycle.renew_lease(
-                session, job_id=job_id, attempt=attempt, lease_seconds=settings.lease_seconds
-            )
-        if not owned:  # cancelled or superseded: the child stops at its next step; kill it if it lingers
+            with session_scope() as session:
+                owned = lifecycle.renew_lease(
+                    session, job_id=job_id, attempt=attempt, lease_seconds=settings.lease_seconds
+                )
+            renewed = now
+        except Exception:  # the database is away: the lease stands until it would have expired
+            log.exception("could not renew the lease of job %s", job_id)
+            if now - renewed > settings.lease_seconds * 0.8:
+                log.error("job %s: lease about to expire without the database; stopping the run", job_id)
+                _kill(child)
+                return None
+            continue
+        if not owned:  # cancelled, paused or superseded: the child stops at its next step, or is killed
             try:
                 child.wait(timeout=CANCEL_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                _kill(child)
             return None
-        if time.monotonic() > deadline:
-            child.kill()
-            child.wait()
+        if now > deadline:
+            _kill(child)
             with session_scope() as session:
                 lifecycle.fail(
                     session,
@@ -91,3 +166,20 @@ def _watch(child: subprocess.Popen, *, job_id: str, attempt: int) -> int | None:
                     message=f"Training ran longer than {settings.job_timeout_seconds} s and was stopped.",
                 )
             return None
+
+
+def _wait(child: subprocess.Popen, seconds: float, *, until_shutdown: bool) -> int | None:
+    """The child's exit code if it exits within `seconds`, else None; sooner if the worker shuts down."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            return child.wait(timeout=min(left, POLL_SECONDS))
+        except subprocess.TimeoutExpired:
+            if until_shutdown and SHUTDOWN.is_set():
+                return None
+    return None
+
+
+def _kill(child: subprocess.Popen) -> None:
+    child.kill()
+    child.wait()

@@ -1,5 +1,7 @@
 """Celery tasks: thin wrappers that pass ids and delegate."""
 
+from celery.signals import worker_shutting_down
+
 from app.queue import RUN_JOB, celery_app
 from worker import runner
 
@@ -7,3 +9,9 @@ from worker import runner
 @celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> None:
     runner.run_job(job_id)
+
+
+@worker_shutting_down.connect
+def _checkpoint_and_requeue(**_: object) -> None:
+    """Warm shutdown (SIGTERM): the running job checkpoints, stops and is re-queued (see worker.runner)."""
+    runner.SHUTDOWN.set()

@@ -2,11 +2,15 @@
 
 Started by worker/runner.py, one per attempt, so a crash or OOM in training never takes the worker down.
 It resolves the job into a RunSpec, runs the recipe, publishes the result and marks the job, every write
-fenced by the attempt number.
+fenced by the attempt number. A later attempt resumes from the job's last complete checkpoint.
+
+SIGTERM (the worker shutting down, or the whole process group stopped) makes the run save a checkpoint
+at the end of its current step and exit with `EXIT_PREEMPTED`; the worker then re-queues the job.
 """
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -16,6 +20,7 @@ from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import Job, TrainingFile
 from app.jobs import lifecycle
+from app.jobs import service as job_service
 from app.jobs.schemas import hyperparameters_of
 from app.models import service as model_service
 from app.storage import get_store
@@ -23,12 +28,17 @@ from app.storage import get_store
 if TYPE_CHECKING:
     from worker.training.sft import RunResult, RunSpec
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint saved; run the job again later
+
 
 def load_spec(job_id: str, attempt: int) -> "RunSpec":
     """Everything the recipe needs, read from the database (files are read in place from the store)."""
+    from worker.training.resume import last_checkpoint
     from worker.training.sft import RunSpec
 
     store = get_store()
+    workdir = get_settings().resolved_home / "work" / job_id / f"attempt-{attempt}"
+    resume = last_checkpoint(job_id, workdir)
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -37,6 +47,13 @@ def load_spec(job_id: str, attempt: int) -> "RunSpec":
         validation = session.get(TrainingFile, job.validation_file) if job.validation_file else None
         if training is None:
             raise FileNotFoundError(f"training file {job.training_file} was deleted")
+        if resume is not None and lifecycle.still_owned(session, job_id=job_id, attempt=attempt):
+            job_service.add_event(
+                session,
+                job_id=job_id,
+                message=f"Resuming from the checkpoint at step {resume[0]}.",
+                data={"resumed_from_step": resume[0]},
+            )
         return RunSpec(
             job_id=job.id,
             attempt=attempt,
@@ -51,7 +68,8 @@ def load_spec(job_id: str, attempt: int) -> "RunSpec":
             training_file_id=training.id,
             validation_file=store.local_path(validation.storage_key) if validation else None,
             validation_file_id=validation.id if validation else None,
-            workdir=get_settings().resolved_home / "work" / job.id / f"attempt-{attempt}",
+            workdir=workdir,
+            resume_from=resume[1] if resume else None,
         )
 
 
@@ -97,8 +115,14 @@ def run_recipe(spec: "RunSpec") -> "RunResult":
 def classify_failure(exc: BaseException) -> tuple[str, str]:
     """An error code and a message a user can act on."""
     text = f"{exc.__class__.__name__}: {exc}"
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return "out_of_memory", f"{text}. Try a smaller batch_size or max_seq_length, or the lora method."
+    if isinstance(exc, MemoryError) or any(
+        s in str(exc).lower() for s in ("out of memory", "not enough memory", "can't allocate memory")
+    ):
+        return "out_of_memory", (
+            f"{text}. Training ran out of memory: try a smaller batch_size (raise "
+            "gradient_accumulation_steps to keep the effective batch) or max_seq_length, or a lighter "
+            "method: lora, or qlora."
+        )
     if isinstance(exc, FileNotFoundError):
         return "missing_artifact", text
     return "training_error", text
@@ -108,11 +132,15 @@ def main(job_id: str, attempt: int) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        spec = load_spec(job_id, attempt)  # imports torch: inside the try, a broken install fails the job
+        from worker.training.callbacks import PREEMPTED  # imports torch: a broken install fails the job
+
+        signal.signal(signal.SIGTERM, lambda *_: PREEMPTED.set())
+        spec = load_spec(job_id, attempt)
         spec.workdir.mkdir(parents=True, exist_ok=True)
         result = run_recipe(spec)
-        if not result.cancelled:
-            publish(job_id, attempt, result)
+        if result.cancelled:
+            return EXIT_PREEMPTED if PREEMPTED.is_set() else 0
+        publish(job_id, attempt, result)
         return 0
     except Exception as exc:  # every failure becomes the job's error, never a silent crash
         traceback.print_exc()

@@ -112,3 +112,18 @@ class Model(Base):
     job_id: Mapped[str | None] = mapped_column(String(40))
     storage_key: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` a project sent with a create request, and the object that request created."""
+
+    __tablename__ = "idempotency_keys"
+
+    project: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # sha256 of the canonical request; `request_fields` holds one digest per field, to say what differs.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    request_fields: Mapped[dict[str, Any]] = mapped_column(JSON)
+    object_type: Mapped[str] = mapped_column(String(40))
+    object_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -2,13 +2,15 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 
+from app import idempotency
 from app.config import get_settings
 from app.deps import ProjectDep, SessionDep
 from app.files import service as file_service
 from app.files.schemas import FileDeleted, FilePublic, FilesPublic
+from app.idempotency import IdempotencyKeyDep
 from app.storage import get_store
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -20,16 +22,21 @@ def upload_file(
     project: ProjectDep,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
+    key: IdempotencyKeyDep,
+    response: Response,
 ) -> FilePublic:
     limit = get_settings().max_upload_mb << 20
-    row = file_service.create_file(
+    row, created = idempotency.create_file(
         session,
         project=project,
+        key=key,
         filename=file.filename or "upload.jsonl",
         purpose=purpose,
         stream=file.file,
         limit_bytes=limit,
     )
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
     return file_service.to_public(row)
 
 

@@ -1,6 +1,7 @@
 """Training files: validated on upload, stored as artifacts, owned by one project."""
 
 import hashlib
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from app.storage import get_store
 
 PURPOSES = ("fine-tune",)
 CHUNK = 1 << 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def to_public(row: TrainingFile) -> FilePublic:
@@ -57,6 +59,7 @@ def create_file(
     """Validate and store an uploaded training file; a file with errors is rejected whole."""
     if purpose not in PURPOSES:
         raise ApiError(400, f"Unsupported purpose '{purpose}': use one of {list(PURPOSES)}.", param="purpose")
+    filename = _CONTROL.sub("", filename)[-255:] or "upload.jsonl"  # it is echoed back and stored in Postgres
     tmp, size, sha256 = _spool(stream, limit_bytes)
     try:
         report = validate_training_file(tmp.read_bytes())
@@ -89,7 +92,7 @@ def create_file(
 
 def get_file(session: Session, *, project: str, file_id: str, param: str | None = None) -> TrainingFile:
     """A file of this project, or a 404 that names the id."""
-    row = session.get(TrainingFile, file_id)
+    row = None if "\x00" in file_id else session.get(TrainingFile, file_id)  # Postgres refuses NUL
     if row is None or row.project != project:
         raise not_found("file", file_id, param=param)
     return row

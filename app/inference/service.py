@@ -10,6 +10,7 @@ targets a vLLM server instead, after `app.inference.vllm.prepare` has resolved t
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -174,7 +175,9 @@ async def download_merged(client: httpx.AsyncClient, *, model_id: str, project: 
     """The merged export of `model_id` (a .tar.gz), streamed through from Tuneforge's inference server."""
     server, owned = _tuneforge_client(client)
     # The id goes into the path as is: ids hold ':' and '/', which the server's `:path` route accepts.
-    request = server.build_request("GET", f"/internal/merged/{model_id}", headers={PROJECT_HEADER: project})
+    # Encoded, so an id can never name another path on the server ('/' and '..' included).
+    path = f"/internal/merged/{quote(model_id, safe=':')}"
+    request = server.build_request("GET", path, headers={PROJECT_HEADER: project})
     try:
         upstream = await _send(server, request)
     except ApiError:

@@ -53,8 +53,30 @@ def renew_lease(session: Session, *, job_id: str, attempt: int, lease_seconds: i
 
 def still_owned(session: Session, *, job_id: str, attempt: int) -> bool:
     """True while this attempt may keep training."""
+    return attempt_status(session, job_id=job_id, attempt=attempt) == "running"
+
+
+def attempt_status(session: Session, *, job_id: str, attempt: int) -> str | None:
+    """The job's status as attempt `attempt` sees it: None once a newer attempt has superseded it."""
     job = session.get(Job, job_id)
-    return job is not None and job.attempt == attempt and job.status == "running"
+    return job.status if job is not None and job.attempt == attempt else None
+
+
+def requeue(session: Session, *, job_id: str, attempt: int, message: str, counts: bool) -> bool:
+    """Put a job this attempt owns back in the queue; the next attempt resumes from its last checkpoint.
+
+    `counts=False` (a worker shutting down, not a failure of the job) gives the attempt back, so that
+    preemptions never use up `max_attempts`; the attempt number itself still grows, for fencing.
+    """
+    values: dict[str, Any] = {"status": "queued", "lease_owner": None, "lease_expires_at": None}
+    values["sent_at"] = None  # the reconciler sends it if the caller's own send is lost
+    if not counts:
+        values["max_attempts"] = Job.max_attempts + 1
+    result = session.execute(_owned(job_id, attempt).values(**values))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    job_service.add_event(session, job_id=job_id, level="warn", message=message)
+    return True
 
 
 def fail(session: Session, *, job_id: str, attempt: int, code: str, message: str) -> bool:
@@ -83,8 +105,8 @@ def record_checkpoint(
     metrics: dict[str, Any],
     storage_key: str,
 ) -> bool:
-    """Add a checkpoint row whose files are already in the store."""
-    if not still_owned(session, job_id=job_id, attempt=attempt):
+    """Add a checkpoint row whose files are already in the store (a pausing job still saves its last one)."""
+    if attempt_status(session, job_id=job_id, attempt=attempt) not in ("running", "paused"):
         return False
     session.add(
         Checkpoint(id=checkpoint_id, job_id=job_id, step=step, metrics=metrics, storage_key=storage_key)
@@ -135,10 +157,15 @@ def mark_sent(session: Session, *, job_ids: list[str]) -> None:
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=utcnow()))
 
 
-def reconcile(session: Session, *, resend_after_seconds: float) -> list[str]:
+def reconcile(
+    session: Session, *, resend_after_seconds: float, queue_empty: bool = False, settle_seconds: float = 0
+) -> list[str]:
     """Re-queue jobs whose lease expired (failing those out of attempts) and pick queued jobs to re-send.
 
-    Returns the ids whose message should go out now; a duplicate is harmless, since only one claim wins.
+    A queued job's message is re-sent when it went out over `resend_after_seconds` ago, or, when the
+    broker's queue is known to be empty (`queue_empty`: its message cannot still be waiting, so a flushed
+    or restarted broker lost it), over `settle_seconds` ago. Returns the ids whose message should go out
+    now; a duplicate is harmless, since only one claim wins.
     """
     now = utcnow()
     expired = session.scalars(
@@ -166,7 +193,7 @@ def reconcile(session: Session, *, resend_after_seconds: float) -> list[str]:
                 level="warn",
                 message=f"The worker of attempt {job.attempt} stopped renewing its lease; job re-queued.",
             )
-    stale = now - timedelta(seconds=resend_after_seconds)
+    stale = now - timedelta(seconds=settle_seconds if queue_empty else resend_after_seconds)
     due = list(
         session.scalars(
             select(Job.id).where(Job.status == "queued", or_(Job.sent_at.is_(None), Job.sent_at < stale))

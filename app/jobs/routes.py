@@ -2,10 +2,11 @@
 
 import logging
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from app import queue
+from app import idempotency, queue
 from app.deps import ProjectDep, SessionDep
+from app.idempotency import IdempotencyKeyDep
 from app.jobs import service as job_service
 from app.jobs.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
 
@@ -16,10 +17,15 @@ Limit = Query(20, ge=1, le=100)
 
 
 @router.post("", response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
-    job = job_service.create_job(session, project=project, spec=body)
-    session.commit()  # the message goes out only once the row is durable
-    queue.send_jobs(session, [job.id])
+def create_job(
+    body: JobCreate, session: SessionDep, project: ProjectDep, key: IdempotencyKeyDep, response: Response
+) -> JobPublic:
+    job, created = idempotency.create_job(session, project=project, key=key, spec=body)
+    if created:
+        session.commit()  # the message goes out only once the row is durable
+        queue.send_jobs(session, [job.id])
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
     return job_service.to_public(job)
 
 
@@ -65,3 +71,18 @@ def list_checkpoints(
         first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
     )
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic)
+def pause_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
+    """A running job saves a checkpoint at the end of its step and stops; resume continues from it."""
+    return job_service.to_public(job_service.pause_job(session, project=project, job_id=job_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
+    job, send = job_service.resume_job(session, project=project, job_id=job_id)
+    if send:
+        session.commit()  # the message goes out only once the row is durable
+        queue.send_jobs(session, [job.id])
+    return job_service.to_public(job)

@@ -6,8 +6,8 @@ from typing import Any, Literal, Self, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TASKS = ("supervised", "dpo", "classification")
-JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("validating_files", "queued", "running")
+JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
 # `auto` is resolved by the worker that runs the job: full if it fits its memory, else LoRA, else QLoRA.
 PeftChoice = Literal[
     "auto",

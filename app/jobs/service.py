@@ -258,6 +258,43 @@ def cancel_job(session: Session, *, project: str, job_id: str) -> Job:
     return job
 
 
+def pause_job(session: Session, *, project: str, job_id: str) -> Job:
+    """Pause a queued or running job; a running one saves a checkpoint at the end of its current step.
+
+    A paused job keeps its checkpoints and resumes from the last one. The attempt a pause interrupts is
+    given back (`max_attempts` grows), so pausing never uses up a job's attempts.
+    """
+    job = get_job(session, project=project, job_id=job_id)
+    if job.status in ("validating_files", "queued", "running"):
+        if job.status == "running":
+            job.max_attempts += 1
+        job.status, job.lease_owner, job.lease_expires_at = "paused", None, None
+        add_event(session, job_id=job.id, message="Job paused by the user.")
+    elif job.status != "paused":
+        raise ApiError(
+            400,
+            f"Job {job.id} has {job.status}; only a queued or running job can be paused.",
+            code="job_not_pausable",
+        )
+    session.flush()
+    return job
+
+
+def resume_job(session: Session, *, project: str, job_id: str) -> tuple[Job, bool]:
+    """Queue a paused job again (it continues from its last checkpoint); True if it needs sending."""
+    job = get_job(session, project=project, job_id=job_id)
+    if job.status == "paused":
+        job.status, job.sent_at = "queued", None
+        add_event(session, job_id=job.id, message="Job resumed by the user.")
+        session.flush()
+        return job, True
+    if job.status not in ("validating_files", "queued", "running"):
+        raise ApiError(
+            400, f"Job {job.id} has {job.status}; only a paused job can be resumed.", code="job_not_paused"
+        )
+    return job, False
+
+
 def add_event(
     session: Session,
     *,

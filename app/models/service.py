@@ -57,7 +57,7 @@ def add_fine_tuned_model(
 
 def get_model(session: Session, *, project: str, model_id: str, param: str | None = None) -> Model:
     """A base model or one of this project's fine-tuned models, else 404."""
-    row = session.get(Model, model_id)
+    row = None if "\x00" in model_id else session.get(Model, model_id)  # Postgres refuses NUL
     if row is None or (row.project is not None and row.project != project):
         raise not_found("model", model_id, param=param)
     return row

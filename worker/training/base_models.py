@@ -291,8 +291,28 @@ def _classification_profile(config: Any, num_layers: int) -> dict[str, Any] | No
     }
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def require_safetensors(folder: Path) -> None:
+    """Refuse a model folder without safetensors weights: pickle weights can run code when loaded."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickled:
+        raise ValueError(
+            f"{folder} holds only pickle weights ({', '.join(pickled)}); Tuneforge loads safetensors only, "
+            "because unpickling can run arbitrary code. Convert the weights to safetensors (load the model "
+            "and save_pretrained(folder, safe_serialization=True)) and register the folder again."
+        )
+    raise ValueError(f"{folder} holds no model weights; Tuneforge needs *.safetensors files there.")
+
+
 def inspect_model(folder: Path) -> dict[str, Any]:
     """The model's profile, read on the meta device (no weights are loaded).
+
+    Every way of registering a base model goes through here, so a folder without safetensors is refused.
 
     The API keeps it with the model row: it checks job specs against `linear_modules` and plans memory
     and counts parameters per method from the shapes (`linears`, `parameters`, `classification`), all
@@ -302,6 +322,7 @@ def inspect_model(folder: Path) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    require_safetensors(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     architectures = config.architectures or []
     # A checkpoint saved from a causal-LM class (LlamaForCausalLM, GPT2LMHeadModel) generates text;

@@ -1,13 +1,20 @@
-"""Trainer callbacks that report to Tuneforge: metrics events, checkpoints, and cooperative cancel."""
+"""Trainer callbacks that report to Tuneforge: metrics events, checkpoints, and cooperative stops.
 
+A run stops at the end of a step when its job is cancelled (no checkpoint) or paused (checkpoint first),
+and when `PREEMPTED` is set (the worker is shutting down: checkpoint first, then the job is re-queued).
+"""
+
+import logging
 import os
 import secrets
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from transformers import TrainerCallback
 
 from app.db.session import session_scope
@@ -15,7 +22,10 @@ from app.jobs import lifecycle
 from app.jobs import service as job_service
 from app.storage import get_store
 
-# Files of a checkpoint folder that make up the model; optimizer state stays on the worker for resume.
+log = logging.getLogger(__name__)
+# Set by the training process's SIGTERM handler: save a checkpoint at the end of this step, then stop.
+PREEMPTED = threading.Event()
+
 # Trainer's timing figures among the eval_* logs: not metrics of the model.
 EVAL_BOOKKEEPING = (
     "eval_runtime",
@@ -24,7 +34,15 @@ EVAL_BOOKKEEPING = (
     "eval_num_tokens",
     "eval_model_preparation_time",
 )
+# Files of a checkpoint folder that make up the model: the checkpoint users download.
 MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json")
+# Trainer writes its arguments as a pickle; resuming never reads it, so it never leaves the worker.
+NOT_RESUME_STATE = ("training_args.bin",)
+
+
+def resume_state_key(checkpoint_key: str) -> str:
+    """Where the whole checkpoint (weights, optimizer, scheduler, RNG, trainer state) is kept for resume."""
+    return checkpoint_key.removesuffix(".tar.gz") + ".state.tar.gz"
 
 
 def pack_folder(folder: Path, names: list[str] | None = None) -> Path:
@@ -39,30 +57,40 @@ def pack_folder(folder: Path, names: list[str] | None = None) -> Path:
 
 
 class JobReporter(TrainerCallback):
-    """Writes metrics every logging step, records checkpoints, and stops when the job is cancelled."""
+    """Writes metrics every logging step, records checkpoints, and stops when asked to (see the module)."""
 
     def __init__(self, *, job_id: str, attempt: int) -> None:
         self.job_id, self.attempt = job_id, attempt
         self.stopped = False
+        self.keeps_checkpoint = False  # stopped with a checkpoint saved: paused or preempted
+        self.saved_steps: set[int] = set()
         self.last_metrics: dict[str, Any] = {}
         self.last_eval_step = -1
         self._last_log = (time.monotonic(), 0)
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        with session_scope() as session:
-            owned = lifecycle.still_owned(session, job_id=self.job_id, attempt=self.attempt)
-        if not owned:
-            self.stopped = True
-            control.should_training_stop = True
-            control.should_save = False
-            # Not fenced: the user should see where a cancelled run stopped.
+        try:
             with session_scope() as session:
-                job_service.add_event(
-                    session,
-                    job_id=self.job_id,
-                    message=f"Training stopped at step {state.global_step}.",
-                    data={"step": state.global_step},
-                )
+                status = lifecycle.attempt_status(session, job_id=self.job_id, attempt=self.attempt)
+        except SQLAlchemyError:  # the database is away: go on; the worker stops us if the lease runs out
+            log.warning("could not read the job's status; training on", exc_info=True)
+            status = "running"
+        if status == "running" and not PREEMPTED.is_set():
+            return control
+        self.stopped = True
+        self.keeps_checkpoint = status in ("running", "paused")
+        control.should_training_stop = True
+        control.should_save = self.keeps_checkpoint
+        step = state.global_step
+        if PREEMPTED.is_set() and status == "running":
+            message = f"The worker is shutting down: saving a checkpoint at step {step} to resume from."
+        elif status == "paused":
+            message = f"Job paused at step {step}; saving a checkpoint to resume from."
+        else:
+            message = f"Training stopped at step {step}."
+        # Not fenced: the user should see where a cancelled or paused run stopped.
+        with session_scope() as session:
+            job_service.add_event(session, job_id=self.job_id, message=message, data={"step": step})
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -106,31 +134,45 @@ class JobReporter(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.stopped or not folder.is_dir():
+        if (self.stopped and not self.keeps_checkpoint) or not folder.is_dir():
             return
-        key = f"checkpoints/{self.job_id}/step-{state.global_step}.tar.gz"
-        archive = pack_folder(folder, list(MODEL_FILES))
-        try:
-            get_store().put_file(key, archive)  # atomic: temp name, then rename
-        finally:
-            archive.unlink(missing_ok=True)
+        if state.global_step in self.saved_steps:  # a stop mid-epoch saves, and so may the epoch's end
+            return
+        self.saved_steps.add(state.global_step)
+        # Per attempt: a superseded attempt that still runs can never overwrite the live one's files.
+        key = f"checkpoints/{self.job_id}/attempt-{self.attempt}/step-{state.global_step}.tar.gz"
+        state_files = [p.name for p in folder.iterdir() if p.name not in NOT_RESUME_STATE]
+        # Both archives are in the store (each written atomically) before the row that points at them.
+        for archive_key, names in ((resume_state_key(key), state_files), (key, list(MODEL_FILES))):
+            archive = pack_folder(folder, names)
+            try:
+                get_store().put_file(archive_key, archive)  # atomic: temp name, then rename
+            finally:
+                archive.unlink(missing_ok=True)
         metrics = {"step": state.global_step} | {
             k: v
             for k, v in self.last_metrics.items()
             if k in ("train_loss", "train_mean_token_accuracy") or k.startswith(("valid_", "train_rewards/"))
         }
-        with session_scope() as session:
-            lifecycle.record_checkpoint(
-                session,
-                job_id=self.job_id,
-                attempt=self.attempt,
-                checkpoint_id="ftckpt-" + secrets.token_hex(12),
-                step=state.global_step,
-                metrics=metrics,
-                storage_key=key,
-            )
+        try:
+            with session_scope() as session:
+                lifecycle.record_checkpoint(
+                    session,
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    checkpoint_id="ftckpt-" + secrets.token_hex(12),
+                    step=state.global_step,
+                    metrics=metrics,
+                    storage_key=key,
+                )
+        except SQLAlchemyError:  # the files stay in the store; without a row no resume ever uses them
+            log.warning("could not record the checkpoint at step %s", state.global_step, exc_info=True)
 
     def event(self, message: str, data: dict, type: str = "message") -> None:
-        with session_scope() as session:
-            if lifecycle.still_owned(session, job_id=self.job_id, attempt=self.attempt):
-                job_service.add_event(session, job_id=self.job_id, message=message, type=type, data=data)
+        """Record an event while this attempt owns the job; lost, not fatal, while the database is away."""
+        try:
+            with session_scope() as session:
+                if lifecycle.still_owned(session, job_id=self.job_id, attempt=self.attempt):
+                    job_service.add_event(session, job_id=self.job_id, message=message, type=type, data=data)
+        except SQLAlchemyError:
+            log.warning("could not record event %r", message, exc_info=True)

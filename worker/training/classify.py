@@ -188,7 +188,7 @@ def fit(spec: RunSpec, trainer: Trainer, reporter: JobReporter) -> dict[str, Any
         metrics |= evaluate_base(trainer, reporter)
     trainer.add_callback(reporter)  # after the base evaluation, which is no checkpoint's metric
     started = time.monotonic()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=spec.resume_argument)
     elapsed = time.monotonic() - started
     metrics |= {
         "train_loss": output.training_loss,

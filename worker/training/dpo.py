@@ -139,7 +139,7 @@ def fit(
     )
     reporter.event(*reference_of(trainer))
     started = time.monotonic()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=spec.resume_argument)
     elapsed = time.monotonic() - started
     metrics: dict[str, Any] = {
         "train_loss": output.training_loss,

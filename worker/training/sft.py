@@ -43,6 +43,12 @@ class RunSpec:
     validation_file: Path | None
     validation_file_id: str | None
     workdir: Path
+    resume_from: Path | None = None  # a checkpoint folder of an earlier attempt (worker/training/resume.py)
+
+    @property
+    def resume_argument(self) -> str | None:
+        """Trainer's `resume_from_checkpoint`: optimizer, scheduler, RNG and data position come back too."""
+        return str(self.resume_from) if self.resume_from else None
 
 
 @dataclass
@@ -188,7 +194,7 @@ def fit(
         {"trainable_parameters": trainable, "total_parameters": total},
     )
     started = time.monotonic()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=spec.resume_argument)
     metrics = {
         "train_loss": output.training_loss,
         "steps": output.global_step,

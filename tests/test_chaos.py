@@ -1,0 +1,426 @@
+"""Faults injected for real: workers SIGKILLed and SIGTERMed, training processes killed, the broker
+flushed, the database taken away. Every job must still finish exactly once, resuming where it stopped.
+
+These tests run a stack of their own (database, Redis database, queue and state folder: `Stack`), with
+API and reconciler processes but workers started and killed by each test, so the faults never touch the
+services the other tests share.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+
+from tests.conftest import POSTGRES_URL, REDIS_URL, free_port
+from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
+
+LEASE_SECONDS = 8
+
+
+def _chaos_redis_url() -> str:
+    url = make_url(REDIS_URL.replace("redis://", "postgresql://"))  # only to parse the database number
+    number = (int(url.database or 0) + 1) % 16  # the next Redis database: 15 -> 0 by default
+    return f"redis://{url.host or '127.0.0.1'}:{url.port or 6379}/{number}"
+
+
+@dataclass
+class Stack:
+    """An API and a reconciler on their own database, broker and folder; workers come and go per test."""
+
+    url: str
+    key: str
+    env: dict[str, str]
+    db: Engine
+    broker: str
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def start_worker(self, **env: str) -> subprocess.Popen:
+        """`tuneforge worker`: one Celery worker, exactly as `tuneforge up` starts it."""
+        log = (Path(self.env["TUNEFORGE_HOME"]) / "worker.log").open("ab")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"],
+            env=self.env | env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers.append(worker)
+        return worker
+
+    def sql(self, query: str, **params: object) -> list:
+        with self.db.begin() as connection:
+            return list(connection.execute(text(query), params))
+
+
+def _run_cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def stack(database: str) -> Iterator[Stack]:
+    url = make_url(POSTGRES_URL)
+    name = f"{url.database}_chaos"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    chaos_url = url.set(database=name).render_as_string(hide_password=False)
+    broker = _chaos_redis_url()
+    redis.Redis.from_url(broker).flushdb()
+    home = tempfile.mkdtemp(prefix="tuneforge-chaos-")
+    env = os.environ | {
+        "TUNEFORGE_DATABASE_URL": chaos_url,
+        "TUNEFORGE_BROKER_URL": broker,
+        "TUNEFORGE_HOME": home,
+        "TUNEFORGE_QUEUE": f"chaos-{uuid.uuid4().hex[:8]}",
+        "TUNEFORGE_LEASE_SECONDS": str(LEASE_SECONDS),
+        "TUNEFORGE_HEARTBEAT_SECONDS": "1",
+        "TUNEFORGE_RECONCILE_SECONDS": "1",
+        "TUNEFORGE_RESEND_AFTER_SECONDS": "600",  # a lost message must be found by the empty-queue check
+        "TUNEFORGE_SHUTDOWN_GRACE_SECONDS": "30",
+        "TUNEFORGE_INFERENCE_URL": "http://127.0.0.1:9",  # no inference server: not needed here
+    }
+    _run_cli(env, "models", "make-tiny")
+    key = _run_cli(env, "keys", "create", "--project", "chaos").strip().splitlines()[-1]
+    port = free_port()
+    logs = Path(home)
+    services = [
+        subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=(logs / "api.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "reconciler"],
+            env=env,
+            stdout=(logs / "reconciler.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        ),
+    ]
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the chaos API did not start"
+        time.sleep(0.3)
+    db = create_engine(chaos_url)
+    result = Stack(base, key, env, db, broker)
+    try:
+        yield result
+    finally:
+        for process in services + result.workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        db.dispose()
+
+
+@pytest.fixture
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def no_workers_left(stack: Stack) -> Iterator[None]:
+    """Each test starts the workers it needs; none outlives it."""
+    yield
+    for worker in stack.workers:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    stack.workers.clear()
+
+
+def all_events(http: httpx.Client, job_id: str) -> list[dict]:
+    """Every event of a job, oldest first."""
+    events: list[dict] = []
+    after = None
+    while True:
+        params: dict = {"limit": 100} | ({"after": after} if after else {})
+        page = http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return sorted(events, key=lambda e: (e["created_at"], int(e["id"].split("-")[1])))
+        after = page["data"][-1]["id"]
+
+
+def wait_for_event(http: httpx.Client, job_id: str, starts: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in all_events(http, job_id) if e["message"].startswith(starts)]
+        if found:
+            return found[-1]
+        time.sleep(0.3)
+    raise TimeoutError(f"no event '{starts}...' for job {job_id} in {timeout} s")
+
+
+def wait_for_step(http: httpx.Client, job_id: str, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [e["data"]["step"] for e in all_events(http, job_id) if e["type"] == "metrics"]
+        if steps and max(steps) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} did not reach step {step} in {timeout} s")
+
+
+def checkpoint_steps(http: httpx.Client, job_id: str) -> list[int]:
+    page = http.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 100}).json()
+    return sorted(c["step_number"] for c in page["data"])
+
+
+def losses(events: list[dict]) -> dict[int, float]:
+    """Training loss per step; a step trained twice (before a crash and after resuming) keeps the last."""
+    return {e["data"]["step"]: e["data"]["train_loss"] for e in events if e["type"] == "metrics"}
+
+
+def training_processes(job_id: str) -> list[int]:
+    """Pids of the training processes of `job_id` on this machine."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker.train_job" in cmdline and job_id.encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+# 40 steps of batch 2 with a checkpoint every 5: long enough to interrupt, short enough to run twice.
+LONG_JOB = {"n_epochs": 2, "batch_size": 2, "checkpoint_every_steps": 5}
+
+
+def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
+    stack: Stack, http: httpx.Client
+) -> None:
+    """Chaos 1, 2 and 6: SIGKILL the worker mid-run; the next worker resumes, and the losses match."""
+    training = upload(http, chat_jsonl(40))
+    body = job_body(training["id"], **LONG_JOB)
+    stack.start_worker()
+    reference = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    assert wait_for_status(http, reference, {"succeeded", "failed"})["status"] == "succeeded"
+
+    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 120
+    while not [s for s in checkpoint_steps(http, job_id) if s >= 10]:
+        assert time.monotonic() < deadline, "no checkpoint at step 10"
+        time.sleep(0.2)
+    stack.workers[0].send_signal(signal.SIGKILL)
+    stack.workers[0].wait()
+    time.sleep(0.5)
+    assert training_processes(job_id) == [], "the training process died with its worker"
+    last = max(checkpoint_steps(http, job_id))
+
+    # A kill in the middle of writing the next checkpoint leaves, at worst, a temp file or an archive with
+    # no database row (the row comes last). Plant both, torn, where that write would have put them.
+    store = Path(stack.env["TUNEFORGE_HOME"]) / "artifacts" / "checkpoints" / job_id / "attempt-1"
+    torn = store / f"step-{last + 5}.state.tar.gz"
+    torn.write_bytes(b"\x1f\x8b torn")
+    (store / ".tmp-torn").write_bytes(b"\x1f\x8b torn")
+
+    stack.start_worker()
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    events = all_events(http, job_id)
+    resumed = [e for e in events if e["message"].startswith("Resuming from the checkpoint")]
+    assert [e["data"]["resumed_from_step"] for e in resumed] == [last]
+    after_resume = events[events.index(resumed[0]) :]
+    first_step = min(e["data"]["step"] for e in after_resume if e["type"] == "metrics")
+    assert first_step == last + 1, "the global step continues from the checkpoint"
+    assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
+
+    # Same seed, same data: the resumed run trains exactly what the uninterrupted one did.
+    expected, got = losses(all_events(http, reference)), losses(events)
+    assert sorted(got) == sorted(expected) == list(range(1, 41))
+    worst = max(abs(got[s] - expected[s]) for s in expected)
+    assert worst <= 1e-4, f"resumed and uninterrupted losses differ by up to {worst}"
+
+
+def test_sigterm_checkpoints_and_requeues_without_using_an_attempt(stack: Stack, http: httpx.Client) -> None:
+    """Chaos 9: a worker asked to stop saves a checkpoint, re-queues the job and exits; the next resumes."""
+    training = upload(http, chat_jsonl(40))
+    body = job_body(training["id"], n_epochs=2, batch_size=2)  # no periodic checkpoints
+    worker = stack.start_worker()
+    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    wait_for_step(http, job_id, 6)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, "the worker shut down cleanly"
+    saved = wait_for_event(http, job_id, "The worker is shutting down")["data"]["step"]
+    assert checkpoint_steps(http, job_id) == [saved]
+    job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "queued"
+    assert stack.sql("SELECT max_attempts FROM jobs WHERE id = :j", j=job_id)[0][0] == 4
+
+    stack.start_worker()
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    resumed = wait_for_event(http, job_id, "Resuming from the checkpoint")
+    assert resumed["data"]["resumed_from_step"] == saved
+
+
+def test_poison_job_fails_after_max_attempts_with_its_last_error(stack: Stack, http: httpx.Client) -> None:
+    """Chaos 7: a training process killed on every attempt (as the OOM killer would) stops at 3."""
+    training = upload(http, chat_jsonl(40))
+    stack.start_worker()
+    job_id = http.post(
+        "/v1/fine_tuning/jobs", json=job_body(training["id"], n_epochs=50, batch_size=1)
+    ).json()["id"]
+    for attempt in (1, 2, 3):
+        wait_for_event(http, job_id, f"Fine-tuning job started (attempt {attempt}")
+        deadline = time.monotonic() + 60
+        while not (pids := training_processes(job_id)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(pids[0], signal.SIGKILL)
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "training_crashed"
+    assert "killed by signal 9" in job["error"]["message"]
+    assert "used all 3 attempts" in job["error"]["message"]
+    time.sleep(3)  # the reconciler runs every second: nothing picks the job up again
+    assert http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["attempt"] == 3
+    assert stack.workers[0].poll() is None, "the worker survives its jobs' crashes"
+
+
+def test_flushed_broker_loses_no_job(stack: Stack, http: httpx.Client) -> None:
+    """Chaos 4: Redis loses every message while one job runs and two wait; all three finish."""
+    training = upload(http, chat_jsonl(16))
+    stack.start_worker()
+    running = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"], n_epochs=4, batch_size=1))
+    waiting = [http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])) for _ in range(2)]
+    wait_for_step(http, running.json()["id"], 2)
+    redis.Redis.from_url(stack.broker).flushdb()
+    for job_id in [running.json()["id"]] + [w.json()["id"] for w in waiting]:
+        job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
+        assert job["status"] == "succeeded" and job["attempt"] == 1, job
+
+
+def test_database_outage_mid_run_finishes_without_overlap(stack: Stack, http: httpx.Client) -> None:
+    """Chaos 10: every connection to the job database is cut and refused for 4 s while a job trains."""
+    training = upload(http, chat_jsonl(40))
+    stack.start_worker()
+    job_id = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"], **LONG_JOB)).json()["id"]
+    most_at_once, watching = [0], threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            most_at_once[0] = max(most_at_once[0], len(training_processes(job_id)))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        wait_for_step(http, job_id, 4)
+        name = make_url(stack.env["TUNEFORGE_DATABASE_URL"]).database
+        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+            )
+            time.sleep(4)
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+        job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
+    finally:
+        watching.set()
+        watcher.join()
+    assert job["status"] == "succeeded", job
+    assert most_at_once[0] == 1, "two attempts of the job trained at the same time"
+    assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
+
+
+def test_pause_keeps_the_checkpoint_and_resume_continues_from_it(stack: Stack, http: httpx.Client) -> None:
+    """Pause a running job through the openai SDK: it checkpoints and stops; resume picks up there."""
+    training = upload(http, chat_jsonl(40))
+    sdk = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key, max_retries=0)
+    stack.start_worker()
+    job_id = http.post(
+        "/v1/fine_tuning/jobs", json=job_body(training["id"], n_epochs=2, batch_size=2)
+    ).json()["id"]
+    wait_for_step(http, job_id, 4)
+    assert sdk.fine_tuning.jobs.pause(job_id).status == "paused"
+    paused_at = wait_for_event(http, job_id, "Job paused at step")["data"]["step"]
+    deadline = time.monotonic() + 60
+    while checkpoint_steps(http, job_id) != [paused_at]:
+        assert time.monotonic() < deadline, "the paused run saved no checkpoint"
+        time.sleep(0.3)
+    time.sleep(2)
+    assert sdk.fine_tuning.jobs.retrieve(job_id).status == "paused", "a paused job stays paused"
+    assert training_processes(job_id) == []
+
+    assert sdk.fine_tuning.jobs.resume(job_id).status == "queued"
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded"
+    assert (
+        wait_for_event(http, job_id, "Resuming from the checkpoint")["data"]["resumed_from_step"] == paused_at
+    )
+
+    finished = http.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert finished.status_code == 400 and finished.json()["error"]["code"] == "job_not_pausable"
+
+
+def test_out_of_memory_fails_the_job_with_a_hint_and_the_worker_runs_the_next(
+    stack: Stack, http: httpx.Client
+) -> None:
+    """A run that needs more memory than the worker allows fails as out_of_memory; the worker goes on."""
+    stack.start_worker(TUNEFORGE_TRAINING_MEMORY_LIMIT_MB="5000")
+    huge = upload(http, chat_jsonl(8192))
+    # 8192 rows in one batch: the logits alone (8192 x ~25 tokens x 1024 vocabulary, fp32) and their
+    # softmax copies need more than the 5000 MB address space the worker gives its training processes.
+    body = job_body(huge["id"], batch_size=8192)
+    oom = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    small = upload(http, chat_jsonl(16))
+    after = http.post("/v1/fine_tuning/jobs", json=job_body(small["id"])).json()["id"]
+    job = wait_for_status(http, oom, {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "failed" and job["error"]["code"] == "out_of_memory", job
+    assert "smaller batch_size" in job["error"]["message"] and "qlora" in job["error"]["message"]
+    assert wait_for_status(http, after, {"succeeded", "failed"}, timeout=120)["status"] == "succeeded"
+    assert stack.workers[0].poll() is None
+
+
+def test_up_replaces_a_worker_that_died(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tuneforge up` supervises its processes: a dead worker is replaced, any other death stops it."""
+    from app.cli import supervise, worker_command
+
+    # The replacement inherits this environment: point it at the chaos stack, not the shared one.
+    for name in ("TUNEFORGE_DATABASE_URL", "TUNEFORGE_BROKER_URL", "TUNEFORGE_HOME"):
+        monkeypatch.setenv(name, stack.env[name])
+    dead = subprocess.Popen(worker_command(), env=stack.env)
+    dead.kill()
+    dead.wait()
+    processes = [dead]
+    try:
+        assert supervise(processes) is True
+        replacement = processes[0]
+        assert replacement is not dead and replacement.poll() is None
+        assert replacement.args[:6] == worker_command()[:6]  # type: ignore[index]
+    finally:
+        processes[0].kill()
+        processes[0].wait()
+    api = subprocess.Popen([sys.executable, "-c", "pass"])
+    api.wait()
+    assert supervise([api]) is False

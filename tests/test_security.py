@@ -1,0 +1,339 @@
+"""Security: path traversal, upload size limits, pickle weights and pickle messages, over real HTTP."""
+
+import http.client
+import json
+import os
+import pickle
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from app.cli import free_port, register_folder
+from app.config import get_settings
+from app.queue import RUN_JOB, celery_app, job_queue
+from app.storage import LocalArtifactStore
+from tests.helpers import TEST_HOME, chat_jsonl, upload
+from worker.training.base_models import inspect_model
+
+SECRET = b"tuneforge-secret-outside-the-store"
+
+# As they appear in the URL: plain, percent-encoded, double-encoded, absolute, NUL and backslash variants.
+BAD_IDS = [
+    "../../secret.txt",
+    "..%2f..%2fsecret.txt",
+    "%2e%2e%2f%2e%2e%2fsecret.txt",
+    "%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "..%252f..%252fsecret.txt",
+    "..%5c..%5csecret.txt",
+    "/etc/passwd",
+    "%2fetc%2fpasswd",
+    "file-abc%00.jsonl",
+    "%00",
+    "files/..%2f..%2f..%2fsecret.txt",
+]
+
+# Every route that takes an id: (method, path template).
+ID_ROUTES = [
+    ("GET", "/v1/files/{}"),
+    ("GET", "/v1/files/{}/content"),
+    ("DELETE", "/v1/files/{}"),
+    ("GET", "/v1/fine_tuning/jobs/{}"),
+    ("GET", "/v1/fine_tuning/jobs/{}/events"),
+    ("GET", "/v1/fine_tuning/jobs/{}/checkpoints"),
+    ("POST", "/v1/fine_tuning/jobs/{}/cancel"),
+    ("POST", "/v1/fine_tuning/jobs/{}/pause"),
+    ("POST", "/v1/fine_tuning/jobs/{}/resume"),
+    ("GET", "/v1/models/{}"),
+    ("GET", "/v1/models/{}/adapter"),
+    ("DELETE", "/v1/models/{}"),
+    ("GET", "/v1/models/{}/merged"),
+]
+
+
+def raw_request(base_url: str, method: str, path: str, key: str) -> tuple[int, bytes]:
+    """Send `path` exactly as written: httpx would resolve the dot segments before sending."""
+    url = urlsplit(base_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        connection.putheader("Authorization", f"Bearer {key}")
+        connection.putheader("Content-Length", "0")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def secret_outside_store(server: str) -> Path:
+    """A file next to the artifact store, where '../' from a stored key would land."""
+    secret = get_settings().resolved_artifact_dir.parent / "secret.txt"
+    secret.write_bytes(SECRET)
+    return secret
+
+
+@pytest.mark.parametrize(("method", "template"), ID_ROUTES)
+def test_traversal_ids_never_reach_the_filesystem(
+    method: str, template: str, server: str, api_key: str, secret_outside_store: Path
+) -> None:
+    for bad_id in BAD_IDS:
+        status, body = raw_request(server, method, template.format(bad_id), api_key)
+        assert status in (400, 404), (method, template, bad_id, status, body[:300])
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+        assert SECRET not in body and b"root:" not in body
+
+
+def test_traversal_next_to_a_real_file_id(server: str, api_key: str, http: httpx.Client) -> None:
+    """A real id with a traversal tail: the route does not match, nothing is served."""
+    file_id = upload(http, chat_jsonl(4))["id"]
+    for tail in ("/../../secret.txt", "%2f..%2f..%2fsecret.txt", "/content/../../../secret.txt"):
+        status, body = raw_request(server, "GET", f"/v1/files/{file_id}{tail}", api_key)
+        assert status in (400, 404), (tail, status, body[:300])
+        assert SECRET not in body
+
+
+def test_nul_in_queries_and_bodies_is_a_client_error(http: httpx.Client) -> None:
+    """Postgres refuses NUL in text: it must be caught before it gets there (a 4xx, not a 500)."""
+    assert http.get("/v1/fine_tuning/jobs", params={"after": "job-\x00"}).status_code == 400
+    assert http.get("/v1/files", params={"purpose": "fine-\x00tune"}).status_code == 400
+    for body in (
+        {"model": "tiny-llama", "training_file": "file-\x00"},
+        {"model": "tiny\x00llama", "training_file": "file-x"},
+    ):
+        response = http.post("/v1/fine_tuning/jobs", json=body)
+        assert response.status_code == 404, response.text
+        response = http.post("/v1/fine_tuning/estimate", json=body)
+        assert response.status_code == 404, response.text
+    response = http.post(
+        "/v1/files", files={"file": ("train\x00.jsonl", chat_jsonl(4))}, data={"purpose": "fine-tune"}
+    )
+    assert response.status_code == 200, response.text
+    assert "\x00" not in response.json()["filename"]
+
+
+@pytest.mark.parametrize(
+    "key", ["../x", "/etc/passwd", "files/../../x", "files/x\x00.jsonl", "files\\..\\x", "", "files/"]
+)
+def test_the_store_refuses_unsafe_keys(key: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unsafe artifact key"):
+        LocalArtifactStore(tmp_path).local_path(key)
+
+
+# --- upload size limit, enforced while the body streams in ---------------------------------------------
+
+LIMIT_MB = 1
+
+
+@pytest.fixture(scope="module")
+def small_limit_api(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """An API process with a 1 MB upload limit and a temp folder of its own, to look for leftovers."""
+    tmp = tmp_path_factory.mktemp("api-tmp")
+    port = free_port()
+    env = os.environ | {"TUNEFORGE_MAX_UPLOAD_MB": str(LIMIT_MB), "TMPDIR": str(tmp)}
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
+    log = (TEST_HOME / "small-limit-api.log").open("ab")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, "the API exited; see small-limit-api.log"
+            try:
+                if httpx.get(f"{base_url}/livez", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.2)
+        yield base_url, tmp
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+def multipart_head(boundary: str) -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+
+
+def stream_upload(base_url: str, key: str, *, content_length: int | None, total: int) -> tuple[bytes, int]:
+    """POST a multipart body of about `total` bytes in chunks, stopping as soon as the server answers.
+
+    Returns the start of the response and how many body bytes were sent before it came.
+    """
+    url = urlsplit(base_url)
+    boundary = uuid.uuid4().hex
+    length = (
+        f"Content-Length: {content_length}" if content_length is not None else "Transfer-Encoding: chunked"
+    )
+    head = (
+        f"POST /v1/files HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n{length}\r\n\r\n"
+    ).encode()
+    chunked = content_length is None
+    sent = 0
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head)
+        select.select([sock], [], [], 1)  # a server that refuses on the headers alone answers now
+        pieces = [multipart_head(boundary)]
+        while sent < total:
+            readable, writable, _ = select.select([sock], [sock], [], 10)
+            if readable:
+                break
+            if not writable:
+                continue
+            piece = pieces.pop() if pieces else b'{"messages": []}\n' * 2048
+            try:
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+        response = b""
+        try:
+            while chunk := sock.recv(65536):
+                response += chunk
+                if b"\r\n\r\n" in response and response.rstrip().endswith(b"}"):
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return response, sent
+
+
+def assert_413(response: bytes) -> None:
+    status_line, _, rest = response.partition(b"\r\n")
+    assert b" 413 " in status_line, response[:500]
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "file_too_large"
+    assert f"{LIMIT_MB} MB" in body["error"]["message"]
+
+
+def test_upload_just_over_the_limit_is_413_and_leaves_no_temp_files(
+    small_limit_api: tuple[str, Path], api_key: str
+) -> None:
+    base_url, tmp = small_limit_api
+    data = b"x" * ((LIMIT_MB << 20) + 1)
+    response = httpx.post(
+        f"{base_url}/v1/files",
+        files={"file": ("big.jsonl", data)},
+        data={"purpose": "fine-tune"},
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "file_too_large"
+    assert list(tmp.iterdir()) == []
+    # just under the limit is a valid file
+    ok = chat_jsonl(4)
+    ok += b" " * ((LIMIT_MB << 20) - len(ok) - 1) + b"\n"
+    response = httpx.post(
+        f"{base_url}/v1/files",
+        files={"file": ("ok.jsonl", ok)},
+        data={"purpose": "fine-tune"},
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    assert response.status_code == 200, response.text
+    assert list(tmp.iterdir()) == []
+
+
+def test_declared_length_over_the_limit_is_refused_before_the_body(
+    small_limit_api: tuple[str, Path], api_key: str
+) -> None:
+    base_url, tmp = small_limit_api
+    response, sent = stream_upload(base_url, api_key, content_length=200 << 20, total=200 << 20)
+    assert_413(response)
+    assert sent == 0  # answered on the headers alone
+    assert list(tmp.iterdir()) == []
+
+
+def test_chunked_body_without_length_is_cut_off_at_the_limit(
+    small_limit_api: tuple[str, Path], api_key: str
+) -> None:
+    base_url, tmp = small_limit_api
+    response, sent = stream_upload(base_url, api_key, content_length=None, total=200 << 20)
+    assert_413(response)
+    assert sent < 32 << 20  # cut off long before the 200 MB the client would have sent (socket buffers aside)
+    assert list(tmp.iterdir()) == []
+
+
+def test_lying_content_length_reads_no_more_than_declared(
+    small_limit_api: tuple[str, Path], api_key: str
+) -> None:
+    """A small declared length with a huge body: the server reads what was declared and refuses it."""
+    base_url, tmp = small_limit_api
+    response, sent = stream_upload(base_url, api_key, content_length=4096, total=200 << 20)
+    assert response.startswith(b"HTTP/1.1 4"), response[:300]
+    assert sent < 32 << 20
+    assert list(tmp.iterdir()) == []
+
+
+# --- models: safetensors only -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pickle_only_folder(tiny_model: str, tmp_path: Path) -> Path:
+    source = get_settings().resolved_model_dir / tiny_model
+    folder = tmp_path / "pickled-model"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": [0.0]}))
+    return folder
+
+
+def test_pickle_only_base_model_is_refused(pickle_only_folder: Path) -> None:
+    for register in (inspect_model, lambda folder: register_folder("pickled", folder)):
+        with pytest.raises(ValueError) as refused:
+            register(pickle_only_folder)
+        message = str(refused.value)
+        assert str(pickle_only_folder) in message
+        assert "pytorch_model.bin" in message and "safetensors" in message
+
+
+def test_folder_with_safetensors_is_accepted(tiny_model: str) -> None:
+    assert inspect_model(get_settings().resolved_model_dir / tiny_model)["architecture"] == "LlamaForCausalLM"
+
+
+# --- Celery: JSON only ----------------------------------------------------------------------------------
+
+
+class _TouchOnUnpickle:
+    """Unpickling this creates `marker`: proof that a pickle payload was deserialized."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_worker_refuses_pickle_messages(server: str, tmp_path: Path) -> None:
+    """A pickle-serialized run_job message reaches the real worker, which refuses to deserialize it."""
+    assert celery_app.conf.accept_content == ["json"] and celery_app.conf.task_serializer == "json"
+    marker = tmp_path / "unpickled"
+    log = TEST_HOME / "worker.log"
+    before = log.stat().st_size if log.exists() else 0
+    jobs = job_queue(get_settings())
+    celery_app.send_task(
+        RUN_JOB, args=[_TouchOnUnpickle(marker)], queue=jobs, declare=[jobs], serializer="pickle"
+    )
+    deadline = time.monotonic() + 120
+    refused = b""
+    while time.monotonic() < deadline and b"pickle" not in refused:
+        time.sleep(0.5)
+        with log.open("rb") as handle:
+            handle.seek(before)
+            refused = b"\n".join(line for line in handle if b"untrusted content" in line)
+    assert b"Refusing to deserialize untrusted content of type pickle" in refused
+    assert not marker.exists()

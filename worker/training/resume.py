@@ -1,0 +1,38 @@
+"""Resume: a re-queued job continues from the last complete checkpoint any of its attempts recorded.
+
+A checkpoint is complete once its row exists: the row is written only after both of its archives are in
+the store (see `JobReporter.on_save`), so a write cut short by a crash is never found here. Only what
+Tuneforge wrote is loaded: the archive named by the database row, unpacked with unsafe paths refused;
+Trainer then reads the weights as safetensors and the optimizer, scheduler and RNG states with
+`torch.load(weights_only=True)`; Trainer's pickled arguments are never shipped (`NOT_RESUME_STATE`).
+"""
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.db.session import session_scope
+from app.db.tables import Checkpoint
+from app.storage import get_store, unpack_once
+from worker.training.callbacks import NOT_RESUME_STATE, resume_state_key
+
+
+def last_checkpoint(job_id: str, workdir: Path) -> tuple[int, Path] | None:
+    """(step, folder) of the job's latest resumable checkpoint, unpacked under `workdir`; None if none."""
+    with session_scope() as session:
+        rows = session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+        )
+        for row in rows:
+            archive = get_store().local_path(resume_state_key(row.storage_key))
+            if archive.is_file():
+                step = row.step
+                break
+        else:
+            return None
+    # Trainer finds the step in the folder name; the folder is this attempt's own, unpacked atomically.
+    folder = unpack_once(archive, workdir / "resume" / f"checkpoint-{step}", model_id=job_id)
+    unexpected = [p.name for p in folder.iterdir() if p.name in NOT_RESUME_STATE or not p.is_file()]
+    if unexpected:
+        raise ValueError(f"checkpoint at step {step} holds files Tuneforge does not write: {unexpected}")
+    return step, folder
