@@ -29,7 +29,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 up: setup
 	$(VENV)/bin/tuneforge models make-tiny

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
         description="On SIGTERM a worker gives its run this long to save a checkpoint before stopping it "
         "(keep it below the orchestrator's grace period, e.g. docker's stop_grace_period).",
     )
-    reconcile_seconds: float = Field(30.0, description="How often the reconciler (Celery beat) runs.")
+    reconcile_seconds: float = Field(
+        30.0, description="How often the reconciler (`tuneforge reconciler`) runs."
+    )
     resend_after_seconds: float = Field(300.0, description="Re-send a queued job's message after this long.")
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
     rate_limit_per_minute: int = Field(

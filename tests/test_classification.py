@@ -259,7 +259,10 @@ def test_lora_ships_an_adapter_with_the_head_that_plain_peft_loads(
 ) -> None:
     job = run_small_job(http, peft="lora")
     final = unpack(http.get(f"/v1/models/{job['fine_tuned_model']}/adapter").content, tmp_path / "final")
-    first = unpack(TEST_HOME / "artifacts" / "checkpoints" / job["id"] / "step-1.tar.gz", tmp_path / "step1")
+    first = unpack(
+        TEST_HOME / "artifacts" / "checkpoints" / job["id"] / "attempt-1" / "step-1.tar.gz",
+        tmp_path / "step1",
+    )
     weights = load_file(final / "adapter_model.safetensors")
     before = load_file(first / "adapter_model.safetensors")
     changed = {name for name, tensor in weights.items() if not torch.equal(tensor, before[name])}

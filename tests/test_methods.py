@@ -60,7 +60,10 @@ def test_peft_method_trains_and_loads_with_plain_peft(
 ) -> None:
     job = run_method(http, training_id, peft)
     final = unpack(http.get(f"/v1/models/{job['fine_tuned_model']}/adapter").content, tmp_path / "final")
-    first = unpack(TEST_HOME / "artifacts" / "checkpoints" / job["id"] / "step-1.tar.gz", tmp_path / "step1")
+    first = unpack(
+        TEST_HOME / "artifacts" / "checkpoints" / job["id"] / "attempt-1" / "step-1.tar.gz",
+        tmp_path / "step1",
+    )
     final_weights = load_file(final / WEIGHT_FILES["adapter"])
     assert changed_tensors(load_file(first / WEIGHT_FILES["adapter"]), final_weights), (
         "step 2 changed nothing"
