@@ -73,7 +73,7 @@ def unpack_once(archive: Path, folder: Path, *, model_id: str) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        with tarfile.open(archive, "r:*") as tar:  # gzip for downloads, plain tar for resume states
             for member in tar.getmembers():
                 if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
                     raise ApiError(

@@ -1,7 +1,12 @@
 """Helpers shared by the tests: small training files, uploads, job bodies, polling."""
 
 import os
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -45,3 +50,33 @@ def job_body(training_file: str, **hyperparameters: object) -> dict:
         "seed": 7,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
     }
+
+
+@contextmanager
+def api_process(env: dict[str, str], log_name: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """An API server process of its own, with the settings in `env`; yields its URL once /livez answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
+    with (Path(env["TUNEFORGE_HOME"]) / log_name).open("ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"the API process exited; see {log_name}"
+            assert time.monotonic() < deadline, f"the API did not start in 60 s; see {log_name}"
+            try:
+                if httpx.get(f"{url}/livez", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -25,8 +25,8 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
-from tests.conftest import POSTGRES_URL, REDIS_URL, free_port
-from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
+from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.helpers import api_process, chat_jsonl, job_body, upload, wait_for_status
 
 LEASE_SECONDS = 8
 
@@ -73,7 +73,7 @@ def _run_cli(env: dict[str, str], *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(database: str) -> Iterator[Stack]:
+def stack() -> Iterator[Stack]:
     url = make_url(POSTGRES_URL)
     name = f"{url.database}_chaos"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
@@ -99,42 +99,23 @@ def stack(database: str) -> Iterator[Stack]:
     }
     _run_cli(env, "models", "make-tiny")
     key = _run_cli(env, "keys", "create", "--project", "chaos").strip().splitlines()[-1]
-    port = free_port()
-    logs = Path(home)
-    services = [
-        subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"],
-            env=env,
-            stdout=(logs / "api.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        ),
-        subprocess.Popen(
+    with api_process(env, "api.log") as (url, _):
+        reconciler = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "reconciler"],
             env=env,
-            stdout=(logs / "reconciler.log").open("ab"),
+            stdout=(Path(home) / "reconciler.log").open("ab"),
             stderr=subprocess.STDOUT,
-        ),
-    ]
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
+        )
+        db = create_engine(chaos_url, pool_pre_ping=True)  # its connections are cut in the outage test
+        result = Stack(url, key, env, db, broker)
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the chaos API did not start"
-        time.sleep(0.3)
-    db = create_engine(chaos_url, pool_pre_ping=True)  # its connections are cut in the outage test
-    result = Stack(base, key, env, db, broker)
-    try:
-        yield result
-    finally:
-        for process in services + result.workers:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        db.dispose()
+            yield result
+        finally:
+            for process in [reconciler, *result.workers]:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            db.dispose()
 
 
 @pytest.fixture
@@ -213,7 +194,6 @@ def training_processes(job_id: str) -> list[int]:
 # tiny-llama trains a step in about 20 ms, events included: 400 steps of batch 2 (4 to 8 s) leave time
 # for a fault to land mid-run, and checkpoints every 20 steps give it something to resume from.
 LONG_JOB = {"n_epochs": 20, "batch_size": 2, "checkpoint_every_steps": 20}
-STEPS = 400
 
 
 def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
@@ -221,7 +201,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
 ) -> None:
     """Chaos 1, 2 and 6: SIGKILL the worker mid-run; the next worker resumes, and the losses match."""
     training = upload(http, chat_jsonl(40))
-    body = job_body(training["id"], **LONG_JOB)
+    body = job_body(training["id"], **LONG_JOB | {"n_epochs": 10})  # 200 steps, run twice
     stack.start_worker()
     reference = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     assert wait_for_status(http, reference, {"succeeded", "failed"})["status"] == "succeeded"
@@ -240,7 +220,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
     # A kill in the middle of writing the next checkpoint leaves, at worst, a temp file or an archive with
     # no database row (the row comes last). Plant both, torn, where that write would have put them.
     store = Path(stack.env["TUNEFORGE_HOME"]) / "artifacts" / "checkpoints" / job_id / "attempt-1"
-    torn = store / f"step-{last + 20}.state.tar.gz"
+    torn = store / f"step-{last + 20}.state.tar"
     torn.write_bytes(b"\x1f\x8b torn")
     (store / ".tmp-torn").write_bytes(b"\x1f\x8b torn")
 
@@ -257,7 +237,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
 
     # Same seed, same data: the resumed run trains exactly what the uninterrupted one did.
     expected, got = losses(all_events(http, reference)), losses(events)
-    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    assert sorted(got) == sorted(expected) == list(range(1, 201))
     worst = max(abs(got[s] - expected[s]) for s in expected)
     assert worst <= 1e-4, f"resumed and uninterrupted losses differ by up to {worst}"
 

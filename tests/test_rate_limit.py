@@ -1,9 +1,6 @@
 """Rate limit per API key: 429 with Retry-After in OpenAI's envelope, from a real API server process."""
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -11,7 +8,8 @@ import openai
 import pytest
 
 from app.ratelimit import RateLimiter
-from tests.conftest import TEST_HOME, free_port, make_key
+from tests.conftest import make_key
+from tests.helpers import api_process
 
 LIMIT = 5
 
@@ -19,26 +17,9 @@ LIMIT = 5
 @pytest.fixture(scope="module")
 def limited_server(database: str) -> Iterator[str]:
     """An API process alone (no worker needed), allowing 5 requests a minute per key."""
-    port = free_port()
     env = os.environ | {"TUNEFORGE_RATE_LIMIT_PER_MINUTE": str(LIMIT)}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
-    with (TEST_HOME / "api-rate-limited.log").open("ab") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "the rate-limited API server exited; see api-rate-limited.log"
-            assert time.monotonic() < deadline, "the rate-limited API server did not start in 60 s"
-            try:
-                if httpx.get(f"{base_url}/livez", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with api_process(env, "api-rate-limited.log") as (base_url, _):
         yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def files(base_url: str, key: str) -> httpx.Response:

@@ -7,8 +7,6 @@ import pickle
 import select
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,11 +16,11 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from app.cli import free_port, register_folder
+from app.cli import register_folder
 from app.config import get_settings
 from app.queue import RUN_JOB, celery_app, job_queue
 from app.storage import LocalArtifactStore
-from tests.helpers import TEST_HOME, chat_jsonl, upload
+from tests.helpers import TEST_HOME, api_process, chat_jsonl, upload
 from worker.training.base_models import inspect_model
 
 SECRET = b"tuneforge-secret-outside-the-store"
@@ -139,28 +137,9 @@ LIMIT_MB = 1
 def small_limit_api(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """An API process with a 1 MB upload limit and a temp folder of its own, to look for leftovers."""
     tmp = tmp_path_factory.mktemp("api-tmp")
-    port = free_port()
     env = os.environ | {"TUNEFORGE_MAX_UPLOAD_MB": str(LIMIT_MB), "TMPDIR": str(tmp)}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
-    log = (TEST_HOME / "small-limit-api.log").open("ab")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "the API exited; see small-limit-api.log"
-            try:
-                if httpx.get(f"{base_url}/livez", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.2)
+    with api_process(env, "small-limit-api.log") as (base_url, _):
         yield base_url, tmp
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 def multipart_head(boundary: str) -> bytes:

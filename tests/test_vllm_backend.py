@@ -10,8 +10,6 @@ import asyncio
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -29,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from app.errors import ApiError
 from app.inference import vllm as vllm_backend
 from tests.conftest import TEST_HOME, free_port
-from tests.helpers import chat_jsonl, job_body, upload
+from tests.helpers import api_process, chat_jsonl, job_body, upload
 
 QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
 SERVED_BASE = (
@@ -152,34 +150,16 @@ def vllm_api(double: tuple[VllmDouble, str], finished_job: dict) -> Iterator[str
     """An API process with the vLLM backend; vLLM sees the adapters through a 'shared volume' (a symlink)."""
     volume = TEST_HOME / "vllm-volume"
     volume.symlink_to(TEST_HOME / "vllm" / "adapters", target_is_directory=True)
-    port = free_port()
     env = os.environ | {
         "TUNEFORGE_INFERENCE_BACKEND": "vllm",
         "TUNEFORGE_VLLM_URL": double[1],
         "TUNEFORGE_VLLM_ADAPTER_DIR": str(volume),
         "TUNEFORGE_VLLM_SERVED_MODEL_NAMES": json.dumps({"tiny-llama": SERVED_BASE}),
     }
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
-    with (TEST_HOME / "api-vllm.log").open("ab") as log:
-        api = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert api.poll() is None, "the API process exited; see api-vllm.log"
-            assert time.monotonic() < deadline, "the API did not become ready; see api-vllm.log"
-            try:
-                ready = httpx.get(f"{base_url}/readyz", timeout=5)
-                if ready.status_code == 200:
-                    assert ready.json()["checks"]["vllm"] == "ok"  # /readyz reports the vLLM server
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+    with api_process(env, "api-vllm.log") as (base_url, _):
+        ready = httpx.get(f"{base_url}/readyz", timeout=5)
+        assert ready.json()["checks"]["vllm"] == "ok", ready.text  # /readyz reports the vLLM server
         yield base_url
-    finally:
-        api.terminate()
-        api.wait(timeout=20)
 
 
 def sdk(server: str, key: str) -> openai.OpenAI:

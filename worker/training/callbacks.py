@@ -41,15 +41,19 @@ NOT_RESUME_STATE = ("training_args.bin",)
 
 
 def resume_state_key(checkpoint_key: str) -> str:
-    """Where the whole checkpoint (weights, optimizer, scheduler, RNG, trainer state) is kept for resume."""
-    return checkpoint_key.removesuffix(".tar.gz") + ".state.tar.gz"
+    """Where the rest of a checkpoint (optimizer, scheduler, RNG, trainer state) is kept for resume.
+
+    Together with the model archive at `checkpoint_key` it is the whole checkpoint folder. It is a plain
+    tar: optimizer states barely compress, and gzip would cost minutes on a large full fine-tune.
+    """
+    return checkpoint_key.removesuffix(".tar.gz") + ".state.tar"
 
 
-def pack_folder(folder: Path, names: list[str] | None = None) -> Path:
-    """A .tar.gz of the folder's files (flat, at the archive root), written to a temp file."""
-    fd, tmp = tempfile.mkstemp(suffix=".tar.gz", prefix="tuneforge-pack-")
+def pack_folder(folder: Path, names: list[str] | None = None, *, compress: bool = True) -> Path:
+    """A .tar.gz (or plain .tar) of the folder's files, flat at the archive root, written to a temp file."""
+    fd, tmp = tempfile.mkstemp(suffix=".tar.gz" if compress else ".tar", prefix="tuneforge-pack-")
     os.close(fd)  # tarfile opens (and, unlike a passed file object, closes and flushes) the path itself
-    with tarfile.open(tmp, "w:gz") as archive:
+    with tarfile.open(tmp, "w:gz" if compress else "w") as archive:
         for path in sorted(folder.iterdir()):
             if path.is_file() and (names is None or path.name in names):
                 archive.add(path, arcname=path.name)
@@ -141,10 +145,10 @@ class JobReporter(TrainerCallback):
         self.saved_steps.add(state.global_step)
         # Per attempt: a superseded attempt that still runs can never overwrite the live one's files.
         key = f"checkpoints/{self.job_id}/attempt-{self.attempt}/step-{state.global_step}.tar.gz"
-        state_files = [p.name for p in folder.iterdir() if p.name not in NOT_RESUME_STATE]
+        state_files = [p.name for p in folder.iterdir() if p.name not in NOT_RESUME_STATE + MODEL_FILES]
         # Both archives are in the store (each written atomically) before the row that points at them.
         for archive_key, names in ((resume_state_key(key), state_files), (key, list(MODEL_FILES))):
-            archive = pack_folder(folder, names)
+            archive = pack_folder(folder, names, compress=archive_key == key)
             try:
                 get_store().put_file(archive_key, archive)  # atomic: temp name, then rename
             finally:

@@ -1,12 +1,14 @@
 """Resume: a re-queued job continues from the last complete checkpoint any of its attempts recorded.
 
-A checkpoint is complete once its row exists: the row is written only after both of its archives are in
-the store (see `JobReporter.on_save`), so a write cut short by a crash is never found here. Only what
+A checkpoint is complete once its row exists: the row is written only after both of its archives (the
+model files, and the rest of the folder) are in the store (see `JobReporter.on_save`), so a write cut
+short by a crash is never found here. Only what
 Tuneforge wrote is loaded: the archive named by the database row, unpacked with unsafe paths refused;
 Trainer then reads the weights as safetensors and the optimizer, scheduler and RNG states with
 `torch.load(weights_only=True)`; Trainer's pickled arguments are never shipped (`NOT_RESUME_STATE`).
 """
 
+import os
 from pathlib import Path
 
 from sqlalchemy import select
@@ -26,13 +28,19 @@ def last_checkpoint(job_id: str, workdir: Path) -> tuple[int, Path] | None:
         for row in rows:
             archive = get_store().local_path(resume_state_key(row.storage_key))
             if archive.is_file():
-                step = row.step
+                step, storage_key = row.step, row.storage_key
                 break
         else:
             return None
-    # Trainer finds the step in the folder name; the folder is this attempt's own, unpacked atomically.
-    folder = unpack_once(archive, workdir / "resume" / f"checkpoint-{step}", model_id=job_id)
-    unexpected = [p.name for p in folder.iterdir() if p.name in NOT_RESUME_STATE or not p.is_file()]
-    if unexpected:
-        raise ValueError(f"checkpoint at step {step} holds files Tuneforge does not write: {unexpected}")
+    # Each archive is unpacked atomically into this attempt's own folder, then the two are joined (hard
+    # links, no copies) into the folder Trainer resumes from; it finds the step in that folder's name.
+    parts = workdir / "resume"
+    state = unpack_once(archive, parts / "state", model_id=job_id)
+    model = unpack_once(get_store().local_path(storage_key), parts / "model", model_id=job_id)
+    folder = parts / f"checkpoint-{step}"
+    folder.mkdir()
+    for path in [*state.iterdir(), *model.iterdir()]:
+        if path.name in NOT_RESUME_STATE or not path.is_file():
+            raise ValueError(f"checkpoint at step {step} holds what Tuneforge never writes: {path.name}")
+        os.link(path, folder / path.name)
     return step, folder
