@@ -28,15 +28,8 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# The chaos tests run a stack of their own (database, broker, workers they kill) and mostly wait for
-# faults to land, so they run beside the rest of the suite; their output follows the suite's.
-CHAOS_LOG := $(or $(TMPDIR),/tmp)/tuneforge-chaos-tests.log
 test: lint
-	$(VENV)/bin/pytest -q tests/test_chaos.py > $(CHAOS_LOG) 2>&1 & chaos=$$!; \
-	$(VENV)/bin/pytest -q --durations=25 --ignore=tests/test_chaos.py; suite=$$?; \
-	wait $$chaos; chaos=$$?; \
-	echo "--- tests/test_chaos.py (ran beside the suite) ---"; cat $(CHAOS_LOG); \
-	exit $$(( suite || chaos ))
+	$(VENV)/bin/pytest -q --durations=25
 
 up: setup
 	$(VENV)/bin/tuneforge models make-tiny

@@ -350,9 +350,12 @@ def test_pause_keeps_the_checkpoint_and_resume_continues_from_it(stack: Stack, h
     while max(checkpoint_steps(http, job_id), default=0) != paused_at:
         assert time.monotonic() < deadline, "the paused run saved no checkpoint"
         time.sleep(0.3)
-    time.sleep(2)
+    deadline = time.monotonic() + 60
+    while training_processes(job_id):
+        assert time.monotonic() < deadline, "the paused run's training process did not exit"
+        time.sleep(0.3)
+    time.sleep(2)  # the worker's next heartbeat and the reconciler's passes leave it alone
     assert sdk.fine_tuning.jobs.retrieve(job_id).status == "paused", "a paused job stays paused"
-    assert training_processes(job_id) == []
 
     assert sdk.fine_tuning.jobs.resume(job_id).status == "queued"
     job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)

@@ -194,7 +194,7 @@ def fit(spec: RunSpec, trainer: Trainer, reporter: JobReporter) -> dict[str, Any
         "train_loss": output.training_loss,
         "steps": output.global_step,
         "runtime_seconds": round(elapsed, 2),
-        "seconds_per_step": round(elapsed / max(output.global_step, 1), 3),
+        "seconds_per_step": round(elapsed / spec.steps_run(output.global_step), 3),
         "trainable_parameters": trainable,
         "total_parameters": total,
     }

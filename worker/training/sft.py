@@ -50,6 +50,11 @@ class RunSpec:
         """Trainer's `resume_from_checkpoint`: optimizer, scheduler, RNG and data position come back too."""
         return str(self.resume_from) if self.resume_from else None
 
+    def steps_run(self, global_step: int) -> int:
+        """Steps this attempt trained: the global step less the one it resumed from (`checkpoint-N`)."""
+        resumed = int(self.resume_from.name.removeprefix("checkpoint-")) if self.resume_from else 0
+        return max(global_step - resumed, 1)
+
 
 @dataclass
 class RunResult:
@@ -199,7 +204,7 @@ def fit(
         "train_loss": output.training_loss,
         "steps": output.global_step,
         "runtime_seconds": round(time.monotonic() - started, 2),
-        "seconds_per_step": round((time.monotonic() - started) / max(output.global_step, 1), 3),
+        "seconds_per_step": round((time.monotonic() - started) / spec.steps_run(output.global_step), 3),
         "trainable_parameters": trainable,
         "total_parameters": total,
     }
