@@ -87,13 +87,18 @@ async def forward(client: httpx.AsyncClient, *, path: str, raw_body: bytes, proj
         return StreamingResponse(
             _relay(upstream), status_code=upstream.status_code, media_type="text/event-stream"
         )
+    return await _json_answer(upstream)
+
+
+async def _json_answer(upstream: httpx.Response) -> Response:
+    """The upstream's whole JSON answer, status kept; closes it. Anything but JSON is the API's 502."""
     try:
         content = await upstream.aread()
     except httpx.TransportError as exc:
         raise _failed(exc) from None
     finally:
         await upstream.aclose()
-    if not content_type.startswith("application/json"):
+    if not upstream.headers.get("content-type", "").startswith("application/json"):
         raise ApiError(
             502,
             f"The inference server answered {upstream.status_code} without JSON: {content[:200]!r}.",
@@ -151,31 +156,17 @@ async def classify(client: httpx.AsyncClient, *, raw_body: bytes, project: str) 
             content=raw_body,
             headers={"Content-Type": "application/json", PROJECT_HEADER: project},
         )
-        upstream = await _send(server, request)
-        try:
-            content = await upstream.aread()
-        except httpx.TransportError as exc:
-            raise _failed(exc) from None
-        finally:
-            await upstream.aclose()
+        return await _json_answer(await _send(server, request))
     finally:
         if owned:
             await server.aclose()
-    if not upstream.headers.get("content-type", "").startswith("application/json"):
-        raise ApiError(
-            502,
-            f"The inference server answered {upstream.status_code} without JSON: {content[:200]!r}.",
-            type="server_error",
-            code="inference_failed",
-        )
-    return Response(content, status_code=upstream.status_code, media_type="application/json")
 
 
 async def download_merged(client: httpx.AsyncClient, *, model_id: str, project: str) -> Response:
     """The merged export of `model_id` (a .tar.gz), streamed through from Tuneforge's inference server."""
     server, owned = _tuneforge_client(client)
-    # The id goes into the path as is: ids hold ':' and '/', which the server's `:path` route accepts.
-    # Encoded, so an id can never name another path on the server ('/' and '..' included).
+    # Percent-encoded (':' kept), so an id can never name another path on the server ('/' and '..'
+    # included); the server's `:path` route decodes it back.
     path = f"/internal/merged/{quote(model_id, safe=':')}"
     request = server.build_request("GET", path, headers={PROJECT_HEADER: project})
     try:
