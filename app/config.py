@@ -38,6 +38,12 @@ class Settings(BaseSettings):
         "needs more fails with out_of_memory and a hint, instead of the kernel's OOM killer taking it or "
         "the machine. 0: no cap. Leave it 0 on GPU workers (CUDA maps large virtual ranges).",
     )
+    preload_training: bool | None = Field(
+        None,
+        description="Fork training processes from a process that has imported torch, transformers, peft "
+        "and trl once, so a job starts without ~7 s of imports. Unset: on when the machine has no GPU "
+        "(CUDA does not survive a fork once initialised, so GPU runs start a fresh interpreter).",
+    )
     shutdown_grace_seconds: float = Field(
         25.0,
         description="On SIGTERM a worker gives its run this long to save a checkpoint before stopping it "
@@ -48,6 +54,12 @@ class Settings(BaseSettings):
     )
     resend_after_seconds: float = Field(300.0, description="Re-send a queued job's message after this long.")
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
+    idempotency_key_hours: float = Field(
+        24.0,
+        gt=0,
+        description="How long an Idempotency-Key is remembered; later, the same key is a new key. The "
+        "reconciler deletes keys older than this.",
+    )
     rate_limit_per_minute: int = Field(
         600,
         ge=0,

@@ -8,7 +8,9 @@ the object. A later request under that key
   naming the fields that differ.
 A request that fails (a 400 for an invalid file, 413, a 422 spec) records nothing: fix it and retry with
 the same key. "Same request" is, for a job, the JSON body as parsed (key order, spacing and spelled-out
-defaults do not matter); for a file, its filename, purpose and content sha256. Keys do not expire.
+defaults do not matter); for a file, its filename, purpose and content sha256. A key is remembered for
+`IDEMPOTENCY_KEY_HOURS` (24 by default, as OpenAI and Stripe do); after that it is a new key, and the
+reconciler deletes it (`purge_expired`).
 
 Concurrent requests under one key may all miss the lookup and create an object each; each then inserts
 the key row. Postgres holds every insert after the first on the (project, key) primary key until the
@@ -19,13 +21,16 @@ upload) and return the winner's object, so a race never surfaces as a 409.
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Annotated, BinaryIO
 
 from fastapi import Depends, Header
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.tables import IdempotencyKey, Job, TrainingFile
+from app.config import get_settings
+from app.db.tables import IdempotencyKey, Job, TrainingFile, utcnow
 from app.errors import ApiError
 from app.files import service as file_service
 from app.jobs import service as job_service
@@ -85,9 +90,23 @@ class _Keyed:
     fields: dict[str, str]
 
 
+def _expired_before() -> datetime:
+    return utcnow() - timedelta(hours=get_settings().idempotency_key_hours)
+
+
+def purge_expired(session: Session) -> int:
+    """Delete the keys older than `IDEMPOTENCY_KEY_HOURS`; returns how many."""
+    done = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < _expired_before()))
+    return done.rowcount or 0  # type: ignore[attr-defined]
+
+
 def _earlier(session: Session, request: _Keyed) -> str | None:
     """The id of the object an earlier request under the key created, None if none; 422 if it differed."""
     row = session.get(IdempotencyKey, (request.project, request.key))
+    if row is not None and row.created_at < _expired_before():
+        session.delete(row)  # expired, not yet purged: the key is free again
+        session.flush()
+        row = None
     if row is None:
         return None
     if row.object_type != request.object_type:
@@ -135,7 +154,7 @@ def _claim(session: Session, request: _Keyed, object_id: str) -> bool:
 def _winner(session: Session, request: _Keyed) -> str:
     """After losing the race for a key: the object the winning request created."""
     object_id = _earlier(session, request)
-    if object_id is None:  # unreachable while key rows are never deleted
+    if object_id is None:  # only if the winner's key expired in between: not within a request's time
         raise ApiError(409, f"{HEADER} '{request.key}' is in use by another request; retry.", param=HEADER)
     return object_id
 

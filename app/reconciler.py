@@ -2,14 +2,15 @@
 
 It re-sends queued jobs whose message may be lost (a crash between commit and send; a flushed or
 restarted broker, found quickly as queued jobs while the broker's queue is empty), re-queues jobs whose
-worker stopped renewing its lease, and fails jobs out of attempts. It runs as its own process rather
-than as a Celery beat task: a task would wait behind a training job on a busy worker, which is exactly
-when a dead worker's job needs re-queueing.
+worker stopped renewing its lease, and fails jobs out of attempts; it also deletes expired
+Idempotency-Keys. It runs as its own process rather than as a Celery beat task: a task would wait
+behind a training job on a busy worker, which is exactly when a dead worker's job needs re-queueing.
 """
 
 import logging
 import time
 
+from app import idempotency
 from app.config import get_settings
 from app.db.session import session_scope
 from app.jobs import lifecycle
@@ -31,6 +32,8 @@ def reconcile_once() -> list[str]:
         )
         session.commit()
         send_jobs(session, due)
+        if idempotency.purge_expired(session):
+            session.commit()
     return due
 
 

@@ -5,7 +5,6 @@ all use the same database, broker queue and state folder.
 """
 
 import os
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -32,16 +31,11 @@ os.environ.update(
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from app.cli import free_port  # noqa: E402
 from app.db import migrate  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.keys import service as key_service  # noqa: E402
 from tests.helpers import chat_jsonl, job_body, upload, wait_for_status  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

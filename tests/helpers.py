@@ -1,7 +1,6 @@
 """Helpers shared by the tests: small training files, uploads, job bodies, polling."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -55,9 +54,9 @@ def job_body(training_file: str, **hyperparameters: object) -> dict:
 @contextmanager
 def api_process(env: dict[str, str], log_name: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """An API server process of its own, with the settings in `env`; yields its URL once /livez answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from app.cli import free_port  # here, not at the top: conftest settles the environment before app loads
+
+    port = free_port()
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
     with (Path(env["TUNEFORGE_HOME"]) / log_name).open("ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

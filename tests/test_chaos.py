@@ -56,6 +56,7 @@ class Stack:
             env=self.env | env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, which a test may signal as a whole
         )
         self.workers.append(worker)
         return worker
@@ -179,14 +180,14 @@ def losses(events: list[dict]) -> dict[int, float]:
 
 
 def training_processes(job_id: str) -> list[int]:
-    """Pids of the training processes of `job_id` on this machine."""
+    """Pids of the training processes of `job_id` on this machine (each names its job: worker/launcher.py)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"worker.train_job" in cmdline and job_id.encode() in cmdline:
+        if cmdline.startswith(f"tuneforge train {job_id} ".encode()):
             pids.append(int(proc.name))
     return pids
 
@@ -242,14 +243,60 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
     assert worst <= 1e-4, f"resumed and uninterrupted losses differ by up to {worst}"
 
 
-def test_sigterm_checkpoints_and_requeues_without_using_an_attempt(stack: Stack, http: httpx.Client) -> None:
-    """Chaos 9: a worker asked to stop saves a checkpoint, re-queues the job and exits; the next resumes."""
+def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_last_complete_one(
+    stack: Stack, http: httpx.Client
+) -> None:
+    """Chaos 6, caught live: the worker is SIGKILLed while a checkpoint is half written.
+
+    A checkpoint's resume-state archive goes to the store first, then its model archive, then its row.
+    A full fine-tune of a 14M-parameter model spends about 1.7 s packing each model archive, so the
+    kill lands with the state archive stored, the model archive unwritten and no row.
+    """
+    _run_cli(
+        stack.env, "models", "make-tiny", "--name", "mid-llama",
+        "--hidden-size", "512", "--layers", "4", "--intermediate-size", "1408",
+    )  # fmt: skip
+    training = upload(http, chat_jsonl(16))
+    body = job_body(training["id"], peft="full", n_epochs=2, batch_size=4, checkpoint_every_steps=2)
+    worker = stack.start_worker()
+    job_id = http.post("/v1/fine_tuning/jobs", json=body | {"model": "mid-llama"}).json()["id"]
+    deadline = time.monotonic() + 120
+    while 2 not in checkpoint_steps(http, job_id):
+        assert time.monotonic() < deadline, "no checkpoint at step 2"
+        time.sleep(0.1)
+    store = Path(stack.env["TUNEFORGE_HOME"]) / "artifacts" / "checkpoints" / job_id / "attempt-1"
+    while not (store / "step-4.state.tar").exists():
+        assert time.monotonic() < deadline, "the checkpoint at step 4 was never started"
+        time.sleep(0.002)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert not (store / "step-4.tar.gz").exists(), "the write finished before the kill: nothing was torn"
+    assert checkpoint_steps(http, job_id) == [2]
+
+    stack.start_worker()
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    assert wait_for_event(http, job_id, "Resuming from the checkpoint")["data"]["resumed_from_step"] == 2
+    assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
+
+
+@pytest.mark.parametrize("to", ["worker", "process group"])
+def test_sigterm_checkpoints_and_requeues_without_using_an_attempt(
+    stack: Stack, http: httpx.Client, to: str
+) -> None:
+    """Chaos 9: a worker asked to stop saves a checkpoint, re-queues the job and exits; the next resumes.
+
+    Docker and Kubernetes signal the worker alone, which passes it on to its run; systemd signals every
+    process of the service at once, the run and the template it was forked from included."""
     training = upload(http, chat_jsonl(40))
     body = job_body(training["id"], n_epochs=20, batch_size=2)  # 400 steps, a checkpoint each epoch (20)
     worker = stack.start_worker()
     job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     wait_for_step(http, job_id, 25)
-    worker.send_signal(signal.SIGTERM)
+    if to == "worker":
+        worker.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(worker.pid, signal.SIGTERM)
     assert worker.wait(timeout=60) == 0, "the worker shut down cleanly"
     saved = wait_for_event(http, job_id, "The worker is shutting down")["data"]["step"]
     assert max(checkpoint_steps(http, job_id)) == saved
@@ -409,3 +456,27 @@ def test_up_replaces_a_worker_that_died(stack: Stack, monkeypatch: pytest.Monkey
     api = subprocess.Popen([sys.executable, "-c", "pass"])
     api.wait()
     assert supervise([api]) is False
+
+
+@pytest.mark.parametrize("preload", ["true", "false"])
+def test_a_run_dies_with_its_worker_however_it_was_started(
+    stack: Stack, http: httpx.Client, preload: str
+) -> None:
+    """Runs fork from the preloaded template (no GPU) or start a fresh interpreter (GPU machines); either
+    way a SIGKILLed worker's run is gone at once, so no later attempt can overlap it."""
+    training = upload(http, chat_jsonl(40))
+    worker = stack.start_worker(TUNEFORGE_PRELOAD_TRAINING=preload)
+    job_id = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"], **LONG_JOB)).json()["id"]
+    try:
+        wait_for_step(http, job_id, 2)
+        [pid] = training_processes(job_id)
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert (parent == worker.pid) is (preload == "false"), "forked by the template, or by the worker"
+        worker.kill()
+        worker.wait()
+        deadline = time.monotonic() + 2
+        while training_processes(job_id):
+            assert time.monotonic() < deadline, "the run outlived its worker"
+            time.sleep(0.05)
+    finally:  # no later test's worker should pick the job up again
+        http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")

@@ -1,11 +1,15 @@
 """Idempotency-Key on job creation and file upload, through real HTTP on Postgres."""
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
+from tests.conftest import POSTGRES_URL
 from tests.helpers import chat_jsonl, job_body, upload
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -204,3 +208,50 @@ def test_invalid_keys_are_400(http: httpx.Client, training_file: str, key: str) 
 def test_longest_key_is_accepted(http: httpx.Client) -> None:
     key = "k" * 255
     assert post_file(http, chat_jsonl(2, offset=3000), key).status_code == 200
+
+
+def age_key(key: str, hours: float) -> int:
+    """Make a key's row `hours` older, as if sent that long ago; returns the rows changed."""
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as connection:
+        changed = connection.execute(
+            text("UPDATE idempotency_keys SET created_at = created_at - :age WHERE key = :k"),
+            {"age": timedelta(hours=hours), "k": key},
+        ).rowcount
+    engine.dispose()
+    return changed
+
+
+def key_rows(key: str) -> int:
+    engine = create_engine(POSTGRES_URL)
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT count(*) FROM idempotency_keys WHERE key = :k"), {"k": key})
+        rows = count.scalar_one()
+    engine.dispose()
+    return rows
+
+
+def test_a_key_older_than_a_day_is_a_new_key(http: httpx.Client) -> None:
+    key = new_key()
+    first = post_file(http, chat_jsonl(2), key)
+    assert first.status_code == 200, first.text
+    assert age_key(key, 23) == 1
+    assert post_file(http, chat_jsonl(3), key).status_code == 422  # 23 h: still remembered
+    age_key(key, 2)
+    again = post_file(http, chat_jsonl(3), key)  # 25 h: another upload under the same key is new
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] != first.json()["id"] and "Idempotent-Replayed" not in again.headers
+    replay = post_file(http, chat_jsonl(3), key)
+    assert replay.json()["id"] == again.json()["id"] and replay.headers["Idempotent-Replayed"] == "true"
+
+
+def test_the_reconciler_deletes_expired_keys(http: httpx.Client) -> None:
+    fresh, expired = new_key(), new_key()
+    for key in (fresh, expired):
+        assert post_file(http, chat_jsonl(2), key).status_code == 200
+    age_key(expired, 25)
+    deadline = time.monotonic() + 15  # the tests' reconciler runs every second
+    while key_rows(expired):
+        assert time.monotonic() < deadline, "the expired key is still stored"
+        time.sleep(0.2)
+    assert key_rows(fresh) == 1

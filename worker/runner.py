@@ -1,8 +1,8 @@
 """Runs one job on this worker: claim it, train in a child process, heartbeat the lease, clean up.
 
-The parent never imports torch; it only watches:
-- The child dies with the worker (PR_SET_PDEATHSIG), so a killed worker never leaves a run behind that
-  could overlap the next attempt.
+The parent never imports torch; it starts the child (worker/launcher.py) and watches:
+- The child dies with the worker, so a killed worker never leaves a run behind that could overlap the
+  next attempt.
 - On worker shutdown (SIGTERM) the child is told to checkpoint and stop, and the job is re-queued; the
   next attempt resumes from that checkpoint. Preemptions do not use up `max_attempts`.
 - A child that dies without recording an error (killed, segfault, the OOM killer) is retried while
@@ -11,17 +11,12 @@ The parent never imports torch; it only watches:
   that it is stopped, since the reconciler may by then have given the job to another worker.
 """
 
-import ctypes
 import logging
 import os
-import resource
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 from app.config import get_settings
@@ -29,6 +24,7 @@ from app.db.session import session_scope
 from app.db.tables import Job
 from app.jobs import lifecycle
 from app.queue import send_jobs
+from worker.launcher import TrainingProcess
 from worker.train_job import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
@@ -45,15 +41,6 @@ def _log_tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
-def _child_setup(memory_limit_mb: int) -> None:
-    """In the child, before exec: die with the worker (Linux), and cap the address space if configured."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if memory_limit_mb:
-        limit = memory_limit_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def run_job(job_id: str) -> None:
     """Claim and run `job_id`; a job that is not queued (a duplicate message) is left alone."""
     settings = get_settings()
@@ -66,15 +53,7 @@ def run_job(job_id: str) -> None:
     workdir = settings.resolved_home / "work" / job_id / f"attempt-{attempt}"
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "train.log"
-    with log_path.open("ab") as log_file:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "worker.train_job", job_id, str(attempt)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=os.environ | {"HF_HUB_OFFLINE": "1"},
-            preexec_fn=partial(_child_setup, settings.training_memory_limit_mb),
-        )
-        returncode = _watch(child, job_id=job_id, attempt=attempt)
+    returncode = _watch(TrainingProcess(job_id, attempt, log_path), job_id=job_id, attempt=attempt)
     if returncode in (0, None):
         return
     with session_scope() as session:
@@ -114,7 +93,7 @@ def _retry_or_fail(session, job_id: str, attempt: int, returncode: int, tail: st
     return False
 
 
-def _watch(child: subprocess.Popen, *, job_id: str, attempt: int) -> int | None:
+def _watch(child: TrainingProcess, *, job_id: str, attempt: int) -> int | None:
     """Heartbeat the lease until the child exits; stop it on cancel, shutdown, timeout or lost database.
 
     Returns the child's exit code, or None when this attempt no longer owns the job.
@@ -130,11 +109,11 @@ def _watch(child: subprocess.Popen, *, job_id: str, attempt: int) -> int | None:
         now = time.monotonic()
         if SHUTDOWN.is_set() and preempt_deadline is None:
             log.info("worker shutting down: asking job %s to checkpoint and stop", job_id)
-            child.send_signal(signal.SIGTERM)
+            child.stop()
             preempt_deadline = now + settings.shutdown_grace_seconds
         if preempt_deadline is not None and now > preempt_deadline:
             log.warning("job %s did not checkpoint within the grace period; stopping it", job_id)
-            _kill(child)
+            child.kill()
             return EXIT_PREEMPTED  # re-queued all the same: it resumes from its last complete checkpoint
         try:
             with session_scope() as session:
@@ -146,17 +125,15 @@ def _watch(child: subprocess.Popen, *, job_id: str, attempt: int) -> int | None:
             log.exception("could not renew the lease of job %s", job_id)
             if now - renewed > settings.lease_seconds * 0.8:
                 log.error("job %s: lease about to expire without the database; stopping the run", job_id)
-                _kill(child)
+                child.kill()
                 return None
             continue
         if not owned:  # cancelled, paused or superseded: the child stops at its next step, or is killed
-            try:
-                child.wait(timeout=CANCEL_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                _kill(child)
+            if child.wait(CANCEL_GRACE_SECONDS) is None:
+                child.kill()
             return None
         if now > deadline:
-            _kill(child)
+            child.kill()
             with session_scope() as session:
                 lifecycle.fail(
                     session,
@@ -168,18 +145,12 @@ def _watch(child: subprocess.Popen, *, job_id: str, attempt: int) -> int | None:
             return None
 
 
-def _wait(child: subprocess.Popen, seconds: float, *, until_shutdown: bool) -> int | None:
+def _wait(child: TrainingProcess, seconds: float, *, until_shutdown: bool) -> int | None:
     """The child's exit code if it exits within `seconds`, else None; sooner if the worker shuts down."""
     end = time.monotonic() + seconds
     while (left := end - time.monotonic()) > 0:
-        try:
-            return child.wait(timeout=min(left, POLL_SECONDS))
-        except subprocess.TimeoutExpired:
-            if until_shutdown and SHUTDOWN.is_set():
-                return None
+        if (returncode := child.wait(min(left, POLL_SECONDS))) is not None:
+            return returncode
+        if until_shutdown and SHUTDOWN.is_set():
+            return None
     return None
-
-
-def _kill(child: subprocess.Popen) -> None:
-    child.kill()
-    child.wait()

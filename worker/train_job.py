@@ -1,6 +1,7 @@
-"""The training child process: `python -m worker.train_job JOB_ID ATTEMPT`.
+"""What the training process of one job attempt runs (`main`).
 
-Started by worker/runner.py, one per attempt, so a crash or OOM in training never takes the worker down.
+worker/launcher.py starts one per attempt, so a crash or OOM in training never takes the worker down;
+`python -m worker.train_job JOB_ID ATTEMPT` runs an attempt by hand.
 It resolves the job into a RunSpec, runs the recipe, publishes the result and marks the job, every write
 fenced by the attempt number. A later attempt resumes from the job's last complete checkpoint.
 

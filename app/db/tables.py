@@ -126,4 +126,4 @@ class IdempotencyKey(Base):
     request_fields: Mapped[dict[str, Any]] = mapped_column(JSON)
     object_type: Mapped[str] = mapped_column(String(40))
     object_id: Mapped[str] = mapped_column(String(40))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # the reconciler purges by age

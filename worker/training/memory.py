@@ -4,6 +4,10 @@ On a GPU that is torch's peak allocation during training. On a CPU it is the pro
 set (VmHWM) during training, above the resident set just before the model was loaded: the imported
 libraries are not the run's memory, and neither is the transient page cache of reading the checkpoint
 file while loading. Linux lets a process reset its own VmHWM (writing 5 to /proc/self/clear_refs).
+
+Nor are the pages of shared libraries (.so files) that become resident during the run: code runs for
+the first time, or, in a process forked from the preloaded template (worker/launcher.py), code the
+template already ran is mapped into this process anew. Their growth is taken off the peak.
 """
 
 import ctypes
@@ -14,6 +18,7 @@ from pathlib import Path
 import torch
 
 _STATUS = Path("/proc/self/status")
+_SMAPS = Path("/proc/self/smaps")
 
 
 def _status_kib(field: str) -> int | None:
@@ -24,11 +29,28 @@ def _status_kib(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _library_kib() -> int:
+    """Resident KiB of this process's shared-library mappings (0 where /proc/self/smaps is missing)."""
+    total, in_library = 0, False
+    try:
+        lines = _SMAPS.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header: address range, perms, offset, dev, inode, path
+            in_library = len(fields) > 5 and ".so" in Path(fields[5]).name
+        elif in_library and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
 class MemoryMeter:
     """`start()` before loading the model, `training_starts()` after, `peak_mb()` after training."""
 
     def __init__(self) -> None:
         self.baseline_kib = 0
+        self.library_kib = 0
 
     def start(self, *, quantized: bool = False) -> None:
         if quantized:
@@ -41,6 +63,7 @@ class MemoryMeter:
         except OSError:
             pass  # not Linux, or not allowed: the peak then includes what ran before (an overestimate)
         self.baseline_kib = _status_kib("VmRSS") or 0
+        self.library_kib = _library_kib()
 
     def training_starts(self) -> None:
         """Measure the peak from here: the model is resident, loading's transient buffers are freed."""
@@ -59,4 +82,7 @@ class MemoryMeter:
         if torch.cuda.is_available():
             return round(torch.cuda.max_memory_allocated() / 2**20, 1)
         peak = _status_kib("VmHWM")
-        return None if peak is None else round((peak - self.baseline_kib) / 1024, 1)
+        if peak is None:
+            return None
+        libraries = max(0, _library_kib() - self.library_kib)
+        return round((peak - self.baseline_kib - libraries) / 1024, 1)

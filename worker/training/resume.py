@@ -2,10 +2,10 @@
 
 A checkpoint is complete once its row exists: the row is written only after both of its archives (the
 model files, and the rest of the folder) are in the store (see `JobReporter.on_save`), so a write cut
-short by a crash is never found here. Only what
-Tuneforge wrote is loaded: the archive named by the database row, unpacked with unsafe paths refused;
-Trainer then reads the weights as safetensors and the optimizer, scheduler and RNG states with
-`torch.load(weights_only=True)`; Trainer's pickled arguments are never shipped (`NOT_RESUME_STATE`).
+short by a crash is never found here. Only what Tuneforge wrote is loaded: the archives named by the
+database row, unpacked with unsafe paths refused; Trainer then reads the weights as safetensors and the
+optimizer, scheduler and RNG states with `torch.load(weights_only=True)`; Trainer's pickled arguments are
+never shipped (`NOT_RESUME_STATE`).
 """
 
 import os

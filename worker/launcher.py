@@ -1,0 +1,146 @@
+"""Starts the training process of one job attempt and tells the worker when it is gone.
+
+Each attempt trains in a process of its own, so a crash or out-of-memory in training never takes the
+worker down, and the worker itself never imports torch.
+
+Without a GPU, training processes are forked from a template process that has imported torch,
+transformers, peft and trl once (multiprocessing's forkserver with those modules preloaded): a job starts
+at once instead of after the ~7 s those imports take. CUDA cannot be used in a process forked after it was
+initialised, and bitsandbytes initialises it on import, so on a GPU machine every run starts in a fresh
+interpreter instead (spawn), where the imports are small next to the training.
+"""
+
+import ctypes
+import multiprocessing
+import os
+import resource
+import select
+import signal
+import sys
+import threading
+from functools import cache
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from app.config import get_settings
+from worker.train_job import RECIPES
+
+# What the template process imports once (an import that fails there only costs the head start).
+PRELOAD = ["worker.template", "worker.train_job", *RECIPES.values()]
+
+
+def gpu_present() -> bool:
+    """NVIDIA's or AMD's device nodes, looked up without importing torch (the worker never does)."""
+    return any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/kfd"))
+
+
+@cache
+def _context() -> BaseContext:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import time: set before the template imports
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    preload = get_settings().preload_training
+    if not (preload if preload is not None else not gpu_present()):
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def warm_up() -> None:
+    """Start the template process now (it imports in the background), so the first job need not wait."""
+    if _context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+class TrainingProcess:
+    """One attempt's training process.
+
+    It counts as exited only once the kernel says it is gone (a pidfd), not when the template process
+    reports an exit code: if the template dies first, that report says 255 while the run may go on, and
+    the worker must never start another attempt beside it.
+    """
+
+    def __init__(self, job_id: str, attempt: int, log_path: Path) -> None:
+        settings = get_settings()
+        self.process: BaseProcess = _context().Process(  # type: ignore[attr-defined]
+            target=_train,
+            args=(job_id, attempt, str(log_path), settings.training_memory_limit_mb, os.getpid()),
+            name=f"train-{job_id}-{attempt}",
+        )
+        self.process.start()
+        self._gone = _pidfd(self.process.pid)
+
+    def wait(self, timeout: float | None) -> int | None:
+        """The exit code (negative: killed by that signal) once it is gone, or None after `timeout` s."""
+        if self._gone is not None:
+            if not select.select([self._gone], [], [], timeout)[0]:
+                return None
+            self.process.join()
+        else:
+            self.process.join(timeout)
+        code = self.process.exitcode
+        if code is not None and self._gone is not None:
+            os.close(self._gone)
+            self._gone = None
+        return code
+
+    def stop(self) -> None:
+        """Ask the run to save a checkpoint at the end of its step and exit (see worker/train_job.py)."""
+        self.process.terminate()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.wait(None)
+
+
+def _pidfd(pid: int | None) -> int | None:
+    """A descriptor that becomes readable when `pid` exits (Linux 5.3+); None where there is none."""
+    if pid is None or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:  # already exited and reaped: its exit code is on the way
+        return None
+
+
+def _train(job_id: str, attempt: int, log_path: str, memory_limit_mb: int, worker_pid: int) -> None:
+    """The training process: named after its job, dies with its worker, capped, logging to train.log."""
+    from setproctitle import setproctitle
+
+    setproctitle(f"tuneforge train {job_id} attempt {attempt}")  # what `ps` shows
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the template ignores it (worker/template.py)
+    _die_with(worker_pid)
+    if memory_limit_mb:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    from worker.train_job import main
+
+    sys.exit(main(job_id, attempt))
+
+
+def _die_with(worker_pid: int) -> None:
+    """SIGKILL this process as soon as the worker is gone, however it went.
+
+    A forked run's parent is the template process, which outlives a killed worker while runs hold it,
+    so the parent-death signal alone would not fire; a pidfd on the worker does.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    worker = _pidfd(worker_pid)
+    if worker is None:
+        if hasattr(os, "pidfd_open"):  # the worker died before this process started
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
+
+    def watch() -> None:
+        select.select([worker], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-worker", daemon=True).start()
