@@ -197,6 +197,17 @@ def training_processes(job_id: str) -> list[int]:
 LONG_JOB = {"n_epochs": 20, "batch_size": 2, "checkpoint_every_steps": 20}
 
 
+def test_a_job_waiting_for_a_starting_worker_keeps_its_lease(stack: Stack, http: httpx.Client) -> None:
+    """A worker takes its first job while its template process is still importing torch and co. (about
+    7 s): it claims the job only once a run can start, so the lease (4 s here) is not spent waiting."""
+    training = upload(http, chat_jsonl(8))
+    job_id = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])).json()["id"]
+    stack.start_worker(TUNEFORGE_LEASE_SECONDS="4")
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["attempt"] == 1, [e["message"] for e in all_events(http, job_id)]
+
+
 def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
     stack: Stack, http: httpx.Client
 ) -> None:
@@ -265,8 +276,9 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_last_compl
         assert time.monotonic() < deadline, "no checkpoint at step 2"
         time.sleep(0.1)
     store = Path(stack.env["TUNEFORGE_HOME"]) / "artifacts" / "checkpoints" / job_id / "attempt-1"
+    deadline = time.monotonic() + 60
     while not (store / "step-4.state.tar").exists():
-        assert time.monotonic() < deadline, "the checkpoint at step 4 was never started"
+        assert time.monotonic() < deadline, "attempt 1 never started its checkpoint at step 4"
         time.sleep(0.002)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()

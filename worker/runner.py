@@ -24,7 +24,7 @@ from app.db.session import session_scope
 from app.db.tables import Job
 from app.jobs import lifecycle
 from app.queue import send_jobs
-from worker.launcher import TrainingProcess
+from worker.launcher import TrainingProcess, wait_until_ready
 from worker.train_job import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def run_job(job_id: str) -> None:
     """Claim and run `job_id`; a job that is not queued (a duplicate message) is left alone."""
     settings = get_settings()
     owner = f"{socket.gethostname()}:{os.getpid()}"
+    wait_until_ready()  # before the claim: the lease starts running there
     with session_scope() as session:
         attempt = lifecycle.claim(session, job_id=job_id, owner=owner, lease_seconds=settings.lease_seconds)
     if attempt is None:
