@@ -7,9 +7,10 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import update
 
-from tests.conftest import POSTGRES_URL
+from app.db.session import session_scope
+from app.db.tables import IdempotencyKey
 from tests.helpers import chat_jsonl, job_body, upload
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -212,23 +213,16 @@ def test_longest_key_is_accepted(http: httpx.Client) -> None:
 
 def age_key(key: str, hours: float) -> int:
     """Make a key's row `hours` older, as if sent that long ago; returns the rows changed."""
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as connection:
-        changed = connection.execute(
-            text("UPDATE idempotency_keys SET created_at = created_at - :age WHERE key = :k"),
-            {"age": timedelta(hours=hours), "k": key},
+    with session_scope() as session:
+        aged = update(IdempotencyKey).where(IdempotencyKey.key == key)
+        return session.execute(
+            aged.values(created_at=IdempotencyKey.created_at - timedelta(hours=hours))
         ).rowcount
-    engine.dispose()
-    return changed
 
 
 def key_rows(key: str) -> int:
-    engine = create_engine(POSTGRES_URL)
-    with engine.connect() as connection:
-        count = connection.execute(text("SELECT count(*) FROM idempotency_keys WHERE key = :k"), {"k": key})
-        rows = count.scalar_one()
-    engine.dispose()
-    return rows
+    with session_scope() as session:
+        return session.query(IdempotencyKey).filter_by(key=key).count()
 
 
 def test_a_key_older_than_a_day_is_a_new_key(http: httpx.Client) -> None:
