@@ -94,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
             for e in exc.errors()[:5]
         )
         return JSONResponse(
-            envelope(f"Invalid request: {details}", "invalid_request_error", param, "invalid_value"), 422
+            envelope(f"Invalid request: {details}", "invalid_request_error", param, "invalid_value"), 400
         )
 
     @app.exception_handler(DataError)

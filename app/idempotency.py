@@ -4,9 +4,9 @@ Keys belong to a project; another project's identical key is another key. The fi
 that succeeds records a digest of the request and the id of what it created, in the same transaction as
 the object. A later request under that key
 - with the same request returns that object as it is now (200), creates nothing and enqueues nothing;
-- with a different request, or on the other endpoint, is refused with 422 `idempotency_key_reused`,
+- with a different request, or on the other endpoint, is refused with 400 `idempotency_key_reused`,
   naming the fields that differ.
-A request that fails (a 400 for an invalid file, 413, a 422 spec) records nothing: fix it and retry with
+A request that fails (a 400 for an invalid file, 413, a 400 spec) records nothing: fix it and retry with
 the same key. "Same request" is, for a job, the JSON body as parsed (key order, spacing and spelled-out
 defaults do not matter); for a file, its filename, purpose and content sha256. A key is remembered for
 `IDEMPOTENCY_KEY_HOURS` (24 by default, as OpenAI and Stripe do); after that it is a new key, and the
@@ -101,7 +101,7 @@ def purge_expired(session: Session) -> int:
 
 
 def _earlier(session: Session, request: _Keyed) -> str | None:
-    """The id of the object an earlier request under the key created, None if none; 422 if it differed."""
+    """The id of the object an earlier request under the key created, None if none; 400 if it differed."""
     row = session.get(IdempotencyKey, (request.project, request.key))
     if row is not None and row.created_at < _expired_before():
         session.delete(row)  # expired, not yet purged: the key is free again
@@ -111,7 +111,7 @@ def _earlier(session: Session, request: _Keyed) -> str | None:
         return None
     if row.object_type != request.object_type:
         raise ApiError(
-            422,
+            400,
             f"{HEADER} '{request.key}' was already used to create {row.object_type} '{row.object_id}'; "
             "send a new key for a new request.",
             param=HEADER,
@@ -121,7 +121,7 @@ def _earlier(session: Session, request: _Keyed) -> str | None:
         names = request.fields.keys() | row.request_fields.keys()
         differ = sorted(n for n in names if request.fields.get(n) != row.request_fields.get(n))
         raise ApiError(
-            422,
+            400,
             f"{HEADER} '{request.key}' was already used with a different request (it differs in "
             f"{', '.join(differ)}) that created {row.object_type} '{row.object_id}'; "
             "send a new key for a new request.",

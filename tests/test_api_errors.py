@@ -113,16 +113,16 @@ def test_missing_training_file_is_404(http: httpx.Client, tiny_model: str) -> No
         ({"target_modules": ["not_a_layer"]}, "method.supervised.hyperparameters.target_modules"),
     ],
 )
-def test_invalid_spec_is_422_naming_the_field(http: httpx.Client, hyperparameters: dict, param: str) -> None:
+def test_invalid_spec_is_400_naming_the_field(http: httpx.Client, hyperparameters: dict, param: str) -> None:
     training = upload(http, chat_jsonl(2))
-    error = error_of(http.post("/v1/fine_tuning/jobs", json=job_body(training["id"], **hyperparameters)), 422)
+    error = error_of(http.post("/v1/fine_tuning/jobs", json=job_body(training["id"], **hyperparameters)), 400)
     assert error["param"] == param
 
 
-def test_bad_suffix_is_422(http: httpx.Client) -> None:
+def test_bad_suffix_is_400(http: httpx.Client) -> None:
     training = upload(http, chat_jsonl(2))
     error = error_of(
-        http.post("/v1/fine_tuning/jobs", json=job_body(training["id"]) | {"suffix": "../x"}), 422
+        http.post("/v1/fine_tuning/jobs", json=job_body(training["id"]) | {"suffix": "../x"}), 400
     )
     assert error["param"] == "suffix"
 

@@ -213,10 +213,10 @@ def test_classification_rejects_chat_files(http: httpx.Client, minilm: str) -> N
     assert (error["param"], error["code"]) == ("training_file", "invalid_file_format")
 
 
-def test_supervised_on_an_encoder_is_422(http: httpx.Client, minilm: str) -> None:
+def test_supervised_on_an_encoder_is_400(http: httpx.Client, minilm: str) -> None:
     body = {"model": minilm, "training_file": upload(http, chat_jsonl(4))["id"]}
     response = http.post("/v1/fine_tuning/jobs", json=body)
-    assert response.status_code == 422, response.text
+    assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["param"], error["code"]) == ("model", "unsupported_model")
 
@@ -224,7 +224,7 @@ def test_supervised_on_an_encoder_is_422(http: httpx.Client, minilm: str) -> Non
 def test_classification_does_not_offer_prefix_tuning(http: httpx.Client, minilm: str) -> None:
     training = upload(http, jsonl(tweet_sets()[0][:8]))
     response = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"], peft="prefix_tuning"))
-    assert response.status_code == 422, response.text
+    assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "method.classification.hyperparameters.peft"
 
 

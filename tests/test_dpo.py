@@ -266,11 +266,11 @@ def test_bad_dpo_requests_name_what_is_wrong(http: httpx.Client) -> None:
         "code": "invalid_file_format",
     }
     prefix = http.post("/v1/fine_tuning/jobs", json=dpo_body(preferences, peft="prefix_tuning"))
-    assert prefix.status_code == 422
+    assert prefix.status_code == 400
     assert prefix.json()["error"]["param"] == "method.dpo.hyperparameters.peft"
     for beta in (0, -0.5):
         response = http.post("/v1/fine_tuning/jobs", json=dpo_body(preferences, beta=beta))
-        assert response.status_code == 422, response.text
+        assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == "method.dpo.hyperparameters.beta"
 
     lines = [pair(0), pair(1) | {"preferred_output": [{"role": "user", "content": "2 plus 2 is 4."}]}]

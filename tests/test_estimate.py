@@ -218,13 +218,13 @@ def test_estimate_rejects_what_job_creation_rejects(
     assert error(httpx.post(f"{server}/v1/fine_tuning/estimate", json=job_body(training_id)), 401)
     assert error(estimate(http, training_id, model="no-such-model"), 404)["param"] == "model"
     assert error(estimate(http, "file-missing"), 404)["param"] == "training_file"
-    bad_targets = error(estimate(http, training_id, target_modules=["q_proj", "nope"]), 422)
+    bad_targets = error(estimate(http, training_id, target_modules=["q_proj", "nope"]), 400)
     assert bad_targets["param"] == "method.supervised.hyperparameters.target_modules"
-    too_deep = error(estimate(http, training_id, peft="freeze", n_trainable_layers=9), 422)
+    too_deep = error(estimate(http, training_id, peft="freeze", n_trainable_layers=9), 400)
     assert too_deep["param"] == "method.supervised.hyperparameters.n_trainable_layers"
-    assert error(estimate(http, training_id, methods=["auto"]), 422)["param"] == "methods"
-    assert error(estimate(http, training_id, lora_r=0), 422)["param"].endswith("lora_r")
-    assert error(estimate(http, training_id, device="tpu"), 422)["param"] == "device"
+    assert error(estimate(http, training_id, methods=["auto"]), 400)["param"] == "methods"
+    assert error(estimate(http, training_id, lora_r=0), 400)["param"].endswith("lora_r")
+    assert error(estimate(http, training_id, device="tpu"), 400)["param"] == "device"
 
 
 def events_of(http: httpx.Client, job_id: str) -> list[dict]:

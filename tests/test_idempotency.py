@@ -76,13 +76,13 @@ def test_same_key_same_body_returns_the_same_job(http: httpx.Client, training_fi
     assert [j["id"] for j in jobs_tagged(http, tag)] == [first.json()["id"]]
 
 
-def test_same_key_other_body_is_422_naming_the_difference(http: httpx.Client, training_file: str) -> None:
+def test_same_key_other_body_is_400_naming_the_difference(http: httpx.Client, training_file: str) -> None:
     body, tag = tagged_body(training_file)
     key = new_key()
     first = post_job(http, body, key)
     assert first.status_code == 200, first.text
     cancel_all(http, [first.json()])
-    error = error_of(post_job(http, body | {"seed": 8}, key), 422)
+    error = error_of(post_job(http, body | {"seed": 8}, key), 400)
     assert error["code"] == "idempotency_key_reused"
     assert error["param"] == "Idempotency-Key"
     assert "seed" in error["message"] and "metadata" not in error["message"]
@@ -146,13 +146,13 @@ def test_same_key_same_upload_returns_the_same_file(http: httpx.Client) -> None:
     assert len(listed) == 1
 
 
-def test_same_key_other_upload_is_422(http: httpx.Client) -> None:
+def test_same_key_other_upload_is_400(http: httpx.Client) -> None:
     key = new_key()
     assert post_file(http, chat_jsonl(4), key, "a.jsonl").status_code == 200
-    error = error_of(post_file(http, chat_jsonl(5), key, "a.jsonl"), 422)
+    error = error_of(post_file(http, chat_jsonl(5), key, "a.jsonl"), 400)
     assert error["code"] == "idempotency_key_reused"
     assert "content" in error["message"] and "filename" not in error["message"]
-    error = error_of(post_file(http, chat_jsonl(4), key, "b.jsonl"), 422)
+    error = error_of(post_file(http, chat_jsonl(4), key, "b.jsonl"), 400)
     assert "filename" in error["message"] and "content" not in error["message"]
 
 
@@ -162,7 +162,7 @@ def test_key_of_a_job_cannot_upload_a_file(http: httpx.Client, training_file: st
     job = post_job(http, body, key)
     assert job.status_code == 200, job.text
     cancel_all(http, [job.json()])
-    error = error_of(post_file(http, chat_jsonl(4), key), 422)
+    error = error_of(post_file(http, chat_jsonl(4), key), 400)
     assert error["code"] == "idempotency_key_reused" and job.json()["id"] in error["message"]
 
 
@@ -230,7 +230,7 @@ def test_a_key_older_than_a_day_is_a_new_key(http: httpx.Client) -> None:
     first = post_file(http, chat_jsonl(2), key)
     assert first.status_code == 200, first.text
     assert age_key(key, 23) == 1
-    assert post_file(http, chat_jsonl(3), key).status_code == 422  # 23 h: still remembered
+    assert post_file(http, chat_jsonl(3), key).status_code == 400  # 23 h: still remembered
     age_key(key, 2)
     again = post_file(http, chat_jsonl(3), key)  # 25 h: another upload under the same key is new
     assert again.status_code == 200, again.text

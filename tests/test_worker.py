@@ -156,7 +156,7 @@ def test_validation_split_reports_valid_loss(http: httpx.Client) -> None:
     training = upload(http, chat_jsonl(16))
     both = job_body(training["id"], validation_split=0.25) | {"validation_file": training["id"]}
     error = http.post("/v1/fine_tuning/jobs", json=both)
-    assert error.status_code == 422 and error.json()["error"]["param"].endswith("validation_split")
+    assert error.status_code == 400 and error.json()["error"]["param"].endswith("validation_split")
 
     body = job_body(training["id"], validation_split=0.25, checkpoint_every_steps=1)
     job = wait_for_status(

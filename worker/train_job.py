@@ -74,18 +74,23 @@ def load_spec(job_id: str, attempt: int) -> "RunSpec":
         )
 
 
-def publish(job_id: str, attempt: int, result: "RunResult") -> None:
-    """Upload the adapter archive, then mark the job succeeded and register its model in one transaction."""
+def publish(job_id: str, attempt: int, result: "RunResult") -> str | None:
+    """Upload the adapter archive, then mark the job succeeded and register its model in one transaction.
+
+    The archive is keyed by attempt and only the winning conditional update points the model at it, so an
+    attempt that was superseded while it packed can never replace the adapter that is served. Returns the
+    model id, or None when this attempt no longer owns the job (its archive is then removed).
+    """
     from worker.training.callbacks import pack_folder
 
-    key = f"adapters/{job_id}.tar.gz"
+    key = f"adapters/{job_id}/attempt-{attempt}.tar.gz"
     archive = pack_folder(result.output_dir)
     try:
         get_store().put_file(key, archive)
     finally:
         archive.unlink(missing_ok=True)
     with session_scope() as session:
-        lifecycle.succeed(
+        model_id = lifecycle.succeed(
             session,
             job_id=job_id,
             attempt=attempt,
@@ -93,6 +98,9 @@ def publish(job_id: str, attempt: int, result: "RunResult") -> None:
             trained_tokens=result.trained_tokens,
             result_files=[],
         )
+    if model_id is None:
+        get_store().delete(key)
+    return model_id
 
 
 # The recipe module of each task; each has `run(spec: RunSpec) -> RunResult`.

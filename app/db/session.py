@@ -1,13 +1,17 @@
 """Engine and transaction scope. The caller owns the transaction: services flush, this commits."""
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Column, Engine, create_engine, event, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from app.config import get_settings
+
+log = logging.getLogger(__name__)
 
 
 @lru_cache
@@ -48,3 +52,43 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def lock_rows(session: Session, column: InstrumentedAttribute[Any], values: Iterable[Any]) -> set[Any]:
+    """Write-lock the rows whose `column` is in `values` until the transaction ends; returns those found.
+
+    A no-op UPDATE, so one code path locks on both databases: Postgres locks the rows, SQLite takes its
+    database-wide write lock. Two transactions that lock the same row before checking it run one after
+    the other, each seeing what the other committed.
+    """
+    key: Column[Any] = column.property.columns[0]  # type: ignore[attr-defined]
+    # Postgres refuses NUL in text, and no stored id holds one: such a value simply matches nothing.
+    wanted = [v for v in values if not (isinstance(v, str) and "\x00" in v)]
+    statement = update(key.table).where(key.in_(wanted)).values({key: key}).returning(key)
+    return set(session.execute(statement).scalars())
+
+
+_AFTER_COMMIT = "tuneforge_after_commit"
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` once the session's current transaction has committed; never if it rolls back.
+
+    For what cannot be rolled back, such as deleting stored bytes: done after the commit, a failed
+    commit loses nothing.
+    """
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for action in session.info.pop(_AFTER_COMMIT, []):
+        try:
+            action()
+        except Exception:  # the transaction stands; what was left behind is only logged
+            log.exception("an action after commit failed")
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)

@@ -1,19 +1,16 @@
 """Every table of Tuneforge in one place; Postgres (or SQLite when embedded) is the source of truth."""
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-def utcnow() -> datetime:
-    """Naive UTC: stored the same way in Postgres and SQLite, so comparisons never mix time zones."""
-    return datetime.now(UTC).replace(tzinfo=None)
+from app.db.time import UtcDateTime, utcnow
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime()}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UtcDateTime()}
 
 
 class ApiKey(Base):

@@ -39,7 +39,7 @@ def _checked(
 ) -> list[str]:
     """The asked methods, each checked as a job of that method would be.
 
-    Strict (methods the caller named): an unfit method is a 422. Otherwise ('all', auto's candidates) a
+    Strict (methods the caller named): an unfit method is a 400. Otherwise ('all', auto's candidates) a
     method the model cannot take is left out.
     """
     kept = []
@@ -73,7 +73,7 @@ def _methods(session: Session, project: str, body: EstimateCreate) -> tuple[list
 
 def _plan_error(error: PlanError, task: str) -> ApiError:
     param = "model" if error.param == "model" else f"method.{task}.hyperparameters.{error.param}"
-    return ApiError(422, str(error), param=param, code="invalid_value")
+    return ApiError(400, str(error), param=param, code="invalid_value")
 
 
 def estimate(session: Session, *, project: str, body: EstimateCreate) -> EstimatePublic:

@@ -1,23 +1,23 @@
 """Job state transitions on the worker side, each one conditional UPDATE fenced by the attempt number.
 
 A worker owns a job only while its attempt is the job's attempt and the job is `running`: a second
-delivery, a cancel, or a newer attempt makes every later write of the old attempt a no-op.
+delivery, a cancel, or a newer attempt makes every later write of the old attempt a no-op. Lease times
+come from the database's clock (`db_now`), so hosts whose clocks disagree still agree on a lease.
 """
 
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from app.db.tables import Checkpoint, Job, utcnow
+from app.db.tables import Checkpoint, Job
+from app.db.time import db_now
 from app.jobs import service as job_service
 from app.models import service as model_service
 
 
 def claim(session: Session, *, job_id: str, owner: str, lease_seconds: int) -> int | None:
     """Take a queued job: bump its attempt and set a lease. Returns the attempt, or None if not claimable."""
-    now = utcnow()
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "queued")
@@ -25,14 +25,16 @@ def claim(session: Session, *, job_id: str, owner: str, lease_seconds: int) -> i
             status="running",
             attempt=Job.attempt + 1,
             lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            lease_expires_at=db_now(lease_seconds),
         )
         .returning(Job.attempt)
     )
     attempt = result.scalar_one_or_none()
     if attempt is None:
         return None
-    session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now))
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=db_now())
+    )
     job_service.add_event(
         session, job_id=job_id, message=f"Fine-tuning job started (attempt {attempt}, {owner})."
     )
@@ -46,7 +48,7 @@ def _owned(job_id: str, attempt: int):  # type: ignore[no-untyped-def]
 def renew_lease(session: Session, *, job_id: str, attempt: int, lease_seconds: int) -> bool:
     """Extend the lease; False means this attempt no longer owns the job (cancelled or superseded)."""
     result = session.execute(
-        _owned(job_id, attempt).values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        _owned(job_id, attempt).values(lease_expires_at=db_now(lease_seconds))
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
@@ -85,7 +87,7 @@ def fail(session: Session, *, job_id: str, attempt: int, code: str, message: str
         _owned(job_id, attempt).values(
             status="failed",
             error={"code": code, "message": message, "param": None},
-            finished_at=utcnow(),
+            finished_at=db_now(),
             lease_expires_at=None,
         )
     )
@@ -130,31 +132,44 @@ def succeed(
     trained_tokens: int,
     result_files: list[str],
 ) -> str | None:
-    """Mark the job succeeded and register its model, in the caller's transaction. Returns the model id."""
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.attempt != attempt or job.status != "running":
+    """Mark the job succeeded and register its model, in the caller's transaction. Returns the model id.
+
+    One conditional UPDATE decides: a cancel or pause that committed first leaves nothing to publish, and
+    one that comes later finds the job finished. The model row is written only by the winner.
+    """
+    job = session.get(Job, job_id)  # its model and suffix, which never change, name the model
+    if job is None:
         return None
     model_id = job_service.fine_tuned_model_id(job)
+    published = session.execute(
+        _owned(job_id, attempt).values(
+            status="succeeded",
+            fine_tuned_model=model_id,
+            finished_at=db_now(),
+            trained_tokens=trained_tokens,
+            result_files=result_files,
+            lease_expires_at=None,
+        )
+    )
+    if published.rowcount != 1:  # type: ignore[attr-defined]
+        return None
     model_service.add_fine_tuned_model(
         session,
         model_id=model_id,
         project=job.project,
         base_model=job.model,
-        job_id=job.id,
+        job_id=job_id,
         storage_key=storage_key,
     )
-    job.status, job.fine_tuned_model, job.finished_at = "succeeded", model_id, utcnow()
-    job.trained_tokens, job.result_files, job.lease_expires_at = trained_tokens, result_files, None
     job_service.add_event(session, job_id=job_id, message=f"New fine-tuned model created: {model_id}")
     job_service.add_event(session, job_id=job_id, message="The job has successfully completed.")
-    session.flush()
     return model_id
 
 
 def mark_sent(session: Session, *, job_ids: list[str]) -> None:
     """Remember when each job's message last went out."""
     if job_ids:
-        session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=utcnow()))
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=db_now()))
 
 
 def reconcile(
@@ -166,37 +181,49 @@ def reconcile(
     broker's queue is known to be empty (`queue_empty`: its message cannot still be waiting, so a flushed
     or restarted broker lost it), over `settle_seconds` ago. Returns the ids whose message should go out
     now; a duplicate is harmless, since only one claim wins.
+
+    Each expired job is changed by a conditional UPDATE that repeats the expiry test against the
+    database's clock, with the attempt it was read at: a job that renewed, finished or moved on since it
+    was listed is left alone.
     """
-    now = utcnow()
-    expired = session.scalars(
-        select(Job)
-        .where(Job.status == "running", Job.lease_expires_at < now)
-        .with_for_update(skip_locked=True)
-    )
-    for job in expired:
-        if job.attempt >= job.max_attempts:
-            job.status, job.finished_at, job.lease_expires_at = "failed", now, None
-            job.error = {
-                "code": "max_attempts_exceeded",
-                "param": None,
-                "message": f"The worker running attempt {job.attempt} stopped answering, and the job "
-                f"has used all {job.max_attempts} attempts.",
-            }
-            job_service.add_event(
-                session, job_id=job.id, level="error", message=f"Job failed: {job.error['message']}"
+    expired = session.execute(
+        select(Job.id, Job.attempt, Job.max_attempts).where(
+            Job.status == "running", Job.lease_expires_at < db_now()
+        )
+    ).all()
+    for job_id, attempt, max_attempts in expired:
+        still_expired = update(Job).where(
+            Job.id == job_id,
+            Job.attempt == attempt,
+            Job.status == "running",
+            Job.lease_expires_at < db_now(),
+        )
+        if attempt >= max_attempts:
+            message = (
+                f"The worker running attempt {attempt} stopped answering, and the job has used all "
+                f"{max_attempts} attempts."
             )
+            error = {"code": "max_attempts_exceeded", "param": None, "message": message}
+            done = session.execute(
+                still_expired.values(
+                    status="failed", finished_at=db_now(), lease_expires_at=None, error=error
+                )
+            )
+            level, message = "error", f"Job failed: {message}"
         else:
-            job.status, job.lease_owner, job.lease_expires_at = "queued", None, None
-            job_service.add_event(
-                session,
-                job_id=job.id,
-                level="warn",
-                message=f"The worker of attempt {job.attempt} stopped renewing its lease; job re-queued.",
+            done = session.execute(
+                still_expired.values(status="queued", lease_owner=None, lease_expires_at=None)
             )
-    stale = now - timedelta(seconds=settle_seconds if queue_empty else resend_after_seconds)
+            level = "warn"
+            message = f"The worker of attempt {attempt} stopped renewing its lease; job re-queued."
+        if done.rowcount == 1:  # type: ignore[attr-defined]
+            job_service.add_event(session, job_id=job_id, level=level, message=message)
+    wait = settle_seconds if queue_empty else resend_after_seconds
     due = list(
         session.scalars(
-            select(Job.id).where(Job.status == "queued", or_(Job.sent_at.is_(None), Job.sent_at < stale))
+            select(Job.id).where(
+                Job.status == "queued", or_(Job.sent_at.is_(None), Job.sent_at < db_now(-wait))
+            )
         )
     )
     session.flush()

@@ -3,11 +3,13 @@
 import secrets
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.db.tables import Checkpoint, Job, JobEvent, Model, utcnow
+from app.db.session import lock_rows
+from app.db.tables import Checkpoint, Job, JobEvent, Model, TrainingFile
+from app.db.time import db_now
 from app.errors import ApiError, not_found
 from app.files import service as file_service
 from app.files.validation import TASK_FORMATS
@@ -84,11 +86,11 @@ def fine_tuned_model_id(job: Job) -> str:
 
 
 def check_spec_against_model(session: Session, project: str, spec: JobCreate) -> None:
-    """404 for an unknown model, 422 naming the field for a method or hyperparameter it cannot take."""
+    """404 for an unknown model, 400 naming the field for a method or hyperparameter it cannot take."""
     base = model_service.get_model(session, project=project, model_id=spec.model, param="model")
     if base.kind != model_service.BASE:
         raise ApiError(
-            422,
+            400,
             f"'{spec.model}' is a fine-tuned model; start from its base model '{base.base_model}'.",
             param="model",
             code="invalid_base_model",
@@ -100,7 +102,7 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
     causal_lm = (base.profile or {}).get("causal_lm", True)
     if task in ("supervised", "dpo") and not causal_lm:
         raise ApiError(
-            422,
+            400,
             f"'{spec.model}' is {base.architecture}, not a causal language model; "
             f"method.type '{task}' needs one (an encoder can take 'classification').",
             param="model",
@@ -108,7 +110,7 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
         )
     if hp.peft not in TASK_METHODS[task]:
         raise ApiError(
-            422,
+            400,
             f"peft '{hp.peft}' is not offered for method.type '{task}'; "
             f"choose one of {', '.join(TASK_METHODS[task])}.",
             param=f"{hp_param}.peft",
@@ -116,7 +118,7 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
         )
     if hp.peft in QUANTIZED and not known:
         raise ApiError(
-            422,
+            400,
             f"peft '{hp.peft}' quantizes nn.Linear layers with bitsandbytes, and '{spec.model}' has none; "
             "use 'lora' instead.",
             param=f"{hp_param}.peft",
@@ -124,7 +126,7 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
         )
     if hp.peft == "llama_adapter" and base.architecture not in LLAMA_ADAPTER_ARCHITECTURES:
         raise ApiError(
-            422,
+            400,
             f"peft 'llama_adapter' works on Llama-family models ({', '.join(LLAMA_ADAPTER_ARCHITECTURES)}); "
             f"'{spec.model}' is {base.architecture}.",
             param=f"{hp_param}.peft",
@@ -134,7 +136,7 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
         missing = [m for m in hp.target_modules if m not in known]
         if missing:
             raise ApiError(
-                422,
+                400,
                 f"target_modules {missing} are not linear layers of '{spec.model}'; it has {sorted(known)}.",
                 param=f"{hp_param}.target_modules",
                 code="invalid_target_modules",
@@ -143,6 +145,8 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
 
 def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
     """Validate a job spec against its files and base model and write it as `queued`."""
+    # Locked first, so a concurrent delete of either file runs wholly before or after this job's insert.
+    lock_rows(session, TrainingFile.id, [spec.training_file, spec.validation_file or spec.training_file])
     check_spec_against_model(session, project, spec)
     training = file_service.get_file(
         session, project=project, file_id=spec.training_file, param="training_file"
@@ -172,7 +176,7 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
             )
     if spec.validation_file and spec.method.hyperparameters.validation_split:
         raise ApiError(
-            422,
+            400,
             "Give either a validation_file or a validation_split, not both.",
             param=f"method.{spec.method.type}.hyperparameters.validation_split",
             code="invalid_value",
@@ -246,15 +250,30 @@ def list_jobs(session: Session, *, project: str, after: str | None, limit: int) 
     return rows[:limit], len(rows) > limit
 
 
+def _transition(session: Session, job: Job, *, to: str, where: tuple[str, ...], **values: Any) -> bool:
+    """Move `job` to status `to` if it is in one of `where`, in one conditional UPDATE; True if it moved.
+
+    Never read-then-write: a worker publishing the job, or another request, may change it in between.
+    The row is refreshed either way, so the caller answers with the job as it now is.
+    """
+    moved = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_(where))
+        .values(status=to, **values)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(job)
+    return moved.rowcount == 1  # type: ignore[attr-defined]
+
+
 def cancel_job(session: Session, *, project: str, job_id: str) -> Job:
     """Cancel a job that has not finished; a finished job is returned unchanged."""
     job = get_job(session, project=project, job_id=job_id)
-    if job.status in ACTIVE_STATUSES:
-        # A running worker sees this on its next step and stops; a queued job is never claimed.
-        job.status = "cancelled"
-        job.finished_at = utcnow()
+    # A running worker sees this on its next step and stops; a queued job is never claimed.
+    if _transition(
+        session, job, to="cancelled", where=ACTIVE_STATUSES, finished_at=db_now(), lease_expires_at=None
+    ):
         add_event(session, job_id=job.id, message="Job cancelled by the user.")
-    session.flush()
     return job
 
 
@@ -265,10 +284,17 @@ def pause_job(session: Session, *, project: str, job_id: str) -> Job:
     given back (`max_attempts` grows), so pausing never uses up a job's attempts.
     """
     job = get_job(session, project=project, job_id=job_id)
-    if job.status in ("validating_files", "queued", "running"):
-        if job.status == "running":
-            job.max_attempts += 1
-        job.status, job.lease_owner, job.lease_expires_at = "paused", None, None
+    given_back = case((Job.status == "running", Job.max_attempts + 1), else_=Job.max_attempts)
+    pausable = ("validating_files", "queued", "running")
+    if _transition(
+        session,
+        job,
+        to="paused",
+        where=pausable,
+        max_attempts=given_back,
+        lease_owner=None,
+        lease_expires_at=None,
+    ):
         add_event(session, job_id=job.id, message="Job paused by the user.")
     elif job.status != "paused":
         raise ApiError(
@@ -276,17 +302,14 @@ def pause_job(session: Session, *, project: str, job_id: str) -> Job:
             f"Job {job.id} has {job.status}; only a queued or running job can be paused.",
             code="job_not_pausable",
         )
-    session.flush()
     return job
 
 
 def resume_job(session: Session, *, project: str, job_id: str) -> tuple[Job, bool]:
     """Queue a paused job again (it continues from its last checkpoint); True if it needs sending."""
     job = get_job(session, project=project, job_id=job_id)
-    if job.status == "paused":
-        job.status, job.sent_at = "queued", None
+    if _transition(session, job, to="queued", where=("paused",), sent_at=None):
         add_event(session, job_id=job.id, message="Job resumed by the user.")
-        session.flush()
         return job, True
     if job.status not in ("validating_files", "queued", "running"):
         raise ApiError(

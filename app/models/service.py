@@ -6,6 +6,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from app.db.session import after_commit
 from app.db.tables import Model
 from app.errors import ApiError, not_found
 from app.models.schemas import ModelPublic
@@ -83,10 +84,11 @@ def delete_model(session: Session, *, project: str, model_id: str) -> None:
     row = get_model(session, project=project, model_id=model_id)
     if row.kind == BASE:
         raise ApiError(400, f"'{model_id}' is a base model; remove it with the tuneforge CLI.", param="model")
-    if row.storage_key:
-        get_store().delete(row.storage_key)
     session.delete(row)
     session.flush()
+    if row.storage_key:
+        key = row.storage_key
+        after_commit(session, lambda: get_store().delete(key))
 
 
 def adapter_path(session: Session, *, project: str, model_id: str) -> Path:
