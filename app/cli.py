@@ -7,6 +7,7 @@ tuneforge models make-tiny          # registers `tiny-llama`
 """
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -175,9 +176,9 @@ def start_services(
 ) -> list[subprocess.Popen]:
     """Start the API, one worker, the reconciler and the inference server; with `log_dir`, output goes there.
 
-    The inference server listens on loopback only (it trusts its caller) on `inference_port`, by default a
-    free port, so several stacks on one machine never collide; the API is told where it is. When
-    TUNEFORGE_INFERENCE_URL is set, the API uses that server and none is started here.
+    The inference server listens on loopback only on `inference_port`, by default a free port, so several
+    stacks on one machine never collide; the API is told where it is and shares a generated secret with it.
+    When TUNEFORGE_INFERENCE_URL is set, the API uses that server and none is started here.
     """
     migrate.upgrade()
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
@@ -185,6 +186,8 @@ def start_services(
     if not get_settings().inference_url:
         inference_port = inference_port or free_port()
         env["TUNEFORGE_INFERENCE_URL"] = f"http://127.0.0.1:{inference_port}"
+        # The API and the server it starts share a secret of their own unless one is configured.
+        env.setdefault("TUNEFORGE_INFERENCE_SECRET", secrets.token_urlsafe(32))
         commands["inference"] = inference_command(inference_port)  # first: it takes longest to start
     commands["api"] = [
         sys.executable,

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     )
     resend_after_seconds: float = Field(300.0, description="Re-send a queued job's message after this long.")
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
+    max_line_kb: int = Field(
+        1024,
+        ge=1,
+        description="Longest line (one training example) an uploaded file may hold, in KiB; a longer one "
+        "is refused with `line_too_long`. OpenAI caps an example at the model's context (~64k tokens).",
+    )
     idempotency_key_hours: float = Field(
         24.0,
         gt=0,
@@ -81,6 +87,11 @@ class Settings(BaseSettings):
     )
     inference_port: int = Field(
         8001, description="Port of `tuneforge serve` and of the default inference_url."
+    )
+    inference_secret: str = Field(
+        "",
+        description="Shared secret the API sends to the inference server (`Authorization: Bearer`); the "
+        "server refuses every other caller. Set the same value for both; `tuneforge up` generates one.",
     )
     # The next four are also read by worker/serving/settings.py straight from the environment under the
     # same names (TUNEFORGE_MAX_ACTIVE_ADAPTERS, ...): one variable configures both; keep the defaults equal.

@@ -10,6 +10,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,7 @@ def final_state(sessions: sessionmaker[Session], job_id: str) -> tuple[str, int,
         assert job is not None
         models = session.scalar(select(func.count()).select_from(Model).where(Model.job_id == job_id))
         events = list(
-            session.scalars(
-                select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
-            )
+            session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))
         )
         return job.status, models or 0, events
 
@@ -146,8 +145,11 @@ def test_cancel_racing_success_never_leaves_a_cancelled_job_with_a_model(
     outcomes = set()
     for _ in range(ROUNDS):
         job_id, attempt = running_job(sessions)
-        cancel = lambda session: job_service.cancel_job(session, project=PROJECT, job_id=job_id)  # noqa: E731
-        race(sessions, publish(job_id, attempt), cancel)
+        race(
+            sessions,
+            publish(job_id, attempt),
+            partial(job_service.cancel_job, project=PROJECT, job_id=job_id),
+        )
         status, models, events = final_state(sessions, job_id)
         assert (status, models) in {("succeeded", 1), ("cancelled", 0)}, (status, models, events)
         # The loser never wrote anything: the event log holds one ending only.
@@ -161,7 +163,7 @@ def test_pause_racing_success_never_leaves_a_paused_job_with_a_model(
 ) -> None:
     for _ in range(ROUNDS):
         job_id, attempt = running_job(sessions)
-        pause = lambda session: job_service.pause_job(session, project=PROJECT, job_id=job_id)  # noqa: E731
+        pause = partial(job_service.pause_job, project=PROJECT, job_id=job_id)
         results = race(sessions, publish(job_id, attempt), pause)
         status, models, events = final_state(sessions, job_id)
         assert (status, models) in {("succeeded", 1), ("paused", 0)}, (status, models, events)
@@ -178,7 +180,7 @@ def test_reconciler_racing_success_never_requeues_a_finished_job(sessions: sessi
         with sessions() as session, session.begin():  # the lease ran out just as the run finished
             expired = utcnow() - timedelta(seconds=1)
             session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=expired))
-        reconcile = lambda session: lifecycle.reconcile(session, resend_after_seconds=300)  # noqa: E731
+        reconcile = partial(lifecycle.reconcile, resend_after_seconds=300)
         race(sessions, publish(job_id, attempt), reconcile)
         status, models, events = final_state(sessions, job_id)
         assert (status, models) in {("succeeded", 1), ("queued", 0)}, (status, models, events)
@@ -190,9 +192,10 @@ def ending(message: str) -> str | None:
     """What an event says happened to the job's status, if it is a status change this test provokes."""
     if "stopped renewing its lease" in message:
         return "requeued"
-    return {"Job cancelled by the user.": "cancelled", "The job has successfully completed.": "succeeded"}.get(
-        message
-    )
+    return {
+        "Job cancelled by the user.": "cancelled",
+        "The job has successfully completed.": "succeeded",
+    }.get(message)
 
 
 def test_cancel_racing_the_reconciler_and_success_ends_in_one_state(sessions: sessionmaker[Session]) -> None:
@@ -205,8 +208,8 @@ def test_cancel_racing_the_reconciler_and_success_ends_in_one_state(sessions: se
         race(
             sessions,
             publish(job_id, attempt),
-            lambda session: job_service.cancel_job(session, project=PROJECT, job_id=job_id),
-            lambda session: lifecycle.reconcile(session, resend_after_seconds=300),
+            partial(job_service.cancel_job, project=PROJECT, job_id=job_id),
+            partial(lifecycle.reconcile, resend_after_seconds=300),
         )
         status, models, events = final_state(sessions, job_id)
         assert (status, models) in {("succeeded", 1), ("cancelled", 0), ("queued", 0)}, (status, events)
@@ -223,17 +226,15 @@ def test_deleting_a_file_racing_a_job_that_uses_it(sessions: sessionmaker[Sessio
         spec = JobCreate(**job_body(file_id))
         results = race(
             sessions,
-            lambda session: job_service.create_job(session, project=PROJECT, spec=spec).id,
-            lambda session: file_service.delete_file(session, project=PROJECT, file_id=file_id),
+            partial(job_service.create_job, project=PROJECT, spec=spec),
+            partial(file_service.delete_file, project=PROJECT, file_id=file_id),
         )
         created, deleted = results
         with sessions() as session:
             file = session.get(TrainingFile, file_id)
-            jobs = session.scalar(
-                select(func.count()).select_from(Job).where(Job.training_file == file_id)
-            )
+            jobs = session.scalar(select(func.count()).select_from(Job).where(Job.training_file == file_id))
         stored = get_store().local_path(f"files/{file_id}.jsonl").is_file()
-        if isinstance(created, str):  # the job won: the delete was refused, nothing is gone
+        if isinstance(created, Job):  # the job won: the delete was refused, nothing is gone
             assert isinstance(deleted, ApiError) and deleted.code == "file_in_use", deleted
             assert file is not None and stored and jobs == 1
             outcomes.add("job")

@@ -1,6 +1,8 @@
 """The reconciler process: lost messages are re-sent, dead workers' jobs re-queued, poison jobs stopped."""
 
+import hashlib
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 
@@ -8,6 +10,7 @@ from app.db.session import session_scope
 from app.db.tables import Job, Model, utcnow
 from app.jobs import service as job_service
 from app.jobs.schemas import JobCreate
+from app.storage import get_store
 from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
 
 
@@ -56,3 +59,31 @@ def test_job_out_of_attempts_fails_and_stops(http: httpx.Client) -> None:
     with session_scope() as session:
         row = session.get(Job, job_id)
         assert row is not None and row.attempt == 3, "a job out of attempts is never claimed again"
+
+
+def test_a_superseded_attempts_publish_never_replaces_the_served_adapter(
+    http: httpx.Client, tmp_path: Path
+) -> None:
+    """Attempt 1 lost its lease and attempt 2 published; attempt 1 then finishes and publishes too."""
+    from worker.train_job import publish
+    from worker.training.sft import RunResult
+
+    expired = utcnow() - timedelta(seconds=5)
+    job_id = create_unsent_job(
+        http, status="running", attempt=1, lease_owner="slow:1", lease_expires_at=expired
+    )
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=120)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    served = http.get(f"/v1/models/{job['fine_tuned_model']}/adapter")
+    assert served.status_code == 200
+
+    stale = tmp_path / "attempt-1-output"
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"weights of the superseded attempt")
+    result = RunResult(output_dir=stale, trained_tokens=1, metrics={}, cancelled=False)
+    assert publish(job_id, 1, result) is None
+
+    again = http.get(f"/v1/models/{job['fine_tuned_model']}/adapter")
+    assert hashlib.sha256(again.content).hexdigest() == hashlib.sha256(served.content).hexdigest()
+    leftovers = [p.name for p in get_store().root.rglob("*") if job_id in str(p) and "attempt-1" in p.name]
+    assert leftovers == [], f"the superseded attempt's archive stayed in the store: {leftovers}"

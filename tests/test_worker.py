@@ -166,3 +166,14 @@ def test_validation_split_reports_valid_loss(http: httpx.Client) -> None:
     assert any(e["message"].startswith("Training on 12 examples") for e in events_of(http, job["id"]))
     checkpoints = http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
     assert checkpoints and all("valid_loss" in c["metrics"] for c in checkpoints)
+
+
+def test_the_running_worker_keeps_its_healthcheck_green(server: str) -> None:
+    """The worker touches its heartbeat file from worker_init on; the container healthcheck reads it."""
+    import subprocess
+    import sys
+
+    check = subprocess.run(
+        [sys.executable, "-m", "worker.health", "--max-age", "30"], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -3,7 +3,7 @@
 from celery.signals import worker_init, worker_shutting_down
 
 from app.queue import RUN_JOB, celery_app
-from worker import launcher, runner
+from worker import health, launcher, runner
 
 
 @celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
@@ -21,3 +21,9 @@ def _checkpoint_and_requeue(**_: object) -> None:
 def _warm_up_training(**_: object) -> None:
     """The template that training processes fork from imports torch and co. while the worker starts."""
     launcher.warm_up()
+
+
+@worker_init.connect
+def _start_heartbeat(**_: object) -> None:
+    """The container healthcheck (`python -m worker.health`) reads the file this thread keeps fresh."""
+    health.start_heartbeat()

@@ -1,6 +1,7 @@
 """Forwarding chat and text completions to the inference server, streams relayed as they arrive.
 
-The inference server (`worker/serving`, needs torch) trusts its caller: the API authenticates the key and
+The inference server (`worker/serving`, needs torch) trusts only callers that hold the shared secret
+(`TUNEFORGE_INFERENCE_SECRET`): the API authenticates the tenant's key, then calls it with that secret and
 names the project in `PROJECT_HEADER`. The server resolves the model id itself and already answers in
 OpenAI's shapes and error envelope, so the API relays its status and body unchanged; only an unreachable
 or misbehaving server becomes an error of the API's own. With `inference_backend = "vllm"` the same relay
@@ -32,8 +33,18 @@ TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 def open_client() -> httpx.AsyncClient:
     """The connection pool to the inference server; the app opens one at startup and closes it at shutdown."""
     settings = get_settings()
-    url = settings.vllm_url if settings.inference_backend == "vllm" else settings.resolved_inference_url
-    return httpx.AsyncClient(base_url=url.rstrip("/"), timeout=TIMEOUT)
+    if settings.inference_backend == "vllm":  # another service: the shared secret is not its to see
+        return httpx.AsyncClient(base_url=settings.vllm_url.rstrip("/"), timeout=TIMEOUT)
+    return _builtin_client()
+
+
+def _builtin_client() -> httpx.AsyncClient:
+    settings = get_settings()
+    return httpx.AsyncClient(
+        base_url=settings.resolved_inference_url,
+        timeout=TIMEOUT,
+        headers={"Authorization": f"Bearer {settings.inference_secret}"},
+    )
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -80,6 +91,8 @@ async def forward(client: httpx.AsyncClient, *, path: str, raw_body: bytes, proj
         raise unavailable(str(client.base_url).rstrip("/"), exc) from None
     except httpx.TransportError as exc:
         raise _failed(exc) from None
+    if not vllm:
+        await _refuse_if_untrusted(upstream)
     if vllm and upstream.status_code == 404:  # a restarted vLLM has forgotten the adapters it was given
         vllm_backend.forget(body["model"])
     content_type = upstream.headers.get("content-type", "")
@@ -201,19 +214,34 @@ def _tuneforge_client(client: httpx.AsyncClient) -> tuple[httpx.AsyncClient, boo
 
     Merged exports and classifications exist only on Tuneforge's inference server; vLLM has neither.
     """
-    settings = get_settings()
-    if settings.inference_backend != "vllm":
+    if get_settings().inference_backend != "vllm":
         return client, False
-    return httpx.AsyncClient(base_url=settings.resolved_inference_url.rstrip("/"), timeout=TIMEOUT), True
+    return _builtin_client(), True
 
 
 async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
     try:
-        return await client.send(request, stream=True)
+        upstream = await client.send(request, stream=True)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise unavailable(str(client.base_url).rstrip("/"), exc) from None
     except httpx.TransportError as exc:
         raise _failed(exc) from None
+    await _refuse_if_untrusted(upstream)
+    return upstream
+
+
+async def _refuse_if_untrusted(upstream: httpx.Response) -> None:
+    """A 401 from the inference server is about the API's shared secret, never the tenant's key: a 502."""
+    if upstream.status_code != 401:
+        return
+    await upstream.aclose()
+    raise ApiError(
+        502,
+        "The inference server refused the API's shared secret: give the API and the inference server the "
+        "same TUNEFORGE_INFERENCE_SECRET.",
+        type="server_error",
+        code="inference_secret_refused",
+    )
 
 
 async def _relay_bytes(upstream: httpx.Response, owned: httpx.AsyncClient | None) -> AsyncIterator[bytes]:
