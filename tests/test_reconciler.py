@@ -1,6 +1,9 @@
 """The reconciler process: lost messages are re-sent, dead workers' jobs re-queued, poison jobs stopped."""
 
 import hashlib
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -87,3 +90,36 @@ def test_a_superseded_attempts_publish_never_replaces_the_served_adapter(
     assert hashlib.sha256(again.content).hexdigest() == hashlib.sha256(served.content).hexdigest()
     leftovers = [p.name for p in get_store().root.rglob("*") if job_id in str(p) and "attempt-1" in p.name]
     assert leftovers == [], f"the superseded attempt's archive stayed in the store: {leftovers}"
+
+
+RECONCILE_ONCE = """
+import time
+from app.reconciler import reconcile_once
+print(time.time())
+reconcile_once()
+"""
+
+
+def test_a_reconciler_whose_clock_is_ahead_never_requeues_a_live_job(http: httpx.Client) -> None:
+    """Leases are judged by the database's clock: a host 10 minutes ahead (libfaketime) sees a live lease."""
+    training = upload(http, chat_jsonl(40))
+    body = job_body(training["id"], n_epochs=200, batch_size=1)  # runs until cancelled
+    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    try:
+        deadline = time.monotonic() + 120
+        while not any(m.startswith("Step ") for m in messages(http, job_id)):
+            assert time.monotonic() < deadline, "the job never started training"
+            time.sleep(0.3)
+        ahead = subprocess.run(
+            ["faketime", "-f", "+10m", sys.executable, "-c", RECONCILE_ONCE],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert float(ahead.stdout.split()[0]) > time.time() + 540, "the reconciler's clock was not ahead"
+        job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        assert job["status"] == "running" and job["attempt"] == 1, job
+        assert not any("stopped renewing its lease" in m for m in messages(http, job_id))
+    finally:
+        http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
