@@ -49,11 +49,30 @@ class Settings(BaseSettings):
         description="On SIGTERM a worker gives its run this long to save a checkpoint before stopping it "
         "(keep it below the orchestrator's grace period, e.g. docker's stop_grace_period).",
     )
+    stop_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A cancelled run gets this long to stop at the end of its step before it is killed (it "
+        "keeps nothing). A paused run is not killed: it is waited for until it has saved the checkpoint "
+        "it announced, however long its step takes, within the job's timeout.",
+    )
+    keep_checkpoints: int = Field(
+        3,
+        ge=1,
+        description="Checkpoints the artifact store keeps per job, newest first, besides the final model "
+        "(OpenAI keeps the last three); older ones are deleted as new ones are saved.",
+    )
     reconcile_seconds: float = Field(
         30.0, description="How often the reconciler (`tuneforge reconciler`) runs."
     )
     resend_after_seconds: float = Field(300.0, description="Re-send a queued job's message after this long.")
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
+    max_json_body_kb: int = Field(
+        1024,
+        ge=1,
+        description="Largest JSON request body (every route but uploads), refused with 413 before it is "
+        "parsed or its key checked.",
+    )
     max_line_kb: int = Field(
         1024,
         ge=1,

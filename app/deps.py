@@ -24,6 +24,20 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 def get_project(request: Request, session: SessionDep) -> str:
     """The project of the request's API key; 401 without a live key, 429 past the key's rate limit."""
+    return _project_of(request, session)
+
+
+def get_project_briefly(request: Request) -> str:
+    """As `get_project`, in a session of its own that is closed (its connection back in the pool) on return.
+
+    For routes that then wait on another service (the inference server): a session held across that
+    wait would hold a database connection for as long as a generation takes.
+    """
+    with session_scope() as session:
+        return _project_of(request, session)
+
+
+def _project_of(request: Request, session: Session) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -44,3 +58,5 @@ def get_project(request: Request, session: SessionDep) -> str:
 
 
 ProjectDep = Annotated[str, Depends(get_project)]
+# The project, with no database session left open for the rest of the request.
+ProjectOnlyDep = Annotated[str, Depends(get_project_briefly)]

@@ -7,6 +7,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.config import get_settings
+
 
 class ErrorDetail(BaseModel):
     message: str = Field(description="What was wrong and how to fix it.")
@@ -30,17 +32,29 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 
 
 class BodyTooLarge(StarletteHTTPException):
-    """A request body passed the size limit while it streamed in (FastAPI's body parser re-raises these)."""
+    """A request body over its size limit (FastAPI's body parser re-raises these while it streams in)."""
 
-    def __init__(self, limit_mb: int) -> None:
-        super().__init__(
-            413, f"Upload is larger than the {limit_mb} MB upload limit (TUNEFORGE_MAX_UPLOAD_MB)."
+    def __init__(self, message: str, *, param: str | None, code: str) -> None:
+        super().__init__(413, message)
+        self.param, self.code = param, code
+
+    @classmethod
+    def upload(cls) -> "BodyTooLarge":
+        limit_mb = get_settings().max_upload_mb
+        message = f"Upload is larger than the {limit_mb} MB upload limit (TUNEFORGE_MAX_UPLOAD_MB)."
+        return cls(message, param="file", code="file_too_large")
+
+    @classmethod
+    def json(cls) -> "BodyTooLarge":
+        limit_kb = get_settings().max_json_body_kb
+        message = (
+            f"Request body is larger than the {limit_kb} KB limit for JSON bodies "
+            "(TUNEFORGE_MAX_JSON_BODY_KB); training data goes in an uploaded file."
         )
+        return cls(message, param=None, code="request_too_large")
 
     def response(self) -> JSONResponse:
-        return JSONResponse(
-            envelope(str(self.detail), "invalid_request_error", "file", "file_too_large"), 413
-        )
+        return JSONResponse(envelope(str(self.detail), "invalid_request_error", self.param, self.code), 413)
 
 
 class ApiError(Exception):
@@ -88,6 +102,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # its location is a character position, not a field
+            where = first["loc"][-1]
+            message = f"The request body is not valid JSON: {first.get('msg')} at position {where}."
+            return JSONResponse(envelope(message, "invalid_request_error", None, "invalid_json"), 400)
         param = _param_from_location(tuple(first.get("loc", ())))
         details = "; ".join(
             f"{_param_from_location(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}"

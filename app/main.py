@@ -1,18 +1,18 @@
 """The FastAPI application: `uvicorn app.main:app`."""
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import unquote
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy import QueuePool, text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import queue
 from app.config import get_settings
-from app.db.session import get_engine
+from app.db.session import get_engine, session_scope
 from app.errors import (
     ERROR_RESPONSES,
     ApiError,
@@ -46,7 +46,7 @@ def create_app() -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     install_error_handlers(app)
-    app.add_middleware(UploadLimit)
+    app.add_middleware(BodyLimit)
     app.add_middleware(SafePaths)
     # inference_router before models_router: its /v1/models/{id}/merged must win over the catch-all retrieve.
     for router in (files_router, jobs_router, inference_router, models_router, estimate_router):
@@ -62,6 +62,7 @@ def create_app() -> FastAPI:
         responses={503: {"model": ErrorResponse, "description": "The database or the broker is down."}},
     )
     def readyz() -> dict:
+        pool = _pool_usage()  # before the check below takes a connection of its own
         checks = {"database": _check_database(), "broker": _check_broker()}
         if not all(v == "ok" for v in checks.values()):
             raise ApiError(503, f"Not ready: {checks}", type="server_error", code="not_ready")
@@ -70,7 +71,7 @@ def create_app() -> FastAPI:
         checks["inference"] = inference_service.check_health(settings.resolved_inference_url)
         if settings.inference_backend == "vllm":  # chat goes to vLLM; merged exports and classifiers do not
             checks["vllm"] = inference_service.check_health(settings.vllm_url, path="/health")
-        return {"status": "ok", "checks": checks}
+        return {"status": "ok", "checks": checks, "database_pool": pool}
 
     return app
 
@@ -103,47 +104,99 @@ UPLOAD_PATH = "/v1/files"
 FRAMING_BYTES = 64 << 10  # the multipart boundaries, headers and `purpose` field around the file
 
 
-class UploadLimit:
-    """Stop an upload body as soon as it passes TUNEFORGE_MAX_UPLOAD_MB: 413 before the disk fills.
+class BodyLimit:
+    """Refuse a request body over its route's limit with 413, before anything parses it or checks its key.
 
-    A declared Content-Length over the limit is refused before any of the body is read; a chunked body, or
-    one whose length was not declared, is cut off at the first chunk past it. The file itself is checked to
-    the byte when it is stored (app/files/service.py); this cap covers the file plus its multipart framing.
+    Uploads (POST /v1/files) may be up to TUNEFORGE_MAX_UPLOAD_MB; every other body is JSON and may be up
+    to TUNEFORGE_MAX_JSON_BODY_KB. A declared Content-Length over the limit is refused before any of the
+    body is read. A JSON body is read here, at most the limit plus one chunk, then handed to the app, so
+    routes that authenticate before reading (chat) are covered too; an upload streams through, and is cut
+    off at the first chunk past its limit. The file itself is checked to the byte when it is stored
+    (app/files/service.py); the upload cap covers the file plus its multipart framing.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != UPLOAD_PATH:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit_mb = get_settings().max_upload_mb
-        cap = (limit_mb << 20) + FRAMING_BYTES
+        settings = get_settings()
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == UPLOAD_PATH
+        if upload:
+            cap, too_large = (settings.max_upload_mb << 20) + FRAMING_BYTES, BodyTooLarge.upload
+        else:
+            cap, too_large = settings.max_json_body_kb << 10, BodyTooLarge.json
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > cap:
-            await BodyTooLarge(limit_mb).response()(scope, receive, send)
+            await too_large().response()(scope, receive, send)
             return
-        received = 0
+        if upload:
+            await self.app(scope, _counted(receive, cap, too_large), send)
+            return
+        body = await _read_at_most(receive, cap)
+        if body is None:  # over the limit, or the client left
+            await too_large().response()(scope, receive, send)
+            return
+        await self.app(scope, _replayed(body, receive), send)
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > cap:
-                raise BodyTooLarge(limit_mb)  # FastAPI's body parser lets HTTP exceptions through
-            return message
 
-        await self.app(scope, limited_receive, send)
+async def _read_at_most(receive: Receive, cap: int) -> bytes | None:
+    """The whole body, or None once it passes `cap` bytes (or the client disconnects)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replayed(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app: the body read already, then whatever comes next (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def _counted(receive: Receive, cap: int, too_large: Callable[[], BodyTooLarge]) -> Receive:
+    received = 0
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        received += len(message.get("body", b""))
+        if received > cap:
+            raise too_large()  # FastAPI's body parser lets HTTP exceptions through
+        return message
+
+    return limited_receive
 
 
 def _check_database() -> str:
     try:
-        with get_engine().connect() as connection:
-            connection.execute(text("SELECT 1"))
+        with session_scope() as session:  # the engine and pool that requests use
+            session.execute(text("SELECT 1"))
         return "ok"
     except Exception as exc:  # readiness reports, it does not raise
         return f"error: {exc.__class__.__name__}"
+
+
+def _pool_usage() -> dict[str, int]:
+    """How many of the request engine's connections are in use, and how many it keeps: a stuck pool shows."""
+    pool = get_engine().pool
+    if not isinstance(pool, QueuePool):
+        return {}
+    return {"checked_out": pool.checkedout(), "size": pool.size(), "overflow": pool.overflow()}
 
 
 def _check_broker() -> str:

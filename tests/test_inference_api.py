@@ -92,6 +92,33 @@ def test_errors_pass_through_in_openai_shapes(
         assert response.json()["error"]["code"] == "invalid_json"
 
 
+def test_what_the_spec_allows_and_what_is_not_implemented(
+    server: str, api_key: str, http: httpx.Client
+) -> None:
+    """Nulls, several prompts and token ids pass through the API; unimplemented fields are 400 naming them."""
+    client = sdk(server, api_key)
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "max_tokens": 4}
+    answer = http.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": QUESTION} | nulls)
+    assert answer.status_code == 200, answer.text
+
+    several = client.completions.create(model="tiny-llama", prompt=[[20, 30, 40], [50, 60]], temperature=0)
+    assert [choice.index for choice in several.choices] == [0, 1]
+    assert several.usage is not None and several.usage.completion_tokens <= 2 * 16  # 16 each by default
+
+    refused = {
+        "n": {"n": 2},
+        "tools": {"tools": [{"type": "function", "function": {"name": "add"}}]},
+        "response_format": {"response_format": {"type": "json_object"}},
+        "logprobs": {"logprobs": True},
+        "temperature": {"temperature": 3},
+        "max_tokens": {"max_tokens": 0},
+    }
+    for param, fields in refused.items():
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model="tiny-llama", messages=QUESTION, **fields)  # type: ignore[call-overload]
+        assert error.value.param == param, error.value.body
+
+
 def test_unreachable_inference_server_is_503_and_not_unready(api_key: str, database: str) -> None:
     """An API pointed at a port nothing listens on: ready (inference is optional), chat says how to fix it."""
     port, dead = free_port(), free_port()

@@ -134,12 +134,17 @@ LIMIT_MB = 1
 
 
 @pytest.fixture(scope="module")
-def small_limit_api(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """An API process with a 1 MB upload limit and a temp folder of its own, to look for leftovers."""
+def limited_api(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, int]]:
+    """An API process with a 1 MB upload limit and a temp folder of its own (to look for leftovers)."""
     tmp = tmp_path_factory.mktemp("api-tmp")
     env = os.environ | {"TUNEFORGE_MAX_UPLOAD_MB": str(LIMIT_MB), "TMPDIR": str(tmp)}
-    with api_process(env, "small-limit-api.log") as (base_url, _):
-        yield base_url, tmp
+    with api_process(env, "small-limit-api.log") as (base_url, process):
+        yield base_url, tmp, process.pid
+
+
+@pytest.fixture(scope="module")
+def small_limit_api(limited_api: tuple[str, Path, int]) -> tuple[str, Path]:
+    return limited_api[:2]
 
 
 def multipart_head(boundary: str) -> bytes:
@@ -151,32 +156,52 @@ def multipart_head(boundary: str) -> bytes:
 
 
 def stream_upload(base_url: str, key: str, *, content_length: int | None, total: int) -> tuple[bytes, int]:
-    """POST a multipart body of about `total` bytes in chunks, stopping as soon as the server answers.
+    """POST a multipart upload of about `total` bytes in chunks, stopping as soon as the server answers."""
+    boundary = uuid.uuid4().hex
+    return stream_post(
+        base_url,
+        "/v1/files",
+        {"Authorization": f"Bearer {key}", "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        first=multipart_head(boundary),
+        filler=b'{"messages": []}\n' * 2048,
+        content_length=content_length,
+        total=total,
+    )
+
+
+def stream_post(
+    base_url: str,
+    path: str,
+    headers: dict[str, str],
+    *,
+    first: bytes,
+    filler: bytes,
+    content_length: int | None,
+    total: int,
+) -> tuple[bytes, int]:
+    """POST `first` then `filler` repeatedly, up to about `total` bytes, stopping once the server answers.
 
     Returns the start of the response and how many body bytes were sent before it came.
     """
     url = urlsplit(base_url)
-    boundary = uuid.uuid4().hex
     length = (
         f"Content-Length: {content_length}" if content_length is not None else "Transfer-Encoding: chunked"
     )
-    head = (
-        f"POST /v1/files HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n{length}\r\n\r\n"
-    ).encode()
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head = f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\n{lines}{length}\r\n\r\n".encode()
     chunked = content_length is None
     sent = 0
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
         sock.sendall(head)
         select.select([sock], [], [], 1)  # a server that refuses on the headers alone answers now
-        pieces = [multipart_head(boundary)]
+        pieces = [first]
         while sent < total:
             readable, writable, _ = select.select([sock], [sock], [], 10)
             if readable:
                 break
             if not writable:
                 continue
-            piece = pieces.pop() if pieces else b'{"messages": []}\n' * 2048
+            piece = pieces.pop() if pieces else filler
             try:
                 sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
             except (BrokenPipeError, ConnectionResetError):
@@ -193,12 +218,12 @@ def stream_upload(base_url: str, key: str, *, content_length: int | None, total:
     return response, sent
 
 
-def assert_413(response: bytes) -> None:
+def assert_413(response: bytes, code: str = "file_too_large", limit: str = f"{LIMIT_MB} MB") -> None:
     status_line, _, rest = response.partition(b"\r\n")
     assert b" 413 " in status_line, response[:500]
     body = json.loads(rest.partition(b"\r\n\r\n")[2])
-    assert body["error"]["code"] == "file_too_large"
-    assert f"{LIMIT_MB} MB" in body["error"]["message"]
+    assert body["error"]["code"] == code
+    assert limit in body["error"]["message"]
 
 
 def test_upload_just_over_the_limit_is_413_and_leaves_no_temp_files(
@@ -316,3 +341,36 @@ def test_worker_refuses_pickle_messages(server: str, tmp_path: Path) -> None:
             refused = b"\n".join(line for line in handle if b"untrusted content" in line)
     assert b"Refusing to deserialize untrusted content of type pickle" in refused
     assert not marker.exists()
+
+
+# --- every JSON body is bounded before it is parsed or its key checked ----------------------------------
+
+
+def resident_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+@pytest.mark.parametrize("path", ["/v1/fine_tuning/jobs", "/v1/chat/completions", "/v1/fine_tuning/estimate"])
+@pytest.mark.parametrize("key", [None, "valid"])
+def test_a_200_mb_json_body_is_413_before_parsing_or_auth(
+    limited_api: tuple[str, Path, int], api_key: str, path: str, key: str | None
+) -> None:
+    base_url, _, pid = limited_api
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if key else {})
+    before = resident_mb(pid)
+    filler = b'{"messages": [{"role": "user", "content": "' + b"x" * 65000 + b'"}]}, '
+    for content_length in (200 << 20, None):  # declared, then chunked with no length
+        response, sent = stream_post(
+            base_url,
+            path,
+            headers,
+            first=b'{"model": "tiny-llama", "training_file": [',
+            filler=filler,
+            content_length=content_length,
+            total=200 << 20,
+        )
+        assert_413(response, code="request_too_large", limit="1024 KB")
+        assert sent < 32 << 20  # cut off long before the 200 MB (socket buffers aside)
+    grown = resident_mb(pid) - before
+    assert grown < 50, f"the API grew by {grown:.0f} MB reading a body it refuses"

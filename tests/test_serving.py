@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tests.conftest import TEST_HOME, free_port
+from worker.serving.app import create_app, run_server
 from worker.serving.batcher import Batcher
-from worker.serving.engine import Engine, GenerationRequest, PromptTooLong, Target, adapter_name
+from worker.serving.decode import sample
+from worker.serving.engine import Engine, GenerationRequest, PromptTooLong, Refused, Target, adapter_name
 from worker.training.base_models import make_tiny_llama
 
 BASE = "serving-tiny"
+SECRET = f"test-inference-secret-{uuid.uuid4().hex}"  # what the API sends as its bearer token
 QUESTIONS = ["What is 2 plus 2?", "Tell me a joke.", "Who wrote Romeo and Juliet?", "How are you?", "Hi"]
 
 
@@ -200,6 +204,49 @@ def test_prompt_longer_than_context(base_folder: Path) -> None:
         engine.prepare(GenerationRequest(target=target(base_folder), prompt="seven " * 600, max_tokens=4))
 
 
+def test_token_budget_is_the_callers_or_a_default_that_fits(base_folder: Path) -> None:
+    """An explicit max_tokens that does not fit is refused, naming its field; a default is cut to fit."""
+    engine = Engine()
+    prompt = "seven " * 500  # 502 of tiny-llama's 512 tokens
+    prepared = engine.prepare(GenerationRequest(target=target(base_folder), prompt=prompt))
+    room = 512 - len(prepared.row.prompt_ids)
+    assert 0 < room < 16 and prepared.row.max_tokens == room  # no limit: up to the context
+    default = GenerationRequest(target=target(base_folder), prompt="Hi", default_max_tokens=16)
+    assert engine.prepare(default).row.max_tokens == 16
+    cut = GenerationRequest(target=target(base_folder), prompt=prompt, default_max_tokens=16)
+    assert engine.prepare(cut).row.max_tokens == room
+    with pytest.raises(PromptTooLong) as too_long:
+        engine.prepare(GenerationRequest(target=target(base_folder), prompt=prompt, max_tokens=room + 1))
+    assert too_long.value.field == "prompt" and too_long.value.code == "context_length_exceeded"
+    with pytest.raises(Refused, match="context of 512") as too_many:
+        engine.prepare(GenerationRequest(target=target(base_folder), prompt="Hi", max_tokens=513))
+    assert too_many.value.field == "max_tokens" and not isinstance(too_many.value, PromptTooLong)
+    with pytest.raises(Refused, match="not in the vocabulary") as bad_id:
+        engine.prepare(GenerationRequest(target=target(base_folder), prompt_ids=[1, 10**6]))
+    assert bad_id.value.field == "prompt"
+
+
+def test_a_chat_for_a_model_without_chat_template_is_refused(base_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    plain = tmp_path / "no-template"
+    shutil.copytree(base_folder, plain)
+    (plain / "chat_template.jinja").unlink()
+    engine = Engine()
+    t = Target(model_id="no-template", base_id="no-template", base_path=plain)
+    with pytest.raises(Refused, match="no chat template") as refused:
+        engine.prepare(chat(t, "Hi"))
+    assert (refused.value.field, refused.value.code) == ("model", "model_not_chat")
+    assert engine.prepare(GenerationRequest(target=t, prompt="Hi", max_tokens=2)).row.max_tokens == 2
+
+
+def test_top_p_zero_keeps_the_likeliest_token() -> None:
+    """OpenAI allows top_p=0: the nucleus is the likeliest token alone, never an empty (NaN) distribution."""
+    logits = torch.tensor([0.1, 2.0, 1.9, -3.0])
+    generator = torch.Generator().manual_seed(0)
+    assert {sample(logits, 1.5, 0.0, generator) for _ in range(50)} == {1}
+
+
 # --- over HTTP, with models resolved from the database ---------------------------------------------------
 
 
@@ -210,7 +257,7 @@ def inference_server(tiny_model: str) -> Iterator[str]:
     log = open(TEST_HOME / "serving.log", "wb")  # noqa: SIM115 - closed below, after the process
     process = subprocess.Popen(
         [sys.executable, "-m", "worker.serving", "--port", str(port)],
-        env=os.environ | {"TUNEFORGE_BATCH_WINDOW_MS": "20"},
+        env=os.environ | {"TUNEFORGE_BATCH_WINDOW_MS": "20", "TUNEFORGE_INFERENCE_SECRET": SECRET},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -232,9 +279,18 @@ def inference_server(tiny_model: str) -> Iterator[str]:
 
 
 def client(base_url: str, project: str = "alpha") -> openai.OpenAI:
+    """The SDK as the API calls this server: its api_key is the shared secret, sent as the bearer token."""
     return openai.OpenAI(
-        base_url=f"{base_url}/v1", api_key="unused", default_headers={"X-Tuneforge-Project": project}
+        base_url=f"{base_url}/v1",
+        api_key=SECRET,
+        default_headers={"X-Tuneforge-Project": project},
+        max_retries=0,
     )
+
+
+def post(base_url: str, path: str, body: dict, secret: str | None = SECRET) -> httpx.Response:
+    headers = {"X-Tuneforge-Project": "alpha"} | ({"Authorization": f"Bearer {secret}"} if secret else {})
+    return httpx.post(f"{base_url}{path}", json=body, headers=headers, timeout=60)
 
 
 def test_openai_sdk_chat_streaming_matches_whole(inference_server: str, tiny_model: str) -> None:
@@ -269,10 +325,8 @@ def test_http_errors(inference_server: str, tiny_model: str) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         sdk.completions.create(model=tiny_model, prompt="seven " * 600, max_tokens=4)
     assert error.value.code == "context_length_exceeded"
-    raw = httpx.post(
-        f"{inference_server}/v1/chat/completions", json={"model": tiny_model, "messages": [], "n": 2}
-    )
-    assert raw.status_code == 422 and "error" in raw.json()
+    raw = post(inference_server, "/v1/chat/completions", {"model": tiny_model, "messages": [], "n": 2})
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "messages"
 
 
 def test_serves_a_trained_adapter_by_its_ft_id(
@@ -299,3 +353,181 @@ def test_serves_a_trained_adapter_by_its_ft_id(
     pending_id = f"ft:tiny-llama:pending:{job['id']}"
     with pytest.raises(openai.ConflictError, match="not ready"):
         client(inference_server).chat.completions.create(model=pending_id, messages=question)
+
+
+# --- the shared secret, and what OpenAI's spec allows and refuses ------------------------------------------
+
+
+def test_only_callers_with_the_shared_secret_are_answered(
+    inference_server: str, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {"model": tiny_model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert httpx.get(f"{inference_server}/healthz").status_code == 200  # the API's /readyz probe
+    refused = [
+        post(inference_server, "/v1/chat/completions", body, secret=None),
+        post(inference_server, "/v1/chat/completions", body, secret="wrong-" + SECRET),
+        post(inference_server, "/v1/chat/completions", body, secret=SECRET[:-1]),
+        httpx.post(f"{inference_server}/v1/completions", json=body, headers={"Authorization": SECRET}),
+        httpx.get(f"{inference_server}/internal/merged/{tiny_model}"),
+        httpx.get(f"{inference_server}/docs"),
+        httpx.get(f"{inference_server}/no/such/path"),
+    ]
+    for response in refused:
+        assert response.status_code == 401, (response.request.url, response.text)
+        assert response.json()["error"]["code"] == "invalid_inference_secret"
+    assert post(inference_server, "/v1/chat/completions", body).status_code == 200
+
+    # No secret, no server: neither the app nor `run_server` starts without one (or with a placeholder).
+    with pytest.raises(ValueError, match="TUNEFORGE_INFERENCE_SECRET"):
+        create_app(secret="")
+    with pytest.raises(ValueError, match="shorter than 16"):
+        create_app(secret="changeme")
+    monkeypatch.delenv("TUNEFORGE_INFERENCE_SECRET", raising=False)
+    with pytest.raises(SystemExit, match="set the same TUNEFORGE_INFERENCE_SECRET"):
+        run_server(port=free_port())
+
+
+def test_spec_nulls_and_top_p_zero_are_accepted(inference_server: str, tiny_model: str) -> None:
+    question = [{"role": "user", "content": "Tell me a joke."}]
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "stop": None, "seed": None}
+    answer = post(
+        inference_server,
+        "/v1/chat/completions",
+        {"model": tiny_model, "messages": question, "max_tokens": 8} | nulls,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] > 0
+    sdk = client(inference_server)
+    greedy = sdk.chat.completions.create(model=tiny_model, messages=question, max_tokens=12, temperature=0)
+    nucleus_of_one = sdk.chat.completions.create(
+        model=tiny_model, messages=question, max_tokens=12, temperature=1.5, top_p=0
+    )
+    assert nucleus_of_one.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_completions_take_token_ids_and_several_prompts(inference_server: str, tiny_model: str) -> None:
+    from transformers import AutoTokenizer
+
+    from app.config import get_settings
+
+    sdk = client(inference_server)
+    default = sdk.completions.create(model=tiny_model, prompt="The quick brown", temperature=0)
+    assert default.usage is not None and default.usage.completion_tokens <= 16  # OpenAI's default max_tokens
+    assert (default.choices[0].finish_reason == "length") == (default.usage.completion_tokens == 16)
+
+    prompts = ["The quick brown", "What is the capital of France?"]
+    alone = [sdk.completions.create(model=tiny_model, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    together = sdk.completions.create(model=tiny_model, prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in together.choices] == [0, 1]
+    assert [c.text for c in together.choices] == [a.choices[0].text for a in alone]
+    assert together.usage is not None and together.usage.total_tokens == sum(
+        a.usage.total_tokens for a in alone if a.usage
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(get_settings().resolved_model_dir / tiny_model)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    one = sdk.completions.create(model=tiny_model, prompt=ids[0], max_tokens=6, temperature=0)
+    both = sdk.completions.create(model=tiny_model, prompt=ids, max_tokens=6, temperature=0)
+    assert one.choices[0].text == alone[0].choices[0].text
+    assert [c.text for c in both.choices] == [c.text for c in together.choices]
+
+    stream = sdk.completions.create(
+        model=tiny_model,
+        prompt=prompts,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finishes, chunks = ["", ""], [None, None], list(stream)
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.text for c in together.choices] and None not in finishes
+    assert chunks[-1].usage == together.usage
+
+
+CHAT = [{"role": "user", "content": "Hi"}]
+REFUSED = [  # (endpoint, extra body fields, the param the 400 names)
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"n": 2}, "n"),
+    ("chat", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]}, "messages.0.role"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+    ("chat", {"no_such_field": 1}, "no_such_field"),
+    ("chat", {"n": 0}, "n"),
+    ("chat", {"n": 129}, "n"),
+    ("chat", {"temperature": 2.5}, "temperature"),
+    ("chat", {"temperature": -0.1}, "temperature"),
+    ("chat", {"top_p": 1.01}, "top_p"),
+    ("chat", {"max_tokens": 0}, "max_tokens"),
+    ("chat", {"max_tokens": -1}, "max_tokens"),
+    ("chat", {"max_completion_tokens": 0}, "max_completion_tokens"),
+    ("chat", {"max_tokens": 513}, "max_tokens"),  # more than tiny-llama's whole context
+    ("chat", {"max_completion_tokens": 10**6}, "max_completion_tokens"),
+    ("chat", {"seed": 2**63}, "seed"),
+    ("chat", {"seed": -(2**63) - 1}, "seed"),
+    ("chat", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("completions", {"echo": True}, "echo"),
+    ("completions", {"best_of": 2}, "best_of"),
+    ("completions", {"logprobs": 1}, "logprobs"),
+    ("completions", {"suffix": "end"}, "suffix"),
+    ("completions", {"n": 3}, "n"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": [1, -2]}, "prompt"),
+    ("completions", {"prompt": [[1, 2], [10**6]]}, "prompt"),  # not in the vocabulary
+    ("completions", {"max_tokens": 0}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "fields", "param"), REFUSED)
+def test_unimplemented_fields_and_out_of_range_values_are_400_naming_them(
+    inference_server: str, tiny_model: str, endpoint: str, fields: dict, param: str
+) -> None:
+    body = {"model": tiny_model, "max_tokens": 4}
+    body |= {"messages": CHAT} if endpoint == "chat" else {"prompt": "Hi"}
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    response = post(inference_server, path, body | fields)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+STRICT_TEMPLATE = (  # as Llama 2 and Gemma templates do: roles must alternate, and no system role
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_chat_the_template_refuses_is_400(inference_server: str, database: str) -> None:
+    from app.cli import register_folder
+    from app.config import get_settings
+
+    folder = get_settings().resolved_model_dir / "strict-llama"
+    if not (folder / "config.json").exists():
+        make_tiny_llama(folder, seed=1)
+    (folder / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    register_folder("strict-llama", folder)
+    sdk = client(inference_server)
+    for messages in (
+        [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [{"role": "assistant", "content": "Hi"}],
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.chat.completions.create(model="strict-llama", messages=messages, max_tokens=2)  # type: ignore[arg-type]
+        assert refused.value.param == "messages" and refused.value.code == "invalid_messages"
+        assert "refuses these messages" in refused.value.message
+    alternating = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hey"},
+        {"role": "user", "content": "?"},
+    ]
+    answer = sdk.chat.completions.create(model="strict-llama", messages=alternating, max_tokens=2)  # type: ignore[arg-type]
+    assert answer.choices[0].finish_reason in ("stop", "length")

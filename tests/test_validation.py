@@ -1,14 +1,21 @@
 import ast
+import io
 import json
+import os
 import sys
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.config import get_settings
 from app.files import validation
 from app.files.validation import LineError, ValidationReport, load_examples, validate_training_file
+from tests.helpers import api_process, chat_jsonl, upload
 
 USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}
@@ -188,7 +195,7 @@ def test_invalid_json_message_includes_the_json_error():
 
 def test_deeply_nested_json_is_an_error_not_a_crash():
     error = single_error(b"[" * 100_000 + b"]" * 100_000)
-    assert error.code == "invalid_json"
+    assert error.code == "too_deeply_nested"  # refused by the depth limit before the parser recurses
 
 
 def test_overlong_integer_is_an_error_not_a_crash():
@@ -322,3 +329,182 @@ def test_never_raises_and_report_is_consistent(data, max_errors):
     assert (report.format is None) == (report.example_count == 0)
     if report.ok:
         assert len(load_examples(data)) == report.example_count > 0
+
+
+# Limits: one line's length, nesting depth and array length. Each is checked before a line is parsed.
+
+
+def long_text_line(length: int) -> bytes:
+    """A valid text example exactly `length` bytes long."""
+    head, tail = b'{"text": "', b'"}'
+    return head + b"a" * (length - len(head) - len(tail)) + tail
+
+
+def long_chat_line(length: int) -> bytes:
+    """A valid chat example exactly `length` bytes long."""
+    head = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "'
+    tail = b'"}]}'
+    return head + b"a" * (length - len(head) - len(tail)) + tail
+
+
+def test_line_over_the_cap_is_refused_naming_the_line_and_the_cap():
+    data = b"\n".join([jsonl(TEXT_LINE), long_text_line(1001), jsonl(TEXT_LINE), long_text_line(5000)])
+    report = validate_training_file(data, max_line_bytes=1000)
+    assert [(e.line, e.code) for e in report.errors] == [(2, "line_too_long"), (4, "line_too_long")]
+    assert report.errors[0].message.startswith("line 2: 1,001 bytes long, over the 1,000-byte limit")
+    assert "TUNEFORGE_MAX_LINE_KB" in report.errors[0].message
+    assert report.errors[1].message.startswith("line 4: 5,000 bytes long")  # the last line, no newline
+    assert report.example_count == 2  # the lines around the long ones are still checked
+
+
+def test_lines_exactly_at_the_cap_pass():
+    data = b"\n".join([long_text_line(1000), long_text_line(1000) + b"\r", long_text_line(999)])
+    report = validate_training_file(data, max_line_bytes=1000)
+    assert report.ok, report.errors
+    assert report.example_count == 3
+    assert validate_training_file(data + b"\n", max_line_bytes=1000).example_count == 3
+
+
+def test_cap_message_names_kilobytes_and_megabytes():
+    line = long_text_line((1 << 20) + 1)
+    assert "over the 1 MB limit" in single_error(line).message  # the default cap
+    assert "over the 64 KB limit" in validate_training_file(line, max_line_bytes=64 << 10).errors[0].message
+
+
+def test_validating_from_a_file_holds_about_one_capped_line(tmp_path: Path):
+    path = tmp_path / "long.jsonl"
+    with path.open("wb") as out:
+        out.write(jsonl(CHAT_LINE, CHAT_LINE) + b"\n")
+        out.write(b'{"messages": [' + b'{"role": "user", "content": "hi"}, ' * ((8 << 20) // 35) + b"]}\n")
+        out.write(jsonl(CHAT_LINE))
+    tracemalloc.start()
+    try:
+        with path.open("rb") as stream:
+            report = validate_training_file(stream, max_line_bytes=64 << 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(e.line, e.code) for e in report.errors] == [(3, "line_too_long")]
+    assert report.example_count == 3
+    assert peak < 1 << 20, f"validating an 8 MB line held {peak:,} bytes at its peak"
+
+
+def nested(depth: int) -> dict:
+    """A text example whose deepest value is `depth` containers down (the example itself is one)."""
+    value: object = 0
+    for level in range(depth - 1):
+        value = [value] if level % 2 else {"k": value}
+    return {"text": "x", "extra": value}
+
+
+def test_nesting_up_to_the_limit_passes_and_one_more_is_refused():
+    assert validation.MAX_DEPTH == 64
+    assert validate_training_file(jsonl(nested(64), nested(64))).ok
+    report = validate_training_file(jsonl(*[TEXT_LINE] * 5, nested(65), TEXT_LINE))
+    assert [(e.line, e.code) for e in report.errors] == [(6, "too_deeply_nested")]
+    assert report.errors[0].message == "line 6: nested more than 64 levels deep; flatten the example"
+    assert report.example_count == 6
+
+
+def test_brackets_and_commas_inside_strings_count_for_nothing():
+    lines = [
+        {"text": "[{" * 20_000 + '",\\' * 20_000},
+        {"text": "x", "extra": {f"k{n}": n for n in range(20_000)}},
+    ]
+    report = validate_training_file(jsonl(*lines))
+    assert report.ok, report.errors
+    error = single_error(jsonl(TEXT_LINE, json.dumps("," * 20_000 + "[" * 100)))  # a string, not an example
+    assert (error.line, error.code) == (2, "not_an_object")
+
+
+def test_arrays_up_to_the_limit_pass_and_one_more_item_is_refused():
+    assert validation.MAX_ARRAY_LENGTH == 10_000
+    full = {"text": "x", "extra": [[0] * 10_000, {"a": [1] * 10_000}]}
+    assert validate_training_file(jsonl(full)).ok
+    long_messages = chat(*[USER, ASSISTANT] * 5_000, USER)
+    report = validate_training_file(jsonl(CHAT_LINE, long_messages, {"text": "x", "extra": [0] * 10_001}))
+    assert [(e.line, e.code) for e in report.errors] == [(2, "array_too_long"), (3, "array_too_long")]
+    assert "more than 10,000 items" in report.errors[0].message
+
+
+def test_load_examples_reads_a_stream_and_applies_no_cap(tmp_path: Path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join([jsonl(CHAT_LINE, ""), long_text_line(2 << 20)]))
+    with path.open("rb") as stream:
+        examples = load_examples(stream)
+    assert examples[0] == CHAT_LINE and len(examples[1]["text"]) > 2_000_000
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=files, cap=st.integers(min_value=1, max_value=60))
+def test_line_cap_matches_the_lines_of_the_file(data, cap):
+    report = validate_training_file(data, max_errors=10_000, max_line_bytes=cap)
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    lengths = [len(line.removesuffix(b"\r")) for line in lines]  # a line's ending is not counted
+    long_lines = [(n, length) for n, length in enumerate(lengths, start=1) if length > cap]
+    reported = [e for e in report.errors if e.code == "line_too_long"]
+    assert [(e.line, e.message.split(" bytes")[0]) for e in reported] == [
+        (n, f"line {n}: {length:,}") for n, length in long_lines
+    ]
+    # Reading through a tiny buffer finds the same lines as reading the bytes.
+    stream = io.BufferedReader(io.BytesIO(data), buffer_size=8)  # type: ignore[arg-type]
+    assert validate_training_file(stream, max_errors=10_000, max_line_bytes=cap) == report
+
+
+# The same limits through a real upload.
+
+
+def post_file(base_url: str, key: str, data: bytes) -> httpx.Response:
+    return httpx.post(
+        f"{base_url}/v1/files",
+        files={"file": ("train.jsonl", data)},
+        data={"purpose": "fine-tune"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+
+
+def test_upload_names_a_long_line_after_many_good_ones(http: httpx.Client):
+    cap = get_settings().max_line_kb << 10
+    response = http.post(
+        "/v1/files",
+        files={"file": ("long.jsonl", chat_jsonl(1000) + long_chat_line(cap + 1) + b"\n" + chat_jsonl(2))},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("line_too_long", "file")
+    assert "line 1001: " in error["message"] and "1 MB limit" in error["message"]
+
+
+def test_upload_with_a_line_exactly_at_the_cap_is_accepted(http: httpx.Client):
+    cap = get_settings().max_line_kb << 10
+    assert upload(http, chat_jsonl(3) + long_chat_line(cap) + b"\n")["bytes"] > cap
+
+
+@pytest.fixture(scope="module")
+def small_line_api(database: str) -> Iterator[tuple[str, int]]:
+    """An API process of its own with a 64 KB line cap; yields its URL and pid."""
+    env = os.environ | {"TUNEFORGE_MAX_LINE_KB": "64"}
+    with api_process(env, "api-small-line.log") as (base_url, process):
+        yield base_url, process.pid
+
+
+def peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def test_a_40_mb_line_is_refused_without_the_api_holding_it(small_line_api: tuple[str, int], api_key: str):
+    base_url, pid = small_line_api
+    assert post_file(base_url, api_key, chat_jsonl(4)).status_code == 200  # warm: imports, pool, threads
+    before = peak_rss_mb(pid)
+    message = b'{"role": "user", "content": "hi"}, '
+    line = b'{"messages": [' + message * ((40 << 20) // len(message)) + b'{"role": "assistant"}]}'
+    response = post_file(base_url, api_key, chat_jsonl(3) + line + b"\n" + chat_jsonl(1))
+    grew = peak_rss_mb(pid) - before
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "line_too_long"
+    assert "line 4: " in error["message"] and "64 KB" in error["message"]
+    assert grew < 16, f"the API's peak memory grew {grew:.0f} MB for a 40 MB line"

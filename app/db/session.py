@@ -14,11 +14,14 @@ from app.config import get_settings
 log = logging.getLogger(__name__)
 
 
-@lru_cache
 def get_engine(url: str | None = None) -> Engine:
-    """One engine per URL per process."""
+    """One engine per URL per process: request sessions, /readyz and scripts all share the configured one."""
+    return _engine(url or get_settings().resolved_database_url)
+
+
+@lru_cache
+def _engine(url: str) -> Engine:
     settings = get_settings()
-    url = url or settings.resolved_database_url
     if url.startswith("sqlite"):
         settings.resolved_home.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -36,14 +39,14 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 
 @lru_cache
-def _session_factory(url: str | None = None) -> sessionmaker[Session]:
+def _session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(url), expire_on_commit=False)
 
 
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A session that commits when the block ends and rolls back if it raises."""
-    session = _session_factory()()
+    session = _session_factory(get_settings().resolved_database_url)()
     try:
         yield session
         session.commit()

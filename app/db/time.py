@@ -5,7 +5,7 @@ compared with a clock minutes ahead would look expired while its worker is alive
 the times of status changes are computed by the database (`db_now`), never by the process writing them.
 """
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import DateTime, literal
@@ -35,6 +35,10 @@ class UtcDateTime(TypeDecorator[datetime]):
         if isinstance(value, datetime) and value.tzinfo is not None:
             return value.astimezone(UTC).replace(tzinfo=None)
         return value
+
+    def coerce_compared_value(self, op: Any, value: Any) -> Any:
+        # `created_at - timedelta(...)` binds the timedelta as an interval, as plain DateTime does
+        return self.impl_instance.coerce_compared_value(op, value) if isinstance(value, timedelta) else self
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         return value.replace(tzinfo=UTC) if value is not None else None

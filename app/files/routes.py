@@ -1,8 +1,8 @@
 """HTTP routes for /v1/files."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from app import idempotency
@@ -14,6 +14,7 @@ from app.idempotency import IdempotencyKeyDep
 from app.storage import get_store
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+MAX = file_service.MAX_LIST_LIMIT
 
 
 @router.post("", response_model=FilePublic)
@@ -41,9 +42,30 @@ def upload_file(
 
 
 @router.get("", response_model=FilesPublic)
-def list_files(session: SessionDep, project: ProjectDep, purpose: str | None = None) -> FilesPublic:
-    rows = file_service.list_files(session, project=project, purpose=purpose)
-    return FilesPublic(data=[file_service.to_public(r) for r in rows])
+def list_files(
+    session: SessionDep,
+    project: ProjectDep,
+    purpose: Annotated[str | None, Query(description="Only files with this purpose.")] = None,
+    limit: Annotated[
+        int,
+        Query(ge=1, description=f"Files per page, 1 to {MAX}; a larger value is taken as {MAX}."),
+    ] = MAX,
+    order: Annotated[
+        Literal["asc", "desc"], Query(description="By `created_at`: `asc` oldest first, `desc` newest.")
+    ] = "desc",
+    after: Annotated[
+        str | None, Query(description="The `last_id` of the previous page: list the files after it.")
+    ] = None,
+) -> FilesPublic:
+    rows, has_more = file_service.list_files(
+        session, project=project, purpose=purpose, after=after, limit=limit, order=order
+    )
+    return FilesPublic(
+        data=[file_service.to_public(r) for r in rows],
+        first_id=rows[0].id if rows else None,
+        last_id=rows[-1].id if rows else None,
+        has_more=has_more,
+    )
 
 
 @router.get("/{file_id}", response_model=FilePublic)

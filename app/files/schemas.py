@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class FilePublic(BaseModel):
@@ -19,7 +19,11 @@ class FilePublic(BaseModel):
 class FilesPublic(BaseModel):
     object: Literal["list"] = "list"
     data: list[FilePublic]
-    has_more: bool = False
+    first_id: str | None = Field(description="Id of the first file of this page; null when it is empty.")
+    last_id: str | None = Field(
+        description="Id of the last file of this page, the `after` of the next one; null when it is empty."
+    )
+    has_more: bool = Field(description="Whether more files follow this page.")
 
 
 class FileDeleted(BaseModel):

@@ -5,11 +5,13 @@ import re
 import secrets
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
+from app.db.session import after_commit, lock_rows
 from app.db.tables import Job, TrainingFile
 from app.errors import ApiError, not_found
 from app.files.schemas import FilePublic
@@ -17,6 +19,7 @@ from app.files.validation import validate_training_file
 from app.storage import get_store
 
 PURPOSES = ("fine-tune",)
+MAX_LIST_LIMIT = 10_000  # OpenAI's maximum and default for GET /v1/files
 CHUNK = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -62,7 +65,8 @@ def create_file(
     filename = _CONTROL.sub("", filename)[-255:] or "upload.jsonl"  # it is echoed back and stored in Postgres
     tmp, size, sha256 = _spool(stream, limit_bytes)
     try:
-        report = validate_training_file(tmp.read_bytes())
+        with tmp.open("rb") as spooled:  # read line by line: memory stays at about one line
+            report = validate_training_file(spooled, max_line_bytes=get_settings().max_line_kb << 10)
         if not report.ok:
             listed = "; ".join(e.message for e in report.errors[:5])
             more = f" ({report.error_count} errors in all)" if report.error_count > 5 else ""
@@ -98,18 +102,44 @@ def get_file(session: Session, *, project: str, file_id: str, param: str | None 
     return row
 
 
-def list_files(session: Session, *, project: str, purpose: str | None = None) -> list[TrainingFile]:
-    query = (
-        select(TrainingFile).where(TrainingFile.project == project).order_by(TrainingFile.created_at.desc())
-    )
+def list_files(
+    session: Session,
+    *,
+    project: str,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = MAX_LIST_LIMIT,
+    order: Literal["asc", "desc"] = "desc",
+) -> tuple[list[TrainingFile], bool]:
+    """A page of this project's files in creation order, and whether more follow.
+
+    `after` is the id of the last file of the previous page; an id that is not one of this project's
+    files is a 404, as for any other reference to a file (another project's id reads as unknown).
+    """
+    limit = min(limit, MAX_LIST_LIMIT)  # a larger limit is clamped, not refused
+    query = select(TrainingFile).where(TrainingFile.project == project)
     if purpose:
         query = query.where(TrainingFile.purpose == purpose)
-    return list(session.scalars(query))
+    # Sorted by (created_at, id): the id breaks ties within a microsecond, so pages never overlap or skip.
+    key = tuple_(TrainingFile.created_at, TrainingFile.id)
+    if after:
+        cursor = get_file(session, project=project, file_id=after, param="after")
+        position = (cursor.created_at, cursor.id)
+        query = query.where(key > position if order == "asc" else key < position)
+    columns = (TrainingFile.created_at, TrainingFile.id)
+    sort = [column.asc() if order == "asc" else column.desc() for column in columns]
+    rows = list(session.scalars(query.order_by(*sort).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
 
 
 def delete_file(session: Session, *, project: str, file_id: str) -> None:
-    """Delete a file unless an unfinished job still needs it."""
+    """Delete a file unless an unfinished job still needs it; its bytes go once the deletion commits.
+
+    The file row is locked before the check: a job being created with this file (which locks it too)
+    either committed first, and is found here, or waits and then finds the file gone.
+    """
     row = get_file(session, project=project, file_id=file_id)
+    lock_rows(session, TrainingFile.id, [file_id])
     in_use = session.scalar(
         select(Job.id).where(
             (Job.training_file == file_id) | (Job.validation_file == file_id),
@@ -123,6 +153,6 @@ def delete_file(session: Session, *, project: str, file_id: str) -> None:
             param="file_id",
             code="file_in_use",
         )
-    get_store().delete(row.storage_key)
     session.delete(row)
     session.flush()
+    after_commit(session, lambda: get_store().delete(row.storage_key))

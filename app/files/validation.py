@@ -9,14 +9,21 @@ A file's format is that of its first valid line. Each problem is reported with i
 hint on how to fix it, so users learn about a bad file when they upload it rather than when a
 training job fails. Stdlib only: it runs in the API
 process, which must stay importable without torch.
+
+A file is read one line at a time, in bounded reads, so validating it costs about one line's memory
+however large the file is. A line longer than ``max_line_bytes`` is reported as ``line_too_long`` and
+skipped without being held: a parsed line can cost many times its size, and the cap bounds that. A line
+nested deeper than ``MAX_DEPTH`` (``too_deeply_nested``) or holding an array longer than
+``MAX_ARRAY_LENGTH`` (``array_too_long``) is refused too; the check walks level by level, not recursively.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 CHAT = "chat"
 PROMPT_COMPLETION = "prompt_completion"
@@ -39,6 +46,14 @@ TASK_FORMATS = {
     "dpo": (PREFERENCE,),
     "classification": (CLASSIFICATION,),
 }
+# OpenAI caps an example at the model's context (~64k tokens, a few hundred KB of text); 1 MB leaves room
+# for tool definitions and JSON escapes. The API passes TUNEFORGE_MAX_LINE_KB.
+MAX_LINE_BYTES = 1 << 20
+# A chat example nests 4 levels (tool schemas a dozen or so); no real example needs more than this.
+MAX_DEPTH = 64
+MAX_ARRAY_LENGTH = 10_000
+_SKIP_CHUNK = 1 << 16
+_BOM = b"\xef\xbb\xbf"
 ROLES = ("system", "user", "assistant")
 _ROLES_TEXT = ", ".join(repr(role) for role in ROLES)
 _FORMATS_TEXT = (
@@ -78,14 +93,36 @@ class _Invalid(Exception):
         self.message = message
 
 
-def validate_training_file(data: bytes, *, max_errors: int = 20) -> ValidationReport:
-    """Validate a JSONL training file, reporting at most one problem per line."""
+def validate_training_file(
+    data: bytes | BinaryIO,
+    *,
+    max_errors: int = 20,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_depth: int = MAX_DEPTH,
+    max_array_length: int = MAX_ARRAY_LENGTH,
+) -> ValidationReport:
+    """Validate a JSONL training file (bytes or a binary file), reporting at most one problem per line."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
     report = ValidationReport(format=None)
     saw_line = False
-    for number, text in _lines(data):
-        saw_line = True
+    for number, raw in _lines(stream, max_line_bytes):
         try:
-            line_format = _check_example(_parse(text), report.format)
+            if isinstance(raw, int):
+                saw_line = True
+                raise _Invalid(
+                    "line_too_long",
+                    f"{raw:,} bytes long, over the {_size(max_line_bytes)} limit for one line "
+                    "(TUNEFORGE_MAX_LINE_KB); shorten or split this example",
+                )
+            text = _decode(raw)
+            if text is not None and not text.strip():
+                continue
+            saw_line = True
+            if text is None:
+                raise _Invalid("invalid_encoding", "not valid UTF-8 text: save the file with UTF-8 encoding")
+            value = _parse(text, max_depth)
+            _check_shape(text, value, max_depth, max_array_length)
+            line_format = _check_example(value, report.format)
             if report.format is None:
                 report.format = line_format
             elif line_format != report.format:
@@ -103,13 +140,17 @@ def validate_training_file(data: bytes, *, max_errors: int = 20) -> ValidationRe
     return report
 
 
-def load_examples(data: bytes) -> list[dict]:
-    """Parse the examples of a file that `validate_training_file` accepted."""
+def load_examples(data: bytes | BinaryIO) -> list[dict]:
+    """Parse the examples of a file that `validate_training_file` accepted (no limits are applied)."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
     examples = []
-    for number, text in _lines(data):
+    for number, raw in _lines(stream, None):
+        assert not isinstance(raw, int)  # no cap was given
+        text = _decode(raw)
         if text is None:
             raise ValueError(f"line {number}: not valid UTF-8; validate the file first")
-        examples.append(json.loads(text))
+        if text.strip():
+            examples.append(json.loads(text))
     return examples
 
 
@@ -118,21 +159,79 @@ def detect_format(example: dict) -> str | None:
     return next((name for name, keys in _FORMAT_KEYS if any(key in example for key in keys)), None)
 
 
-def _lines(data: bytes) -> Iterator[tuple[int, str | None]]:
-    """Yield (line number, text) for non-blank lines; text is None where the line is not UTF-8."""
-    # Editors on Windows often prepend a BOM, which json.loads rejects.
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    # Split the bytes rather than the text: str.splitlines also breaks on characters like
-    # U+2028 that are legal inside a JSON string.
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            yield number, None
-            continue
-        if text.strip():
-            yield number, text
+def _lines(stream: BinaryIO, max_line_bytes: int | None) -> Iterator[tuple[int, bytes | int]]:
+    """Yield (line number, line) for every line, or (line number, its length) for one over the cap.
+
+    A line's length leaves out its ending (a newline, and a carriage return before it). Reads stop at the
+    cap, and the rest of an over-long line is skipped in small reads, so no longer line is ever held.
+    """
+    # Split on bytes, not text: str.splitlines also breaks on characters like U+2028 that are legal
+    # inside a JSON string.
+    number = 0
+    while True:
+        # Room for a "\r\n" after a line at the cap, and for a BOM before the first one.
+        limit = -1 if max_line_bytes is None else max_line_bytes + 2 + (len(_BOM) if number == 0 else 0)
+        raw = stream.readline(limit)
+        if not raw:
+            return
+        number += 1
+        cut = len(raw) == limit and not raw.endswith(b"\n")  # stopped at the limit, mid-line
+        if number == 1 and raw.startswith(_BOM):  # editors on Windows prepend one; json.loads rejects it
+            raw = raw[len(_BOM) :]
+        line = raw.removesuffix(b"\n")
+        if cut:
+            yield number, _skip_line(stream, raw)
+        elif max_line_bytes is not None and len(line.removesuffix(b"\r")) > max_line_bytes:
+            yield number, len(line.removesuffix(b"\r"))
+        else:
+            yield number, line
+
+
+def _skip_line(stream: BinaryIO, start: bytes) -> int:
+    """Read past the rest of a line without keeping it; the whole line's length, ending left out."""
+    length, tail = len(start), start[-2:]
+    while not tail.endswith(b"\n") and (chunk := stream.readline(_SKIP_CHUNK)):
+        length += len(chunk)
+        tail = (tail + chunk)[-2:]
+    for ending in (b"\n", b"\r"):
+        if tail.endswith(ending):
+            length, tail = length - 1, tail[:-1]
+    return length
+
+
+def _decode(raw: bytes) -> str | None:
+    """The line as text, or None where it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _check_shape(text: str, value: Any, max_depth: int, max_array_length: int) -> None:
+    """Refuse a line nested too deeply or holding too long an array; walks level by level, not recursively."""
+    # Most lines have too few brackets and commas to break either limit; only the others are walked.
+    if text.count("[") + text.count("{") <= max_depth and text.count(",") < max_array_length:
+        return
+    level, depth = ([value] if isinstance(value, (dict, list)) else []), 1  # the containers that deep
+    while level:
+        if depth > max_depth:
+            raise _too_deep(max_depth)
+        below: list[Any] = []
+        for container in level:
+            if isinstance(container, list):
+                if len(container) > max_array_length:
+                    raise _Invalid(
+                        "array_too_long",
+                        f"an array has more than {max_array_length:,} items; shorten or split the example",
+                    )
+                below.extend(item for item in container if isinstance(item, (dict, list)))
+            else:
+                below.extend(item for item in container.values() if isinstance(item, (dict, list)))
+        level, depth = below, depth + 1
+
+
+def _too_deep(max_depth: int) -> _Invalid:
+    return _Invalid("too_deeply_nested", f"nested more than {max_depth} levels deep; flatten the example")
 
 
 def _record(report: ValidationReport, error: LineError, max_errors: int) -> None:
@@ -141,13 +240,11 @@ def _record(report: ValidationReport, error: LineError, max_errors: int) -> None
         report.errors.append(error)
 
 
-def _parse(text: str | None) -> Any:
-    if text is None:
-        raise _Invalid("invalid_encoding", "not valid UTF-8 text: save the file with UTF-8 encoding")
+def _parse(text: str, max_depth: int) -> Any:
     try:
         return json.loads(text)
-    except RecursionError:
-        raise _Invalid("invalid_json", "invalid JSON: nested too deeply") from None
+    except RecursionError:  # the parser recurses per level; Python stops it near 1000 levels
+        raise _too_deep(max_depth) from None
     except json.JSONDecodeError as exc:
         hint = "each line must be one complete JSON object"
         raise _Invalid("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; {hint}") from None
@@ -291,6 +388,13 @@ _CHECKS = {
     PREFERENCE: _check_preference,
     CLASSIFICATION: _check_classification,
 }
+
+
+def _size(limit: int) -> str:
+    for unit, name in ((1 << 20, "MB"), (1 << 10, "KB")):
+        if limit % unit == 0:
+            return f"{limit // unit} {name}"
+    return f"{limit:,}-byte"
 
 
 def _type_name(value: Any) -> str:

@@ -1,5 +1,8 @@
 """HTTP routes served by the inference server: authenticate, then forward.
 
+Authentication uses a session of its own that is closed before forwarding (`ProjectOnlyDep`): a
+generation can take minutes, and no database connection may wait on it.
+
 Chat and text completions, classifications, and merged model exports. `app.main` includes this router
 before the models router, whose catch-all `/v1/models/{id}` would otherwise take `/v1/models/{id}/merged`.
 """
@@ -10,7 +13,7 @@ import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from app.deps import ProjectDep
+from app.deps import ProjectOnlyDep
 from app.errors import ApiError
 from app.inference import service as inference_service
 
@@ -36,7 +39,7 @@ ClientDep = Annotated[httpx.AsyncClient, Depends(get_client)]
 
 
 @router.post("/chat/completions", openapi_extra=_BODY_DOC)
-async def chat_completions(request: Request, project: ProjectDep, client: ClientDep) -> Response:
+async def chat_completions(request: Request, project: ProjectOnlyDep, client: ClientDep) -> Response:
     """OpenAI's chat completions (`stream` gives server-sent events) for base and fine-tuned models."""
     body = await request.body()
     return await inference_service.forward(
@@ -45,20 +48,20 @@ async def chat_completions(request: Request, project: ProjectDep, client: Client
 
 
 @router.post("/completions", openapi_extra=_BODY_DOC)
-async def completions(request: Request, project: ProjectDep, client: ClientDep) -> Response:
+async def completions(request: Request, project: ProjectOnlyDep, client: ClientDep) -> Response:
     """OpenAI's text completions (`stream` gives server-sent events) for base and fine-tuned models."""
     body = await request.body()
     return await inference_service.forward(client, path="/v1/completions", raw_body=body, project=project)
 
 
 @router.post("/classifications", openapi_extra=_BODY_DOC)
-async def classifications(request: Request, project: ProjectDep, client: ClientDep) -> Response:
+async def classifications(request: Request, project: ProjectOnlyDep, client: ClientDep) -> Response:
     """Labels and their probabilities for `input` (a text or a list of texts) from a classification model."""
     body = await request.body()
     return await inference_service.classify(client, raw_body=body, project=project)
 
 
 @router.get("/models/{model_id:path}/merged", response_class=Response)
-async def download_merged(model_id: str, project: ProjectDep, client: ClientDep) -> Response:
+async def download_merged(model_id: str, project: ProjectOnlyDep, client: ClientDep) -> Response:
     """The fine-tuned model merged into its base: full safetensors weights (.tar.gz) to deploy elsewhere."""
     return await inference_service.download_merged(client, model_id=model_id, project=project)

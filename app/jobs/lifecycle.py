@@ -140,7 +140,7 @@ def succeed(
     job = session.get(Job, job_id)  # its model and suffix, which never change, name the model
     if job is None:
         return None
-    model_id = job_service.fine_tuned_model_id(job)
+    model_id = model_service.fine_tuned_model_id(job)
     published = session.execute(
         _owned(job_id, attempt).values(
             status="succeeded",

@@ -1,8 +1,10 @@
 """HTTP routes for /v1/fine_tuning/jobs."""
 
 import logging
+import re
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app import idempotency, queue
 from app.deps import ProjectDep, SessionDep
@@ -13,7 +15,28 @@ from app.jobs.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPubl
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger(__name__)
 
-Limit = Query(20, ge=1, le=100)
+MAX_PAGE = 100
+_METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
+
+
+def page_limit(
+    limit: Annotated[int, Query(ge=1, description=f"1 to {MAX_PAGE}; more is read as {MAX_PAGE}.")] = 20,
+) -> int:
+    """OpenAI clamps a limit above its maximum rather than refusing it."""
+    return min(limit, MAX_PAGE)
+
+
+def metadata_filter(request: Request) -> dict[str, str]:
+    """`?metadata[k]=v` pairs (as the openai SDK sends `metadata={"k": "v"}`): jobs must carry each one."""
+    pairs = {}
+    for name, value in request.query_params.multi_items():
+        if match := _METADATA_KEY.match(name):
+            pairs[match.group(1)] = value
+    return pairs
+
+
+Limit = Annotated[int, Depends(page_limit)]
+MetadataFilter = Annotated[dict[str, str], Depends(metadata_filter)]
 
 
 @router.post("", response_model=JobPublic)
@@ -31,9 +54,12 @@ def create_job(
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(
-    session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit
+    session: SessionDep, project: ProjectDep, limit: Limit, metadata: MetadataFilter, after: str | None = None
 ) -> JobsPublic:
-    jobs, has_more = job_service.list_jobs(session, project=project, after=after, limit=limit)
+    """Newest first; `metadata[key]=value` (repeatable) keeps the jobs whose metadata has each pair."""
+    jobs, has_more = job_service.list_jobs(
+        session, project=project, after=after, limit=limit, metadata=metadata
+    )
     return JobsPublic(data=[job_service.to_public(j) for j in jobs], has_more=has_more)
 
 
@@ -49,7 +75,7 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPubl
 
 @router.get("/{job_id}/events", response_model=EventsPublic)
 def list_events(
-    job_id: str, session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit
+    job_id: str, session: SessionDep, project: ProjectDep, limit: Limit, after: str | None = None
 ) -> EventsPublic:
     events, has_more = job_service.list_events(
         session, project=project, job_id=job_id, after=after, limit=limit
@@ -59,7 +85,7 @@ def list_events(
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
 def list_checkpoints(
-    job_id: str, session: SessionDep, project: ProjectDep, after: str | None = None, limit: int = Limit
+    job_id: str, session: SessionDep, project: ProjectDep, limit: Limit, after: str | None = None
 ) -> CheckpointsPublic:
     job, rows, has_more = job_service.list_checkpoints(
         session, project=project, job_id=job_id, after=after, limit=limit

@@ -49,6 +49,18 @@ BASE_LEARNING_RATES = {
 }
 
 Auto = Literal["auto"]
+# OpenAI's bounds, so a spec OpenAI refuses is refused here too.
+MAX_EPOCHS, MAX_BATCH_SIZE, MAX_BETA, MAX_SEED = 50, 256, 2.0, 2**31 - 1
+# Ours: far above any sensible value, low enough that nothing downstream overflows or allocates wildly.
+MAX_RANK, MAX_SEQ_LENGTH, MAX_VIRTUAL_TOKENS, MAX_ACCUMULATION = 1024, 131072, 1024, 1024
+
+
+def _bounded_or_auto(value: int | str, low: int, high: int) -> int | str:
+    if value != "auto" and (
+        isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
+    ):
+        raise ValueError(f"must be an integer from {low} to {high}, or 'auto'")
+    return value
 
 
 class TrainingHyperparameters(BaseModel):
@@ -62,24 +74,38 @@ class TrainingHyperparameters(BaseModel):
         "auto", description="Scales the method's base learning rate (2e-4 for LoRA, 2e-5 for full)."
     )
     learning_rate: float | None = Field(
-        None, gt=0, description="Absolute learning rate; overrides the multiplier."
+        None, gt=0, le=1, description="Absolute learning rate; overrides the multiplier."
     )
     peft: PeftChoice = Field(
         "lora",
         description="The fine-tuning method: which weights train, and how. 'auto' picks full, LoRA or QLoRA "
         "by the worker's memory.",
     )
-    lora_r: int = Field(8, description="Rank of LoRA, DoRA, QLoRA, LoHa and LoKr updates.")
-    lora_alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_r: int = Field(8, ge=1, le=MAX_RANK, description="Rank of LoRA, DoRA, QLoRA, LoHa and LoKr updates.")
+    lora_alpha: int = Field(
+        16, ge=1, le=16 * MAX_RANK, description="LoRA scaling numerator (scale = alpha / r)."
+    )
     lora_dropout: float = Field(0.05, description="Dropout on the LoRA path.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
-    num_virtual_tokens: int = Field(16, description="Virtual tokens of prefix, prompt and p-tuning.")
-    n_trainable_layers: int = Field(2, description="freeze: how many top transformer blocks train.")
+    num_virtual_tokens: int = Field(
+        16, ge=1, le=MAX_VIRTUAL_TOKENS, description="Virtual tokens of prefix, prompt and p-tuning."
+    )
+    n_trainable_layers: int = Field(
+        2,
+        ge=1,
+        le=MAX_RANK,
+        description="freeze: top transformer blocks that train (at most the model's).",
+    )
     train_head: bool = Field(True, description="freeze: whether the output head trains too.")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, description="Module names to adapt; None means the attention projections the model has."
     )
-    max_seq_length: int = Field(512, description="Longer examples are truncated to this many tokens.")
+    max_seq_length: int = Field(
+        512,
+        ge=1,
+        le=MAX_SEQ_LENGTH,
+        description="Longer examples are truncated to this many tokens; at most the model's context.",
+    )
     validation_split: float = Field(
         0.0,
         description="Without a validation_file, hold out this fraction of the training file for valid_loss.",
@@ -88,45 +114,32 @@ class TrainingHyperparameters(BaseModel):
     train_on_inputs: bool = Field(
         False, description="Train on every token, prompts included, not only on completions."
     )
-    gradient_accumulation_steps: int = Field(1, description="Micro-batches summed per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=MAX_ACCUMULATION, description="Micro-batches summed per optimizer step."
+    )
     warmup_ratio: float = Field(0.0, description="Fraction of steps spent warming up the learning rate.")
     checkpoint_every_steps: int | None = Field(
-        None, description="Write a checkpoint every N optimizer steps; None means once per epoch."
+        None,
+        ge=1,
+        le=10**6,
+        description="Checkpoint every N optimizer steps; None means once per epoch.",
     )
 
-    @field_validator("n_epochs", "batch_size")
+    @field_validator("n_epochs")
     @classmethod
-    def _positive_or_auto(cls, value: int | str) -> int | str:
-        if value != "auto" and (not isinstance(value, int) or value < 1):
-            raise ValueError("must be a positive integer or 'auto'")
-        return value
+    def _epochs(cls, value: int | str) -> int | str:
+        return _bounded_or_auto(value, 1, MAX_EPOCHS)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        return _bounded_or_auto(value, 1, MAX_BATCH_SIZE)
 
     @field_validator("learning_rate_multiplier")
     @classmethod
     def _positive_multiplier(cls, value: float | str) -> float | str:
-        if value != "auto" and (not isinstance(value, float | int) or value <= 0):
-            raise ValueError("must be a positive number or 'auto'")
-        return value
-
-    @field_validator(
-        "lora_r",
-        "lora_alpha",
-        "max_seq_length",
-        "gradient_accumulation_steps",
-        "num_virtual_tokens",
-        "n_trainable_layers",
-    )
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("checkpoint_every_steps")
-    @classmethod
-    def _positive_interval(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1")
+        if value != "auto" and (not isinstance(value, float | int) or not 0 < value <= 100):
+            raise ValueError("must be a number in (0, 100] or 'auto'")
         return value
 
     @field_validator("validation_split")
@@ -180,9 +193,9 @@ class DpoHyperparameters(TrainingHyperparameters):
 
     @field_validator("beta")
     @classmethod
-    def _positive_beta(cls, value: float | str) -> float | str:
-        if value != "auto" and (not isinstance(value, float | int) or value <= 0):
-            raise ValueError("must be a positive number or 'auto'")
+    def _beta(cls, value: float | str) -> float | str:
+        if value != "auto" and (not isinstance(value, float | int) or not 0 < value <= MAX_BETA):
+            raise ValueError(f"must be a number in (0, {MAX_BETA}] or 'auto'")
         return value
 
     def resolved(self) -> Self:
@@ -193,7 +206,9 @@ class DpoHyperparameters(TrainingHyperparameters):
 class ClassificationHyperparameters(TrainingHyperparameters):
     """Hyperparameters of a sequence-classification job (a new head on the base model)."""
 
-    max_seq_length: int = Field(128, description="Longer texts are truncated to this many tokens.")
+    max_seq_length: int = Field(
+        128, ge=1, le=MAX_SEQ_LENGTH, description="Longer texts are truncated to this many tokens."
+    )
 
 
 class Supervised(BaseModel):
@@ -267,7 +282,7 @@ class LegacyHyperparameters(BaseModel):
     learning_rate_multiplier: float | Auto | None = None
 
 
-_SUFFIX = re.compile(r"^[A-Za-z0-9_\-]{1,40}$")
+_SUFFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 class JobCreate(BaseModel):
@@ -281,9 +296,11 @@ class JobCreate(BaseModel):
         None, description="Optional file whose loss is reported at checkpoints."
     )
     suffix: str | None = Field(
-        None, description="Up to 40 letters, digits, '-' or '_', put in the model name."
+        None, description="Up to 64 letters, digits, '-', '_' or '.', put in the model name."
     )
-    seed: int | None = Field(None, description="Seed for data order and initialisation; random if omitted.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed for data order and initialisation; random if omitted."
+    )
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs stored with the job.")
     hyperparameters: LegacyHyperparameters | None = Field(None, description="Deprecated; use method.")
     method: Method = Field(default_factory=Method, description="Task and hyperparameters.")
@@ -293,7 +310,7 @@ class JobCreate(BaseModel):
     @classmethod
     def _suffix_shape(cls, value: str | None) -> str | None:
         if value is not None and not _SUFFIX.match(value):
-            raise ValueError("must be 1-40 letters, digits, '-' or '_'")
+            raise ValueError("must be 1-64 letters, digits, '-', '_' or '.'")
         return value
 
     @field_validator("metadata")

@@ -73,16 +73,11 @@ def checkpoint_to_public(checkpoint: Checkpoint, job: Job) -> CheckpointPublic:
     return CheckpointPublic(
         id=checkpoint.id,
         created_at=int(checkpoint.created_at.timestamp()),
-        fine_tuned_model_checkpoint=f"{fine_tuned_model_id(job)}:ckpt-step-{checkpoint.step}",
+        fine_tuned_model_checkpoint=model_service.checkpoint_model_id(job, checkpoint.step),
         fine_tuning_job_id=job.id,
         metrics=checkpoint.metrics,
         step_number=checkpoint.step,
     )
-
-
-def fine_tuned_model_id(job: Job) -> str:
-    """OpenAI's naming: ft:<base>:<suffix>:<job id> (suffix may be empty)."""
-    return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
 
 
 def check_spec_against_model(session: Session, project: str, spec: JobCreate) -> None:
@@ -131,6 +126,24 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
             f"'{spec.model}' is {base.architecture}.",
             param=f"{hp_param}.peft",
             code="unsupported_method",
+        )
+    profile = base.profile or {}
+    context = profile.get("max_position_embeddings")  # recorded at registration (older rows lack it)
+    if context and hp.max_seq_length > context:
+        raise ApiError(
+            400,
+            f"max_seq_length {hp.max_seq_length} is longer than the context of '{spec.model}' ({context} "
+            "tokens); use at most that.",
+            param=f"{hp_param}.max_seq_length",
+            code="invalid_value",
+        )
+    layers = profile.get("num_layers")
+    if hp.peft == "freeze" and layers and hp.n_trainable_layers > layers:
+        raise ApiError(
+            400,
+            f"n_trainable_layers={hp.n_trainable_layers} but '{spec.model}' has only {layers} blocks.",
+            param=f"{hp_param}.n_trainable_layers",
+            code="invalid_value",
         )
     if hp.peft in LORA_FAMILY and isinstance(hp.target_modules, list) and known:
         missing = [m for m in hp.target_modules if m not in known]
@@ -216,7 +229,7 @@ def get_servable_model(session: Session, *, project: str, model_id: str) -> Mode
             job = get_job(session, project=project, job_id=job_id)
         except ApiError:
             raise missing from None
-        if job.status != "succeeded" and fine_tuned_model_id(job) == model_id:
+        if job.status != "succeeded" and model_service.fine_tuned_model_id(job) == model_id:
             raise ApiError(
                 409,
                 f"Model '{model_id}' is not ready: its fine-tuning job {job.id} is {job.status}. "
@@ -235,9 +248,13 @@ def get_job(session: Session, *, project: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, *, project: str, after: str | None, limit: int) -> tuple[list[Job], bool]:
-    """Newest first; `after` is the id of the last job of the previous page."""
+def list_jobs(
+    session: Session, *, project: str, after: str | None, limit: int, metadata: dict[str, str] | None = None
+) -> tuple[list[Job], bool]:
+    """Newest first; `after` is the id of the last job of the previous page; `metadata` pairs must match."""
     query = select(Job).where(Job.project == project)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.metadata_[key].as_string() == value)
     if after:
         cursor = get_job(session, project=project, job_id=after)
         query = query.where(

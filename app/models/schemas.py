@@ -11,7 +11,7 @@ class ModelPublic(BaseModel):
     created: int
     owned_by: str
     parent: str | None = None
-    kind: Literal["base", "fine-tuned"]
+    kind: Literal["base", "fine-tuned", "checkpoint"]
 
 
 class ModelsPublic(BaseModel):

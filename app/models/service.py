@@ -1,5 +1,11 @@
-"""Base models (shared by every project) and fine-tuned models (owned by the project that trained them)."""
+"""Base models (shared by every project), fine-tuned models and their checkpoints (owned by one project).
 
+A checkpoint is a model too, as at OpenAI: `<fine-tuned model id>:ckpt-step-<N>` can be retrieved, chatted
+with and downloaded while its checkpoint row exists. It has no row of its own in `models`: `get_model`
+builds it from the job and the checkpoint row.
+"""
+
+import re
 from pathlib import Path
 from typing import Any
 
@@ -7,12 +13,23 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.db.session import after_commit
-from app.db.tables import Model
+from app.db.tables import Checkpoint, Job, Model
 from app.errors import ApiError, not_found
 from app.models.schemas import ModelPublic
 from app.storage import get_store
 
-BASE, FINE_TUNED = "base", "fine-tuned"
+BASE, FINE_TUNED, CHECKPOINT = "base", "fine-tuned", "checkpoint"
+_CHECKPOINT_ID = re.compile(r"^(ft:.*):ckpt-step-(\d{1,9})$")
+
+
+def fine_tuned_model_id(job: Job) -> str:
+    """OpenAI's naming: ft:<base>:<suffix>:<job id> (suffix may be empty)."""
+    return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
+
+
+def checkpoint_model_id(job: Job, step: int) -> str:
+    """OpenAI's naming of a checkpoint: the job's model id, then :ckpt-step-<step>."""
+    return f"{fine_tuned_model_id(job)}:ckpt-step-{step}"
 
 
 def to_public(row: Model) -> ModelPublic:
@@ -57,11 +74,38 @@ def add_fine_tuned_model(
 
 
 def get_model(session: Session, *, project: str, model_id: str, param: str | None = None) -> Model:
-    """A base model or one of this project's fine-tuned models, else 404."""
-    row = None if "\x00" in model_id else session.get(Model, model_id)  # Postgres refuses NUL
+    """A base model or one of this project's fine-tuned models or checkpoints, else 404."""
+    if "\x00" in model_id:  # Postgres refuses NUL, and no id holds one
+        row = None
+    else:
+        row = session.get(Model, model_id) or _checkpoint_model(session, model_id)
     if row is None or (row.project is not None and row.project != project):
         raise not_found("model", model_id, param=param)
     return row
+
+
+def _checkpoint_model(session: Session, model_id: str) -> Model | None:
+    """The checkpoint `model_id` names, as a model (not added to the session), or None."""
+    match = _CHECKPOINT_ID.match(model_id)
+    if match is None:
+        return None
+    job = session.get(Job, match.group(1).rsplit(":", 1)[-1])
+    if job is None or fine_tuned_model_id(job) != match.group(1):
+        return None
+    checkpoint = session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == int(match.group(2)))
+    )
+    if checkpoint is None:
+        return None
+    return Model(
+        id=model_id,
+        project=job.project,
+        kind=CHECKPOINT,
+        base_model=job.model,
+        job_id=job.id,
+        storage_key=checkpoint.storage_key,
+        created_at=checkpoint.created_at,
+    )
 
 
 def get_base_model(session: Session, *, model_id: str) -> Model:
@@ -84,6 +128,14 @@ def delete_model(session: Session, *, project: str, model_id: str) -> None:
     row = get_model(session, project=project, model_id=model_id)
     if row.kind == BASE:
         raise ApiError(400, f"'{model_id}' is a base model; remove it with the tuneforge CLI.", param="model")
+    if row.kind == CHECKPOINT:
+        raise ApiError(
+            400,
+            f"'{model_id}' is a checkpoint of job {row.job_id}; a job keeps its newest checkpoints and "
+            "removes older ones itself.",
+            param="model",
+            code="checkpoint_not_deletable",
+        )
     session.delete(row)
     session.flush()
     if row.storage_key:

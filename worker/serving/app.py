@@ -2,8 +2,10 @@
 
 It also answers classifications (`classifier`) and merged model exports (`merge`), for the API to relay.
 
-The API server forwards to it; it trusts its caller (no API keys). The caller names the model by id and
-the project asking in the ``X-Tuneforge-Project`` header; this server resolves the id itself (database and
+Only the Tuneforge API may call it: every request but ``/healthz`` must carry
+``Authorization: Bearer <TUNEFORGE_INFERENCE_SECRET>``, the secret the API and this server share (no
+secret, no server: `run_server` refuses to start without one). The API names the model by id and the
+project asking in the ``X-Tuneforge-Project`` header; this server resolves the id itself (database and
 artifact store, see `resolve`), so 404 and 409 are decided in one place. Errors use OpenAI's envelope.
 
 Run it with ``python -m worker.serving --host 127.0.0.1 --port 8001`` or `run_server`.
@@ -11,6 +13,7 @@ Run it with ``python -m worker.serving --host 127.0.0.1 --port 8001`` or `run_se
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -21,23 +24,31 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import ApiError, envelope, install_error_handlers
 from worker.serving import classifier, merge
 from worker.serving.batcher import Batcher, Handle
-from worker.serving.engine import Engine, GenerationRequest, PromptTooLong, Target, UnsupportedModel
+from worker.serving.engine import Engine, GenerationRequest, Refused, Target, UnsupportedModel
 from worker.serving.resolve import resolve
-from worker.serving.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
-from worker.serving.settings import serving_settings
+from worker.serving.schemas import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
+from worker.serving.settings import SECRET_VARIABLE, secret_problem, serving_settings
 
 Resolver = Callable[..., Target]
 # FastAPI reads a `x_tuneforge_project` parameter from the X-Tuneforge-Project header (any case).
 ProjectHeader = Annotated[str | None, Header()]
+OPEN_PATHS = {"/healthz"}  # the API's /readyz probes it without the secret; it tells nothing about models
 
 
-def create_app(engine: Engine | None = None, resolver: Resolver = resolve) -> FastAPI:
-    """The app; `engine` defaults to one built from the serving settings."""
+def create_app(
+    engine: Engine | None = None, resolver: Resolver = resolve, *, secret: str | None = None
+) -> FastAPI:
+    """The app; `engine` defaults to one built from the serving settings, `secret` to theirs (required)."""
     settings = serving_settings()
+    secret = settings.inference_secret if secret is None else secret
+    problem = secret_problem(secret)
+    if problem is not None:
+        raise ValueError(f"the inference server needs a shared secret: {problem}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +68,7 @@ def create_app(engine: Engine | None = None, resolver: Resolver = resolve) -> Fa
 
     app = FastAPI(title="Tuneforge inference", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(RequireSecret, secret=secret)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -64,19 +76,29 @@ def create_app(engine: Engine | None = None, resolver: Resolver = resolve) -> Fa
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, x_tuneforge_project: ProjectHeader = None) -> Any:
+        body.check_supported()
+        messages = body.plain_messages()
         target = await run_in_threadpool(resolver, body.model, project=x_tuneforge_project)
-        try:
-            messages = body.plain_messages()
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="messages", code="invalid_value") from None
-        request = _generation(body, target, messages=messages, max_tokens=body.max_completion_tokens)
-        return await _respond(app.state.batcher, body, request, chat=True)
+        limit_param, limit = body.token_limit
+        request = GenerationRequest(target=target, messages=messages, max_tokens=limit, **body.sampling)
+        return await _respond(app.state.batcher, body, [request], chat=True, limit_param=limit_param)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, x_tuneforge_project: ProjectHeader = None) -> Any:
+        body.check_supported()
+        prompts = body.prompts()
         target = await run_in_threadpool(resolver, body.model, project=x_tuneforge_project)
-        request = _generation(body, target, prompt=body.text())
-        return await _respond(app.state.batcher, body, request, chat=False)
+        requests = [
+            GenerationRequest(
+                target=target,
+                max_tokens=body.max_tokens,
+                default_max_tokens=DEFAULT_MAX_TOKENS,
+                **({"prompt": p} if isinstance(p, str) else {"prompt_ids": p}),
+                **body.sampling,
+            )
+            for p in prompts
+        ]
+        return await _respond(app.state.batcher, body, requests, chat=False)
 
     @app.post("/v1/classifications")
     async def classifications(
@@ -95,38 +117,79 @@ def create_app(engine: Engine | None = None, resolver: Resolver = resolve) -> Fa
     return app
 
 
-def _generation(
-    body: _Sampling, target: Target, max_tokens: int | None = None, **prompt: Any
-) -> GenerationRequest:
-    return GenerationRequest(
-        target=target,
-        max_tokens=max_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=body.stop_list(),
-        seed=body.seed,
-        **prompt,
-    )
+class RequireSecret:
+    """Refuses every request but OPEN_PATHS without `Authorization: Bearer <secret>`, in OpenAI's envelope.
+
+    ASGI middleware rather than a route dependency, so unknown paths and /docs are covered too.
+    """
+
+    def __init__(self, app: ASGIApp, secret: str) -> None:
+        self.app, self.secret = app, secret.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "This is Tuneforge's internal inference server: it answers only the Tuneforge API, which sends "
+            f"`Authorization: Bearer <secret>`. Give the API and this server the same {SECRET_VARIABLE}."
+        )
+        body = envelope(message, "invalid_request_error", None, "invalid_inference_secret")
+        await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        values = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, token = values[0].partition(b" ")
+        # compare_digest takes as long whatever prefix matches, so timing tells nothing about the secret
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.secret)
 
 
-async def _respond(batcher: Batcher, body: _Sampling, request: GenerationRequest, *, chat: bool) -> Any:
-    handle = batcher.submit(request)
+async def _respond(
+    batcher: Batcher,
+    body: ChatCompletionRequest | CompletionRequest,
+    requests: list[GenerationRequest],
+    *,
+    chat: bool,
+    limit_param: str = "max_tokens",
+) -> Any:
+    """Submit the requests (one per prompt) together; answer one choice each, whole or streamed."""
+    handles = [batcher.submit(request) for request in requests]
     try:
-        prompt_tokens = await handle.accepted()
-    except PromptTooLong as exc:
-        param = "messages" if chat else "prompt"
-        raise ApiError(400, str(exc), param=param, code="context_length_exceeded") from None
+        prompt_tokens = [await handle.accepted() for handle in handles]
+    except Refused as exc:
+        _cancel(handles)
+        param = limit_param if exc.field == "max_tokens" else exc.field
+        raise ApiError(400, str(exc), param=param, code=exc.code) from None
     except UnsupportedModel as exc:
+        _cancel(handles)
         raise ApiError(400, str(exc), param="model", code="model_not_servable") from None
-    shape = _Shape(body.model, chat, prompt_tokens)
+    except BaseException:
+        _cancel(handles)
+        raise
+    shape = _Shape(body.model, chat, sum(prompt_tokens))
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(handle, shape, include_usage), media_type="text/event-stream")
+        return StreamingResponse(_sse(handles, shape, body.include_usage), media_type="text/event-stream")
+    try:
+        answers = [await _whole(handle) for handle in handles]
+    finally:
+        _cancel(handles)
+    return JSONResponse(shape.whole(answers))
+
+
+def _cancel(handles: list[Handle]) -> None:
+    for handle in handles:
+        handle.cancel()
+
+
+async def _whole(handle: Handle) -> tuple[str, str, int]:
+    """One request's whole text, finish reason and completion tokens."""
     parts, finish, completion_tokens = [], "stop", 0
     async for step in handle.steps():
         parts.append(step.text)
         finish, completion_tokens = step.finish_reason or finish, step.completion_tokens
-    return JSONResponse(shape.whole("".join(parts), finish, completion_tokens))
+    return "".join(parts), finish, completion_tokens
 
 
 class _Shape:
@@ -136,6 +199,7 @@ class _Shape:
         self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.kind = "chat.completion" if chat else "text_completion"
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         return {
@@ -156,23 +220,28 @@ class _Shape:
         }
         return body | ({"usage": usage} if usage is not None else {})
 
-    def whole(self, text: str, finish: str, completion_tokens: int) -> dict[str, Any]:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-            return self._object(
-                "chat.completion", [choice | {"finish_reason": finish}], self.usage(completion_tokens)
-            )
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._object("text_completion", [choice], self.usage(completion_tokens))
+    def whole(self, answers: list[tuple[str, str, int]]) -> dict[str, Any]:
+        """The whole answer: one choice per (text, finish reason, completion tokens), usage summed."""
+        choices = []
+        for index, (text, finish, _tokens) in enumerate(answers):
+            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        return self._object(self.kind, choices, self.usage(sum(tokens for *_, tokens in answers)))
 
-    def chunk(self, text: str | None, finish: str | None, *, first: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, index: int, text: str | None, finish: str | None, *, first: bool = False
+    ) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             return self._object("chat.completion.chunk", [choice], None)
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         return self._object("text_completion", [choice], None)
 
     def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:
@@ -184,29 +253,42 @@ def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def _sse(handle: Handle, shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's stream: chunks as the text grows, one with the finish reason, optional usage, [DONE]."""
+async def _sse(handles: list[Handle], shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: chunks as the text grows, one with the finish reason, optional usage, [DONE].
+
+    Several prompts stream one after another, each chunk naming its choice's `index`: they share a batch,
+    so the later ones' steps wait in their queues meanwhile and nothing is slower than interleaving.
+    """
     completion_tokens = 0
     try:
-        if shape.chat:
-            yield _event(shape.chunk(None, None, first=True))
-        async for step in handle.steps():
-            completion_tokens = step.completion_tokens
-            if step.text:
-                yield _event(shape.chunk(step.text, None))
-            if step.finish_reason is not None:
-                yield _event(shape.chunk(None, step.finish_reason))
+        for index, handle in enumerate(handles):
+            if shape.chat:
+                yield _event(shape.chunk(index, None, None, first=True))
+            async for step in handle.steps():
+                if step.text:
+                    yield _event(shape.chunk(index, step.text, None))
+                if step.finish_reason is not None:
+                    completion_tokens += step.completion_tokens
+                    yield _event(shape.chunk(index, None, step.finish_reason))
         if include_usage:
             yield _event(shape.usage_chunk(completion_tokens))
         yield "data: [DONE]\n\n"
     except Exception as exc:  # headers are gone: report in the stream, as OpenAI does
         yield _event(envelope(f"Generation failed: {exc}", "server_error", None, "generation_failed"))
     finally:
-        handle.cancel()  # a client that left early frees its row in the batch
+        _cancel(handles)  # a client that left early frees its rows in the batch
 
 
 def run_server(host: str = "127.0.0.1", port: int = 8001) -> None:
     """Serve until interrupted (uvicorn, one process: the engine keeps its models in this process)."""
     import uvicorn
 
+    problem = secret_problem(serving_settings().inference_secret)
+    if problem is not None:
+        raise SystemExit(
+            f"Refusing to start the inference server: {problem}. It answers only callers that send this "
+            f"shared secret, so set the same {SECRET_VARIABLE} (16 or more characters, e.g. from "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`) for it and for the API. "
+            "`tuneforge up` generates one for both."
+        )
     uvicorn.run(create_app(), host=host, port=port, log_level="info")

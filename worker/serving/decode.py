@@ -99,8 +99,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the first token always stays, so top_p=0
+        # (allowed by OpenAI) keeps just the most likely token
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+        outside[0] = False
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice])

@@ -32,6 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
@@ -44,8 +45,19 @@ MIXABLE_PEFT_TYPES = {"LORA"}
 PROMPT_LEARNING_TYPES = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
 
 
-class PromptTooLong(ValueError):
-    """The prompt does not fit the model's context window."""
+class Refused(ValueError):
+    """A request this model cannot serve as asked: `field` is the request field at fault, `code` says why."""
+
+    def __init__(self, message: str, *, field: str, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.field, self.code = field, code
+
+
+class PromptTooLong(Refused):
+    """The prompt, with the tokens asked for, does not fit the model's context window."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message, field=field, code="context_length_exceeded")
 
 
 class UnsupportedModel(ValueError):
@@ -64,12 +76,18 @@ class Target:
 
 @dataclass
 class GenerationRequest:
-    """One completion request: a chat (`messages`) or a raw `prompt`, and OpenAI's sampling settings."""
+    """One completion request: a chat (`messages`), a raw `prompt` or its token ids, and sampling settings.
+
+    `max_tokens` is the caller's own limit: more than fits after the prompt is refused, as OpenAI does.
+    `default_max_tokens` applies when the caller set none, cut to what fits (None: up to the context).
+    """
 
     target: Target
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
+    prompt_ids: list[int] | None = None
     max_tokens: int | None = None
+    default_max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
@@ -90,6 +108,7 @@ class _Base:
     tokenizer: Any
     model: Any  # the plain model until its first LoRA adapter arrives, then the PeftModel around it
     context: int
+    vocab: int  # token ids a prompt may hold: the input embedding's rows
     eos_ids: set[int]
     pad_id: int
     # The one adapter (or __base__) the model is set up to serve alone, with each swapped layer's weight.
@@ -178,7 +197,8 @@ class Engine:
             eos_ids |= {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
             context = model.config.get_text_config().max_position_embeddings
-            self._bases[base_id] = _Base(tokenizer, model, context, eos_ids, pad)
+            vocab = model.get_input_embeddings().num_embeddings
+            self._bases[base_id] = _Base(tokenizer, model, context, vocab, eos_ids, pad)
         return self._bases[base_id]
 
     def active_adapters(self) -> list[str]:
@@ -246,24 +266,23 @@ class Engine:
         target = request.target
         base = self.base(target.base_id, target.base_path)
         group = self.group(target)  # raises UnsupportedModel early, before the request joins a batch
-        tokenizer = base.tokenizer
-        if request.messages is not None:
-            text = tokenizer.apply_chat_template(
-                request.messages,
-                chat_template=_chat_template(target.adapter_path),
-                add_generation_prompt=True,
-                tokenize=False,
+        field = "messages" if request.messages is not None else "prompt"
+        if request.max_tokens is not None and request.max_tokens > base.context:
+            raise Refused(
+                f"{request.max_tokens} tokens asked for; model '{target.model_id}' has a context of "
+                f"{base.context} tokens, prompt included. Ask for fewer tokens.",
+                field="max_tokens",
             )
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(request.prompt or "")["input_ids"]
+        ids = self._prompt_ids(request, base)
         room = base.context - len(ids)
-        if room < 1:
+        if room < 1 or (request.max_tokens is not None and request.max_tokens > room):
+            asked = f"; with max_tokens {request.max_tokens}" if request.max_tokens is not None else ""
             raise PromptTooLong(
-                f"The prompt is {len(ids)} tokens; model '{target.model_id}' has a context of "
-                f"{base.context} tokens. Shorten the prompt."
+                f"The prompt is {len(ids)} tokens{asked}; model '{target.model_id}' has a context of "
+                f"{base.context} tokens. Shorten the prompt or ask for fewer tokens.",
+                field=field,
             )
-        max_tokens = min(request.max_tokens or room, room)
+        max_tokens = request.max_tokens or min(request.default_max_tokens or room, room)
         row = Row(
             prompt_ids=list(ids),
             max_tokens=max_tokens,
@@ -273,6 +292,47 @@ class Engine:
             seed=request.seed,
         )
         return Prepared(request, row, group)
+
+    def _prompt_ids(self, request: GenerationRequest, base: _Base) -> list[int]:
+        """The prompt's token ids: the chat rendered by its template, the text tokenized, or the ids given."""
+        tokenizer = base.tokenizer
+        if request.messages is not None:
+            template = _chat_template(request.target.adapter_path)  # None: the base's own
+            if template is None and not tokenizer.chat_template:
+                raise Refused(
+                    f"Model '{request.target.model_id}' has no chat template; use /v1/completions with a "
+                    "plain prompt.",
+                    field="model",
+                    code="model_not_chat",
+                )
+            try:
+                text = tokenizer.apply_chat_template(
+                    request.messages, chat_template=template, add_generation_prompt=True, tokenize=False
+                )
+            except jinja2.TemplateSyntaxError:
+                raise  # the model's template is broken, not the request: the server's error
+            except jinja2.TemplateError as exc:  # the template refuses this chat (roles out of order, ...)
+                raise Refused(
+                    f"The chat template of model '{request.target.model_id}' refuses these messages: {exc}",
+                    field="messages",
+                    code="invalid_messages",
+                ) from None
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            bad = next((i for i in ids if not 0 <= i < base.vocab), None)
+            if bad is not None:
+                raise Refused(
+                    f"Token id {bad} is not in the vocabulary of model '{request.target.model_id}' "
+                    f"(ids 0 to {base.vocab - 1}).",
+                    field="prompt",
+                )
+        else:
+            ids = list(tokenizer(request.prompt or "")["input_ids"])
+        if not ids:  # nothing to condition on: start where a document starts, as OpenAI's empty prompt does
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else base.pad_id
+            ids = [start]
+        return ids
 
     def generate(self, batch: list[Prepared]) -> Iterator[list[Step]]:
         """Run one batch of a single group; `Step.row` indexes into `batch`."""

@@ -1,47 +1,126 @@
-"""OpenAI's request shapes for chat and text completions, as far as this server honours them."""
+"""OpenAI's request shapes for chat and text completions: what this server honours, and what it refuses.
+
+Every field of OpenAI's two requests is declared, so a field OpenAI does not have is a 400 naming it
+(`extra="forbid"`), and `null` means "the default" wherever OpenAI's spec allows it. A field this server
+does not implement yet (tools, logprobs, n > 1, ...) is accepted at its default value and otherwise
+refused by `check_supported`, naming it: asking for something and silently not getting it is worse than
+an error. Bounds are OpenAI's: a value outside them is a 400 naming the field, never a 500.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+
+from app.errors import ApiError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_PROMPTS = 128
+"""Most prompts in one text completion request (OpenAI's upper bound for `n`), one batch row each."""
+DEFAULT_MAX_TOKENS = 16
+"""A text completion's token limit when the request sets none (OpenAI's default)."""
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def one_of(description: str) -> WrapValidator:
+    """A union field's failure as one error naming the field, rather than one per member of the union."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"must be {description}") from None
+
+    return WrapValidator(validate)
+
+
+def unsupported(param: str, message: str | None = None) -> ApiError:
+    """The 400 for a field Tuneforge does not implement yet (or not with the value asked)."""
+    return ApiError(
+        400,
+        message
+        or f"'{param}' is not supported by Tuneforge's inference server yet (only its default is); "
+        "leave it out and retry.",
+        param=param,
+        code="unsupported_parameter",
+    )
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # accepted: these streams carry no obfuscation padding
 
 
 class _Sampling(BaseModel):
-    # Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as OpenAI-compatible servers do.
-    model_config = ConfigDict(extra="ignore")
+    """The fields chat and text completions share."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(
-        None, ge=1, description="Most tokens to generate; default: up to the context."
+        None, ge=1, description="Most tokens to generate; at most the model's context, prompt included."
     )
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; null means 1.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Nucleus mass; 0 keeps the likeliest token.")
+    n: int | None = Field(None, ge=1, le=128, description="Choices per prompt; only 1 is implemented.")
+    stop: Annotated[str | list[str] | None, one_of("a string or a list of at most 4 strings")] = Field(
         None, description="Up to 4 strings that end the answer (not included)."
     )
-    n: int = Field(1, description="Only 1 is supported.")
-    seed: int | None = Field(None, description="Makes sampling reproducible.")
-    stream: bool = False
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Makes sampling reproducible.")
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
+    user: str | None = None
+    # Not implemented: refused by check_supported unless left at their defaults.
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
 
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
+            raise ValueError("must be a string or a list of at most 4 strings")
         return value
+
+    def asks_unsupported(self) -> dict[str, bool]:
+        """Each unimplemented field: whether this request asks for something with it."""
+        return {
+            "n": (self.n or 1) > 1,
+            "logit_bias": bool(self.logit_bias),
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
+        }
+
+    def check_supported(self) -> None:
+        """Raise the 400 for the first field asking for what this server does not implement."""
+        for param, asks in self.asks_unsupported().items():
+            if asks:
+                raise unsupported(param)
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """GenerationRequest's sampling settings, OpenAI's defaults in place of nulls."""
+        return {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "stop": self.stop_list(),
+            "seed": self.seed,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -49,32 +128,142 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class ChatMessage(BaseModel):
+    """A message of the chat; an assistant message the SDK returned can be sent back as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["developer", "system", "user", "assistant", "tool", "function"]
+    content: Annotated[str | list[dict[str, Any]] | None, one_of("a string or a list of content parts")] = (
+        None
+    )
+    name: str | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+
 class ChatCompletionRequest(_Sampling):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+
+    def asks_unsupported(self) -> dict[str, bool]:
+        return super().asks_unsupported() | {
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": bool(self.top_logprobs),
+            "tools": bool(self.tools),
+            "tool_choice": self.tool_choice not in (None, "none"),
+            "functions": bool(self.functions),
+            "function_call": self.function_call not in (None, "none"),
+            "response_format": (self.response_format or {"type": "text"}).get("type") != "text",
+            "audio": self.audio is not None,
+            "modalities": self.modalities not in (None, ["text"]),
+            "prediction": self.prediction is not None,
+            "reasoning_effort": self.reasoning_effort is not None,
+            "verbosity": self.verbosity is not None,
+            "web_search_options": self.web_search_options is not None,
+            "store": bool(self.store),  # stored completions cannot be listed or retrieved here
+        }
+
+    @property
+    def token_limit(self) -> tuple[str, int | None]:
+        """The token limit asked for, and the field that asked (the newer name wins when both are set)."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
 
     def plain_messages(self) -> list[dict[str, str]]:
-        """Messages with text content only: content parts are joined, other parts refused."""
+        """Messages as the chat template reads them: text content only, `developer` as `system`."""
         plain = []
-        for message in self.messages:
-            content = message.get("content") or ""
+        for i, message in enumerate(self.messages):
+            where = f"messages.{i}"  # as FastAPI's validation errors name it
+            if message.role in ("tool", "function"):
+                raise unsupported(
+                    f"{where}.role", f"Tools are not supported yet; {where} is a {message.role} message."
+                )
+            for field in ("tool_calls", "function_call", "audio"):
+                if getattr(message, field):
+                    raise unsupported(f"{where}.{field}")
+            content = message.content
+            if content is None and message.role != "assistant":
+                raise ApiError(
+                    400,
+                    f"{where} ({message.role}) has no content.",
+                    param=f"{where}.content",
+                    code="invalid_value",
+                )
             if isinstance(content, list):
-                if any(part.get("type") != "text" for part in content):
-                    raise ValueError("only text content parts are supported")
-                content = "".join(part.get("text", "") for part in content)
-            plain.append({"role": str(message.get("role", "user")), "content": str(content)})
+                texts = [part.get("text") for part in content if part.get("type") == "text"]
+                if len(texts) != len(content) or not all(isinstance(text, str) for text in texts):
+                    raise unsupported(
+                        f"{where}.content", f"Only text content parts are supported yet ({where})."
+                    )
+                content = "".join(str(text) for text in texts)
+            role = "system" if message.role == "developer" else message.role
+            plain.append({"role": role, "content": content or ""})
         return plain
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: Annotated[
+        str | list[str] | list[TokenId] | list[list[TokenId]],
+        one_of("a string, a list of strings, a list of token ids (integers from 0), or a list of such lists"),
+    ] = Field(
+        description="A text, a list of texts, a list of token ids, or a list of such lists: one choice each."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description=f"Most tokens to generate; null means {DEFAULT_MAX_TOKENS}, or what fits."
+    )
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt is supported")
-        return value
+    def asks_unsupported(self) -> dict[str, bool]:
+        return super().asks_unsupported() | {
+            "echo": bool(self.echo),
+            "best_of": (self.best_of or 1) > 1,
+            "logprobs": self.logprobs is not None,
+            "suffix": self.suffix is not None,
+        }
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or token ids: OpenAI answers one choice per prompt, in this order."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise ApiError(400, "'prompt' is an empty list.", param="prompt", code="invalid_value")
+        if all(isinstance(item, int) for item in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError(
+                400,
+                f"'prompt' holds {len(prompt)} prompts; at most {MAX_PROMPTS} fit one request.",
+                param="prompt",
+                code="invalid_value",
+            )
+        return list(prompt)  # type: ignore[arg-type]

@@ -351,6 +351,8 @@ def inspect_model(folder: Path) -> dict[str, Any]:
         "head_dim": getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
         "intermediate_size": getattr(text_config, "intermediate_size", None),
         "vocab_size": text_config.vocab_size,
+        # The longest sequence the model's positions cover: the API refuses a longer max_seq_length.
+        "max_position_embeddings": getattr(text_config, "max_position_embeddings", None),
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "output_head": head_name,
         # a tied head shares the embedding matrix: it is counted here even though `parameters` lists it once
