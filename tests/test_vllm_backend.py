@@ -301,3 +301,29 @@ def test_adapter_archive_with_unsafe_paths_is_refused(tmp_path: Path) -> None:
     folder = vllm_backend.adapter_folder("ft:tiny-llama::evil")
     assert not folder.exists() and not (folder.parent.parent / "escaped.json").exists()
     assert not any(p.name.startswith(f".{folder.name}.tmp-") for p in folder.parent.iterdir())
+
+
+def test_only_documented_fields_reach_vllm(
+    double: tuple[VllmDouble, str], vllm_api: str, api_key: str
+) -> None:
+    """vLLM's own extensions in a tenant's body never reach it: the API refuses them, naming the field."""
+    fake = double[0]
+    headers = {"Authorization": f"Bearer {api_key}"}
+    before = len(fake.seen("/v1/chat/completions"))
+    for extra in ({"guided_json": {"type": "object"}}, {"tools": [{"type": "function"}]}, {"top_k": 5}):
+        body = {"model": "tiny-llama", "messages": QUESTION} | extra
+        refused = httpx.post(f"{vllm_api}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == next(iter(extra))
+    assert len(fake.seen("/v1/chat/completions")) == before
+    body = {"model": "tiny-llama", "messages": QUESTION, "temperature": None, "max_tokens": 4, "user": "u1"}
+    assert (
+        httpx.post(f"{vllm_api}/v1/chat/completions", json=body, headers=headers, timeout=30).status_code
+        == 200
+    )
+    assert fake.seen("/v1/chat/completions")[-1] == {
+        "model": SERVED_BASE,
+        "messages": QUESTION,
+        "max_tokens": 4,
+        "user": "u1",
+    }

@@ -5,7 +5,8 @@ The inference server (`worker/serving`, needs torch) trusts only callers that ho
 names the project in `PROJECT_HEADER`. The server resolves the model id itself and already answers in
 OpenAI's shapes and error envelope, so the API relays its status and body unchanged; only an unreachable
 or misbehaving server becomes an error of the API's own. With `inference_backend = "vllm"` the same relay
-targets a vLLM server instead, after `app.inference.vllm.prepare` has resolved the model and rewritten it.
+targets a vLLM server instead, after `app.inference.vllm.prepare` has resolved the model, rewritten it, and
+kept only the fields Tuneforge documents.
 """
 
 import json
@@ -80,7 +81,7 @@ async def forward(client: httpx.AsyncClient, *, path: str, raw_body: bytes, proj
     headers = {"Content-Type": "application/json", PROJECT_HEADER: project}
     vllm = get_settings().inference_backend == "vllm"
     if vllm:  # vLLM knows no projects: the model is resolved, and its adapter registered, here
-        body = await anyio.to_thread.run_sync(_prepare_for_vllm, project, body)
+        body = await anyio.to_thread.run_sync(_prepare_for_vllm, project, path, body)
         raw_body, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
     request = client.build_request("POST", path, content=raw_body, headers=headers)
     try:
@@ -121,9 +122,9 @@ async def _json_answer(upstream: httpx.Response) -> Response:
     return Response(content, status_code=upstream.status_code, media_type="application/json")
 
 
-def _prepare_for_vllm(project: str, body: dict[str, Any]) -> dict[str, Any]:
+def _prepare_for_vllm(project: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     with session_scope() as session:
-        return vllm_backend.prepare(session, project=project, body=body)
+        return vllm_backend.prepare(session, project=project, path=path, body=body)
 
 
 async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:

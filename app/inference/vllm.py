@@ -35,8 +35,44 @@ _loaded: set[str] = set()
 _loaded_lock = threading.Lock()
 
 
-def prepare(session: Session, *, project: str, body: dict[str, Any]) -> dict[str, Any]:
-    """`body` with `model` rewritten to vLLM's name for it; registers a fine-tuned model's adapter first."""
+# The request fields Tuneforge documents, per route: nothing else of a tenant's body reaches vLLM, whose
+# own extensions (guided decoding, raw sampling knobs, ...) are not part of Tuneforge's API.
+_SHARED = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "user",
+}
+DOCUMENTED_FIELDS = {
+    "/v1/chat/completions": _SHARED | {"messages", "max_completion_tokens"},
+    "/v1/completions": _SHARED | {"prompt"},
+}
+
+
+def documented_body(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `body` that Tuneforge documents for `path` (nulls dropped); 400 naming any other."""
+    given = {name: value for name, value in body.items() if value is not None}
+    unknown = sorted(set(given) - DOCUMENTED_FIELDS[path])
+    if unknown:
+        raise ApiError(
+            400,
+            f"'{unknown[0]}' is not supported by Tuneforge's chat and completions yet; leave it out and "
+            f"retry (supported: {', '.join(sorted(DOCUMENTED_FIELDS[path]))}).",
+            param=unknown[0],
+            code="unsupported_parameter",
+        )
+    return given
+
+
+def prepare(session: Session, *, project: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """`body`'s documented fields, `model` rewritten to vLLM's name for it; registers an adapter first."""
+    body = documented_body(path, body)
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise ApiError(400, "'model' is required, e.g. \"tiny-llama\".", param="model", code="invalid_value")

@@ -1,9 +1,9 @@
 """Fine-tuning job specs and objects, shaped like OpenAI's; Tuneforge's own knobs live in `method`."""
 
 import re
-from typing import Any, Literal, Self, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TASKS = ("supervised", "dpo", "classification")
 JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
@@ -56,11 +56,22 @@ MAX_RANK, MAX_SEQ_LENGTH, MAX_VIRTUAL_TOKENS, MAX_ACCUMULATION = 1024, 131072, 1
 
 
 def _bounded_or_auto(value: int | str, low: int, high: int) -> int | str:
-    if value != "auto" and (
-        isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high
-    ):
+    in_range = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    if value != "auto" and not in_range:
         raise ValueError(f"must be an integer from {low} to {high}, or 'auto'")
     return value
+
+
+def _multiplier(value: float | str) -> float | str:
+    if value != "auto" and (not isinstance(value, float | int) or not 0 < value <= 100):
+        raise ValueError("must be a number in (0, 100] or 'auto'")
+    return value
+
+
+# OpenAI's three hyperparameters, checked alike in `method` and in the deprecated top-level block.
+Epochs = Annotated[int | Auto, AfterValidator(lambda v: _bounded_or_auto(v, 1, MAX_EPOCHS))]
+BatchSize = Annotated[int | Auto, AfterValidator(lambda v: _bounded_or_auto(v, 1, MAX_BATCH_SIZE))]
+Multiplier = Annotated[float | Auto, AfterValidator(_multiplier)]
 
 
 class TrainingHyperparameters(BaseModel):
@@ -68,9 +79,9 @@ class TrainingHyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | Auto = Field("auto", description="Passes over the training file; auto means 3.")
-    batch_size: int | Auto = Field("auto", description="Examples per optimizer step; auto means 4.")
-    learning_rate_multiplier: float | Auto = Field(
+    n_epochs: Epochs = Field("auto", description="Passes over the training file; auto means 3.")
+    batch_size: BatchSize = Field("auto", description="Examples per optimizer step; auto means 4.")
+    learning_rate_multiplier: Multiplier = Field(
         "auto", description="Scales the method's base learning rate (2e-4 for LoRA, 2e-5 for full)."
     )
     learning_rate: float | None = Field(
@@ -124,23 +135,6 @@ class TrainingHyperparameters(BaseModel):
         le=10**6,
         description="Checkpoint every N optimizer steps; None means once per epoch.",
     )
-
-    @field_validator("n_epochs")
-    @classmethod
-    def _epochs(cls, value: int | str) -> int | str:
-        return _bounded_or_auto(value, 1, MAX_EPOCHS)
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, value: int | str) -> int | str:
-        return _bounded_or_auto(value, 1, MAX_BATCH_SIZE)
-
-    @field_validator("learning_rate_multiplier")
-    @classmethod
-    def _positive_multiplier(cls, value: float | str) -> float | str:
-        if value != "auto" and (not isinstance(value, float | int) or not 0 < value <= 100):
-            raise ValueError("must be a number in (0, 100] or 'auto'")
-        return value
 
     @field_validator("validation_split")
     @classmethod
@@ -277,9 +271,9 @@ class LegacyHyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | Auto | None = None
-    batch_size: int | Auto | None = None
-    learning_rate_multiplier: float | Auto | None = None
+    n_epochs: Epochs | None = None
+    batch_size: BatchSize | None = None
+    learning_rate_multiplier: Multiplier | None = None
 
 
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
