@@ -26,6 +26,7 @@ from app.files import service as file_service
 from app.jobs import lifecycle
 from app.jobs import service as job_service
 from app.jobs.schemas import JobCreate
+from app.models import service as model_service
 from app.storage import get_store
 from tests.helpers import chat_jsonl, job_body
 
@@ -243,3 +244,32 @@ def test_deleting_a_file_racing_a_job_that_uses_it(sessions: sessionmaker[Sessio
             assert deleted is None and file is None and not stored and jobs == 0
             outcomes.add("delete")
     print(f"outcomes over {ROUNDS} rounds: {sorted(outcomes)}")
+
+
+class _RolledBack(Exception):
+    """Raised inside a transaction to roll it back, as a failing commit would."""
+
+
+def test_stored_bytes_go_only_once_a_delete_commits(sessions: sessionmaker[Session]) -> None:
+    """A file's or a model's delete that rolls back loses nothing; one that commits leaves no bytes."""
+    file_id = new_file(sessions)
+    job_id, attempt = running_job(sessions)
+    archive_key = f"adapters/{job_id}/attempt-{attempt}.tar.gz"
+    source = get_store().root / f"{job_id}.source"
+    source.write_bytes(b"adapter")
+    get_store().put_file(archive_key, source)
+    source.unlink()
+    with sessions() as session, session.begin():
+        model_id = publish(job_id, attempt)(session)
+    deletes = {
+        f"files/{file_id}.jsonl": partial(file_service.delete_file, project=PROJECT, file_id=file_id),
+        archive_key: partial(model_service.delete_model, project=PROJECT, model_id=model_id),
+    }
+    for key, delete in deletes.items():
+        with pytest.raises(_RolledBack), sessions() as session, session.begin():
+            delete(session)
+            raise _RolledBack
+        assert get_store().local_path(key).is_file(), f"a rolled-back delete removed {key}"
+        with sessions() as session, session.begin():
+            delete(session)
+        assert not get_store().local_path(key).exists(), f"a committed delete left {key}"
