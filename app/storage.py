@@ -34,13 +34,24 @@ class LocalArtifactStore:
         return self.root / key
 
     def put_file(self, key: str, source: Path) -> None:
-        """Copy `source` into the store under `key`, atomically."""
+        """Copy `source` into the store under `key`, atomically, and on disk before this returns.
+
+        Callers write the database row that points at the artifact next: a crash after that commit must
+        not find the row naming a file the kernel had not written yet. A failed copy (a full disk) leaves
+        no temp file behind.
+        """
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_folders(target.parent)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         os.close(fd)
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        try:
+            shutil.copyfile(source, tmp)
+            _fsync(Path(tmp))
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync(target.parent)  # the rename itself
 
     def local_path(self, key: str) -> Path:
         """Where the artifact can be read on this machine."""
@@ -48,6 +59,35 @@ class LocalArtifactStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_folders(folder: Path) -> None:
+    """`mkdir -p`, each new folder flushed into its parent, so a crash cannot lose the path to a file."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync(new.parent)
+
+
+def resume_state_key(checkpoint_key: str) -> str:
+    """Where the rest of a checkpoint (optimizer, scheduler, RNG, trainer state) is kept for resume.
+
+    Together with the model archive at `checkpoint_key` it is the whole checkpoint folder. It is a plain
+    tar: optimizer states barely compress, and gzip would cost minutes on a large full fine-tune.
+    """
+    return checkpoint_key.removesuffix(".tar.gz") + ".state.tar"
 
 
 def get_store() -> LocalArtifactStore:
@@ -74,14 +114,20 @@ def unpack_once(archive: Path, folder: Path, *, model_id: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         with tarfile.open(archive, "r:*") as tar:  # gzip for downloads, plain tar for resume states
+            # Every member is checked before the first is written: a bad one last extracts nothing.
             for member in tar.getmembers():
                 if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
-                    raise ApiError(
-                        500,
-                        f"The adapter archive of '{model_id}' holds an unsafe path: {member.name!r}.",
-                        type="server_error",
-                    )
-            tar.extractall(tmp, filter="data")  # also refuses links out of the folder and devices
+                    problem = "an unsafe path"
+                elif not (member.isfile() or member.isdir()):
+                    problem = f"{_kind(member)}, where Tuneforge writes only regular files and folders,"
+                else:
+                    continue
+                raise ApiError(
+                    500,
+                    f"The adapter archive of '{model_id}' holds {problem} at {member.name!r}.",
+                    type="server_error",
+                )
+            tar.extractall(tmp, filter="data")  # a second guard: no paths out of the folder, no modes
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a server running as another user may read it
         os.rename(tmp, folder)
     except OSError:
@@ -92,3 +138,16 @@ def unpack_once(archive: Path, folder: Path, *, model_id: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    """What a non-regular archive member is, in words."""
+    if member.issym():
+        return f"a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"a hard link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return "a device"
+    if member.isfifo():
+        return "a FIFO"
+    return f"an entry of type {member.type!r}"

@@ -63,7 +63,7 @@ def test_sdk_drives_the_whole_flow(client: openai.OpenAI, http: httpx.Client, tm
     assert any("successfully completed" in e.message for e in all_events)
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert [c.step_number for c in checkpoints] == [12, 9, 6, 3]
+    assert [c.step_number for c in checkpoints] == [12, 9, 6]  # the newest TUNEFORGE_KEEP_CHECKPOINTS
     assert all(c.metrics.valid_loss and c.metrics.train_loss for c in checkpoints)
 
     models = {m.id for m in client.models.list()}

@@ -56,5 +56,5 @@ def test_up_runs_a_job_on_the_embedded_default(tmp_path: Path) -> None:
         assert up.wait(timeout=60) == 0 or up.returncode == -signal.SIGTERM
     home = tmp_path / "home"
     assert (home / "tuneforge.db").is_file()
-    assert (home / "artifacts" / "adapters" / f"{job_id}.tar.gz").is_file()
+    assert (home / "artifacts" / "adapters" / job_id / "attempt-1.tar.gz").is_file()
     assert list((home / "broker").iterdir()), "the filesystem transport carried the message"

@@ -7,38 +7,55 @@ The parent never imports torch; it starts the child (worker/launcher.py) and wat
   next attempt resumes from that checkpoint. Preemptions do not use up `max_attempts`.
 - A child that dies without recording an error (killed, segfault, the OOM killer) is retried while
   attempts remain, each retry resuming from the last checkpoint; then the job fails with the last error.
+  A child that found its disk full is retried the same way, and out of attempts fails with `disk_full`.
+- A cancelled run stops at the end of its step, or is killed `stop_grace_seconds` later: it keeps
+  nothing. A paused run is never killed for being slow: it is waited for until it has saved the
+  checkpoint it announced at the end of its step, however long that step takes. Only the job's timeout
+  and the worker's own shutdown grace bound that wait (or a resume, after which that checkpoint would
+  no longer be recorded).
 - If the database cannot be reached, the child keeps training while the lease may still be valid; past
   that it is stopped, since the reconciler may by then have given the job to another worker.
+- The attempt's work folder (Trainer's checkpoints, the unpacked resume state, train.log) is removed when
+  the attempt ends; one left by a killed worker goes when this machine next runs a job.
 """
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import Job
 from app.jobs import lifecycle
+from app.jobs import service as job_service
 from app.queue import send_jobs
 from worker.launcher import TrainingProcess, wait_until_ready
-from worker.train_job import EXIT_PREEMPTED
+from worker.train_job import DISK_FULL, EXIT_DISK_FULL, EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
-CANCEL_GRACE_SECONDS = 30
 POLL_SECONDS = 0.5
 # Set when the worker starts a warm shutdown (worker/tasks.py connects it to Celery's signal).
 SHUTDOWN = threading.Event()
+PAUSE_CUT_SHORT = (
+    "The paused run was still in its step when {why}, and was stopped before its checkpoint; resuming "
+    "continues from the last checkpoint saved before."
+)
 
 
-def _log_tail(path: Path, lines: int = 5) -> str:
+def _log_tail(path: Path) -> list[str]:
     try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+        return path.read_text(errors="replace").strip().splitlines()[-5:]
     except OSError:
-        return ""
+        return []
 
 
 def run_job(job_id: str) -> None:
@@ -51,10 +68,16 @@ def run_job(job_id: str) -> None:
     if attempt is None:
         log.info("job %s is not queued; nothing to do", job_id)
         return
-    workdir = settings.resolved_home / "work" / job_id / f"attempt-{attempt}"
+    work = settings.resolved_home / "work"
+    _remove_stale_workdirs(work)
+    workdir = work / job_id / f"attempt-{attempt}"
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "train.log"
-    returncode = _watch(TrainingProcess(job_id, attempt, log_path), job_id=job_id, attempt=attempt)
+    try:
+        returncode = _watch(TrainingProcess(job_id, attempt, log_path), job_id=job_id, attempt=attempt)
+        tail = _log_tail(log_path)  # read before the folder goes
+    finally:
+        _remove_workdir(workdir)
     if returncode in (0, None):
         return
     with session_scope() as session:
@@ -67,18 +90,31 @@ def run_job(job_id: str) -> None:
                 message="The worker shut down; the job is re-queued and resumes from its last checkpoint.",
             )
         else:
-            requeued = _retry_or_fail(session, job_id, attempt, returncode, _log_tail(log_path))
+            code, message = _failure(returncode, tail)
+            requeued = _retry_or_fail(session, job_id, attempt, code=code, message=message)
         session.commit()
         if requeued:
             send_jobs(session, [job_id])  # if this send is lost, the reconciler sends it
 
 
-def _retry_or_fail(session, job_id: str, attempt: int, returncode: int, tail: str) -> bool:  # type: ignore[no-untyped-def]
-    """A crashed child: re-queue while attempts remain (True), else fail with its error."""
+def _failure(returncode: int, tail: list[str]) -> tuple[str, str]:
+    """The error code and message of an attempt whose training process exited with `returncode`."""
+    if returncode == EXIT_DISK_FULL:
+        # The run names the write that failed on its log's last line, unless the log's disk is the full one.
+        last = tail[-1] if tail else ""
+        cause = f" ({last.removeprefix(DISK_FULL)})" if last.startswith(DISK_FULL) else ""
+        return "disk_full", (
+            f"The disk filled up{cause}: a checkpoint or the trained model could not be written, on the "
+            "worker or into the artifact store. Free some space there."
+        )
     how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
     if returncode == -signal.SIGKILL:
         how += " (the out-of-memory killer does this: try a smaller batch_size or qlora)"
-    message = f"The training process {how}. Last log lines: {tail}"
+    return "training_crashed", f"The training process {how}. Last log lines: {' | '.join(tail)}"
+
+
+def _retry_or_fail(session: Session, job_id: str, attempt: int, *, code: str, message: str) -> bool:
+    """A failed attempt: re-queue while attempts remain (True), else fail the job with `code`."""
     job = session.get(Job, job_id)
     if job is not None and job.attempt == attempt and job.status == "running" and attempt < job.max_attempts:
         return lifecycle.requeue(
@@ -90,8 +126,37 @@ def _retry_or_fail(session, job_id: str, attempt: int, returncode: int, tail: st
         )
     if job is not None and attempt >= job.max_attempts:
         message = f"{message} The job has used all {job.max_attempts} attempts."
-    lifecycle.fail(session, job_id=job_id, attempt=attempt, code="training_crashed", message=message)
+    lifecycle.fail(session, job_id=job_id, attempt=attempt, code=code, message=message)
     return False
+
+
+def _remove_workdir(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the job's folder, once no attempt of it is left here
+        workdir.parent.rmdir()
+
+
+def _remove_stale_workdirs(work: Path) -> None:
+    """Remove the work folders of attempts that are over, such as one a killed worker left behind.
+
+    Folders are listed before the jobs are read: a folder is made only after its attempt's claim has
+    committed, so every attempt listed is seen as it is now, and a live one (running, or paused and
+    saving its checkpoint) is kept.
+    """
+    folders = [f for f in work.glob("*/attempt-*") if f.name.removeprefix("attempt-").isdigit()]
+    if not folders:
+        return
+    with session_scope() as session:
+        live = set(
+            session.execute(
+                select(Job.id, Job.attempt).where(
+                    Job.id.in_({f.parent.name for f in folders}), Job.status.in_(("running", "paused"))
+                )
+            ).tuples()
+        )
+    for folder in folders:
+        if (folder.parent.name, int(folder.name.removeprefix("attempt-"))) not in live:
+            _remove_workdir(folder)
 
 
 def _watch(child: TrainingProcess, *, job_id: str, attempt: int) -> int | None:
@@ -129,9 +194,10 @@ def _watch(child: TrainingProcess, *, job_id: str, attempt: int) -> int | None:
                 child.kill()
                 return None
             continue
-        if not owned:  # cancelled, paused or superseded: the child stops at its next step, or is killed
-            if child.wait(CANCEL_GRACE_SECONDS) is None:
-                child.kill()
+        if not owned:  # cancelled, paused or superseded: the child stops at the end of its step
+            _wind_down(
+                child, job_id=job_id, attempt=attempt, deadline=deadline, shutdown_end=preempt_deadline
+            )
             return None
         if now > deadline:
             child.kill()
@@ -144,6 +210,56 @@ def _watch(child: TrainingProcess, *, job_id: str, attempt: int) -> int | None:
                     message=f"Training ran longer than {settings.job_timeout_seconds} s and was stopped.",
                 )
             return None
+
+
+def _wind_down(
+    child: TrainingProcess, *, job_id: str, attempt: int, deadline: float, shutdown_end: float | None
+) -> None:
+    """Wait for a run this attempt no longer owns to stop on its own, or kill it.
+
+    Paused, the run saves the checkpoint it announced at the end of its step: it is waited for as long as
+    that takes, up to the job's `deadline`, or `shutdown_grace_seconds` once the worker shuts down. Any
+    other way (cancelled, superseded, or resumed while it was still in its step, when its checkpoint would
+    no longer be recorded) it keeps nothing, and gets `stop_grace_seconds`.
+    """
+    settings = get_settings()
+    grace_end: float | None = None
+    while True:
+        now = time.monotonic()
+        if grace_end is None and _status(job_id, attempt) not in ("paused", "unknown"):
+            grace_end = now + settings.stop_grace_seconds
+        if shutdown_end is None and SHUTDOWN.is_set():
+            child.stop()  # it still saves at the end of its step, as a paused run does
+            shutdown_end = now + settings.shutdown_grace_seconds
+        end = min(t for t in (grace_end, shutdown_end, deadline) if t is not None)
+        if now >= end:
+            if grace_end is None:
+                why = "the worker shut down" if end == shutdown_end else "the job's timeout came"
+                _warn(job_id, PAUSE_CUT_SHORT.format(why=why))
+            child.kill()
+            return
+        exited = _wait(child, min(end - now, settings.heartbeat_seconds), until_shutdown=shutdown_end is None)
+        if exited is not None:
+            return
+
+
+def _status(job_id: str, attempt: int) -> str | None:
+    """The job's status as `attempt` sees it (None: superseded), or 'unknown' while the database is away."""
+    try:
+        with session_scope() as session:
+            return lifecycle.attempt_status(session, job_id=job_id, attempt=attempt)
+    except Exception:
+        log.warning("could not read the status of job %s", job_id, exc_info=True)
+        return "unknown"
+
+
+def _warn(job_id: str, message: str) -> None:
+    """An event for the job's user; lost, not fatal, while the database is away."""
+    try:
+        with session_scope() as session:
+            job_service.add_event(session, job_id=job_id, level="warn", message=message)
+    except Exception:
+        log.warning("could not record event %r", message, exc_info=True)
 
 
 def _wait(child: TrainingProcess, seconds: float, *, until_shutdown: bool) -> int | None:

@@ -7,8 +7,12 @@ fenced by the attempt number. A later attempt resumes from the job's last comple
 
 SIGTERM (the worker shutting down, or the whole process group stopped) makes the run save a checkpoint
 at the end of its current step and exit with `EXIT_PREEMPTED`; the worker then re-queues the job.
+A disk that fills up (while writing a checkpoint or the model) exits with `EXIT_DISK_FULL`, and the
+worker re-queues the job too, counting the attempt: the database is not on that disk, the worker is.
 """
 
+import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -30,6 +34,12 @@ if TYPE_CHECKING:
     from worker.training.sft import RunResult, RunSpec
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint saved; run the job again later
+EXIT_DISK_FULL = 74  # EX_IOERR: a write found no space left; run the job again once there is
+DISK_FULL = "disk full: "  # starts the last line of the log of a run that exits with EXIT_DISK_FULL
+# How writes that found no space surface without an OSError: safetensors (Rust) names the errno in its
+# message; torch.save reports a short write ("unexpected pos", "file write failed") and nothing more.
+DISK_FULL_MESSAGES = ("no space left on device", "os error 28", "disk quota exceeded", "file write failed")
+TORCH_SHORT_WRITE = ("inline_container", "unexpected pos")
 
 
 def load_spec(job_id: str, attempt: int) -> "RunSpec":
@@ -137,6 +147,21 @@ def classify_failure(exc: BaseException) -> tuple[str, str]:
     return "training_error", text
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from or while handling, is a write that found no space."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).lower()
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in text for s in DISK_FULL_MESSAGES) or all(s in text for s in TORCH_SHORT_WRITE):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def main(job_id: str, attempt: int) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -152,7 +177,12 @@ def main(job_id: str, attempt: int) -> int:
         publish(job_id, attempt, result)
         return 0
     except Exception as exc:  # every failure becomes the job's error, never a silent crash
-        traceback.print_exc()
+        with contextlib.suppress(OSError):  # the log may be on the disk that is full
+            traceback.print_exc()
+        if disk_full(exc):  # not the job's fault: the worker re-queues it (see worker/runner.py)
+            with contextlib.suppress(OSError):
+                print(f"{DISK_FULL}{exc.__class__.__name__}: {exc}", flush=True)
+            return EXIT_DISK_FULL
         code, message = classify_failure(exc)
         with session_scope() as session:
             lifecycle.fail(session, job_id=job_id, attempt=attempt, code=code, message=message)

@@ -7,13 +7,15 @@ come from the database's clock (`db_now`), so hosts whose clocks disagree still 
 
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.db.session import after_commit
 from app.db.tables import Checkpoint, Job
 from app.db.time import db_now
 from app.jobs import service as job_service
 from app.models import service as model_service
+from app.storage import get_store, resume_state_key
 
 
 def claim(session: Session, *, job_id: str, owner: str, lease_seconds: int) -> int | None:
@@ -32,9 +34,7 @@ def claim(session: Session, *, job_id: str, owner: str, lease_seconds: int) -> i
     attempt = result.scalar_one_or_none()
     if attempt is None:
         return None
-    session.execute(
-        update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=db_now())
-    )
+    session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=db_now()))
     job_service.add_event(
         session, job_id=job_id, message=f"Fine-tuning job started (attempt {attempt}, {owner})."
     )
@@ -47,9 +47,7 @@ def _owned(job_id: str, attempt: int):  # type: ignore[no-untyped-def]
 
 def renew_lease(session: Session, *, job_id: str, attempt: int, lease_seconds: int) -> bool:
     """Extend the lease; False means this attempt no longer owns the job (cancelled or superseded)."""
-    result = session.execute(
-        _owned(job_id, attempt).values(lease_expires_at=db_now(lease_seconds))
-    )
+    result = session.execute(_owned(job_id, attempt).values(lease_expires_at=db_now(lease_seconds)))
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
@@ -106,8 +104,13 @@ def record_checkpoint(
     step: int,
     metrics: dict[str, Any],
     storage_key: str,
+    keep: int,
 ) -> bool:
-    """Add a checkpoint row whose files are already in the store (a pausing job still saves its last one)."""
+    """Add a checkpoint row whose files are already in the store (a pausing job still saves its last one).
+
+    Only the job's newest `keep` checkpoints stay: older rows go in this transaction, and their archives
+    once it has committed (a rollback keeps both).
+    """
     if attempt_status(session, job_id=job_id, attempt=attempt) not in ("running", "paused"):
         return False
     session.add(
@@ -120,7 +123,23 @@ def record_checkpoint(
         data={"step": step, "checkpoint": checkpoint_id},
     )
     session.flush()
+    older = session.execute(
+        select(Checkpoint.id, Checkpoint.storage_key)
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
+        .offset(keep)
+    ).all()
+    if older:
+        session.execute(delete(Checkpoint).where(Checkpoint.id.in_([row.id for row in older])))
+        keys = [key for row in older for key in (row.storage_key, resume_state_key(row.storage_key))]
+        after_commit(session, lambda: _delete_artifacts(keys))
     return True
+
+
+def _delete_artifacts(keys: list[str]) -> None:
+    store = get_store()
+    for key in keys:
+        store.delete(key)
 
 
 def succeed(

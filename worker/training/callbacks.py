@@ -2,11 +2,14 @@
 
 A run stops at the end of a step when its job is cancelled (no checkpoint) or paused (checkpoint first),
 and when `PREEMPTED` is set (the worker is shutting down: checkpoint first, then the job is re-queued).
+A checkpoint folder Trainer writes is removed from the work folder once it is in the artifact store
+(resume reads from the store), and the store keeps only the job's newest `keep_checkpoints`.
 """
 
 import logging
 import os
 import secrets
+import shutil
 import tarfile
 import tempfile
 import threading
@@ -17,10 +20,11 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from transformers import TrainerCallback
 
+from app.config import get_settings
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from app.jobs import service as job_service
-from app.storage import get_store
+from app.storage import get_store, resume_state_key
 
 log = logging.getLogger(__name__)
 # Set by the training process's SIGTERM handler: save a checkpoint at the end of this step, then stop.
@@ -40,23 +44,21 @@ MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safete
 NOT_RESUME_STATE = ("training_args.bin",)
 
 
-def resume_state_key(checkpoint_key: str) -> str:
-    """Where the rest of a checkpoint (optimizer, scheduler, RNG, trainer state) is kept for resume.
-
-    Together with the model archive at `checkpoint_key` it is the whole checkpoint folder. It is a plain
-    tar: optimizer states barely compress, and gzip would cost minutes on a large full fine-tune.
-    """
-    return checkpoint_key.removesuffix(".tar.gz") + ".state.tar"
-
-
 def pack_folder(folder: Path, names: list[str] | None = None, *, compress: bool = True) -> Path:
-    """A .tar.gz (or plain .tar) of the folder's files, flat at the archive root, written to a temp file."""
+    """A .tar.gz (or plain .tar) of the folder's files, flat at the archive root, written to a temp file.
+
+    The caller removes the file; if packing fails (a full disk), nothing is left behind.
+    """
     fd, tmp = tempfile.mkstemp(suffix=".tar.gz" if compress else ".tar", prefix="tuneforge-pack-")
     os.close(fd)  # tarfile opens (and, unlike a passed file object, closes and flushes) the path itself
-    with tarfile.open(tmp, "w:gz" if compress else "w") as archive:
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and (names is None or path.name in names):
-                archive.add(path, arcname=path.name)
+    try:
+        with tarfile.open(tmp, "w:gz" if compress else "w") as archive:
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and (names is None or path.name in names):
+                    archive.add(path, arcname=path.name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return Path(tmp)
 
 
@@ -138,39 +140,52 @@ class JobReporter(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if (self.stopped and not self.keeps_checkpoint) or not folder.is_dir():
-            return
-        if state.global_step in self.saved_steps:  # a stop mid-epoch saves, and so may the epoch's end
-            return
-        self.saved_steps.add(state.global_step)
+        try:
+            if (self.stopped and not self.keeps_checkpoint) or not folder.is_dir():
+                return
+            if state.global_step in self.saved_steps:  # a stop mid-epoch saves, and so may the epoch's end
+                return
+            self.saved_steps.add(state.global_step)
+            self._store_checkpoint(folder, state.global_step)
+        finally:
+            # In the store (or failed, and the attempt ends): the work folder's copy is never read again.
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _store_checkpoint(self, folder: Path, step: int) -> None:
+        """Both archives into the store (each written atomically), then the row that points at them."""
         # Per attempt: a superseded attempt that still runs can never overwrite the live one's files.
-        key = f"checkpoints/{self.job_id}/attempt-{self.attempt}/step-{state.global_step}.tar.gz"
+        key = f"checkpoints/{self.job_id}/attempt-{self.attempt}/step-{step}.tar.gz"
         state_files = [p.name for p in folder.iterdir() if p.name not in NOT_RESUME_STATE + MODEL_FILES]
-        # Both archives are in the store (each written atomically) before the row that points at them.
-        for archive_key, names in ((resume_state_key(key), state_files), (key, list(MODEL_FILES))):
+        archives = ((resume_state_key(key), state_files), (key, list(MODEL_FILES)))
+        for archive_key, names in archives:
             archive = pack_folder(folder, names, compress=archive_key == key)
             try:
                 get_store().put_file(archive_key, archive)  # atomic: temp name, then rename
             finally:
                 archive.unlink(missing_ok=True)
-        metrics = {"step": state.global_step} | {
+        metrics = {"step": step} | {
             k: v
             for k, v in self.last_metrics.items()
             if k in ("train_loss", "train_mean_token_accuracy") or k.startswith(("valid_", "train_rewards/"))
         }
         try:
             with session_scope() as session:
-                lifecycle.record_checkpoint(
+                recorded = lifecycle.record_checkpoint(
                     session,
                     job_id=self.job_id,
                     attempt=self.attempt,
                     checkpoint_id="ftckpt-" + secrets.token_hex(12),
-                    step=state.global_step,
+                    step=step,
                     metrics=metrics,
                     storage_key=key,
+                    keep=get_settings().keep_checkpoints,
                 )
         except SQLAlchemyError:  # the files stay in the store; without a row no resume ever uses them
-            log.warning("could not record the checkpoint at step %s", state.global_step, exc_info=True)
+            log.warning("could not record the checkpoint at step %s", step, exc_info=True)
+            return
+        if not recorded:  # this attempt lost the job: no row will ever name these archives
+            for archive_key, _ in archives:
+                get_store().delete(archive_key)
 
     def event(self, message: str, data: dict, type: str = "message") -> None:
         """Record an event while this attempt owns the job; lost, not fatal, while the database is away."""

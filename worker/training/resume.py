@@ -3,9 +3,9 @@
 A checkpoint is complete once its row exists: the row is written only after both of its archives (the
 model files, and the rest of the folder) are in the store (see `JobReporter.on_save`), so a write cut
 short by a crash is never found here. Only what Tuneforge wrote is loaded: the archives named by the
-database row, unpacked with unsafe paths refused; Trainer then reads the weights as safetensors and the
-optimizer, scheduler and RNG states with `torch.load(weights_only=True)`; Trainer's pickled arguments are
-never shipped (`NOT_RESUME_STATE`).
+database row, unpacked only if they hold nothing but regular files and folders at safe paths; Trainer
+then reads the weights as safetensors and the optimizer, scheduler and RNG states with
+`torch.load(weights_only=True)`; Trainer's pickled arguments are never shipped (`NOT_RESUME_STATE`).
 """
 
 import os
@@ -15,8 +15,8 @@ from sqlalchemy import select
 
 from app.db.session import session_scope
 from app.db.tables import Checkpoint
-from app.storage import get_store, unpack_once
-from worker.training.callbacks import NOT_RESUME_STATE, resume_state_key
+from app.storage import get_store, resume_state_key, unpack_once
+from worker.training.callbacks import NOT_RESUME_STATE
 
 
 def last_checkpoint(job_id: str, workdir: Path) -> tuple[int, Path] | None:

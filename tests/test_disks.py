@@ -1,0 +1,359 @@
+"""Disks on a worker: nothing grows without bound, and a full disk is not a failed job; a pause waits.
+
+The end-to-end tests run an API and a worker of their own (their own state folder and queue, the
+session's database) whose artifact store is a small tmpfs mounted here, so the disk really fills up.
+Mounting needs root (as in the CI container); elsewhere the tests that fill a disk are skipped.
+"""
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_key
+from tests.helpers import api_process, chat_jsonl, job_body, upload, wait_for_status
+from tests.test_chaos import all_events, checkpoint_steps, training_processes, wait_for_event, wait_for_step
+
+STORE_MB = 16
+# The worker sees a cancel (or a pause) at its next heartbeat, and kills a cancelled run (before the fix,
+# a paused one too) the grace period later: within 0.35 s here.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 0.25, 0.1
+
+
+def mount_tmpfs(folder: Path, size_kb: int) -> bool:
+    """A tmpfs of `size_kb` at `folder`; False where this process may not mount (not root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def unmount(folder: Path) -> None:
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs, unmounted after the test."""
+    folder = tmp_path / "disk"
+    if not mount_tmpfs(folder, 256):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        unmount(folder)
+
+
+def test_writes_that_find_no_space_are_recognised_however_they_surface(tiny_disk: Path) -> None:
+    """The training process tells a full disk from a failed job: an OSError, torch.save's short write,
+    safetensors' error, and any of them raised from inside another error."""
+    import torch
+    from safetensors.torch import save_file
+
+    from worker.train_job import disk_full
+
+    tensors = {"w": torch.zeros(512, 512)}  # 1 MiB: more than the disk holds
+    errors = []
+    for write in (
+        lambda: (tiny_disk / "a.bin").write_bytes(bytes(1 << 20)),
+        lambda: torch.save(tensors, tiny_disk / "b.pt"),
+        lambda: save_file(tensors, tiny_disk / "c.safetensors"),
+    ):
+        with pytest.raises(Exception) as failed:
+            write()
+        errors.append(failed.value)
+    try:
+        try:
+            raise errors[0]
+        except OSError as exc:
+            raise RuntimeError("could not save the checkpoint") from exc
+    except RuntimeError as wrapped:
+        errors.append(wrapped)
+    assert [disk_full(e) for e in errors] == [True] * 4, [repr(e) for e in errors]
+    assert not disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not disk_full(RuntimeError("CUDA out of memory"))
+
+
+def test_a_store_write_that_finds_the_disk_full_leaves_no_temp_file(tiny_disk: Path, tmp_path: Path) -> None:
+    from app.storage import LocalArtifactStore
+    from worker.training.callbacks import pack_folder
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(512 * 1024))
+    store = LocalArtifactStore(tiny_disk / "store")
+    with pytest.raises(OSError) as failed:
+        store.put_file("checkpoints/ftjob-1/attempt-1/step-2.tar.gz", big)
+    assert failed.value.errno == errno.ENOSPC
+    assert [p.name for p in (tiny_disk / "store").rglob("*") if p.is_file()] == []
+
+    source = tmp_path / "checkpoint-2"
+    source.mkdir()
+    (source / "optimizer.pt").write_bytes(os.urandom(512 * 1024))
+    tempfile.tempdir = str(tiny_disk)  # where pack_folder writes its archive
+    try:
+        with pytest.raises(OSError):
+            pack_folder(source, compress=False)
+    finally:
+        tempfile.tempdir = None
+    assert list(tiny_disk.glob("tuneforge-pack-*")) == []
+
+
+@dataclass
+class Stack:
+    url: str
+    key: str
+    env: dict[str, str]
+    home: Path
+    store: Path
+    small_disk: bool
+    worker: subprocess.Popen | None = None
+    filler: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.filler = self.store / "filler"
+
+    def fill(self, leave: int) -> None:
+        """Fill the store's disk up to `leave` free bytes."""
+        with self.filler.open("ab") as handle:
+            handle.write(b"\0" * max(self.free() - leave, 0))
+        assert self.free() <= leave + 4096
+
+    def work(self, job_id: str) -> Path:
+        """The job's work folder on the worker (one folder per attempt inside)."""
+        return self.home / "work" / job_id
+
+    def free(self) -> int:
+        stat = os.statvfs(self.store)
+        return stat.f_bavail * stat.f_frsize
+
+    def leftovers(self) -> list[str]:
+        """Temp files left in the store or the worker's temp folder."""
+        store = [str(p) for p in self.store.rglob(".tmp-*")]
+        return store + [str(p) for p in (self.home / "tmp").glob("tuneforge-pack-*")]
+
+
+@pytest.fixture(scope="module")
+def stack(database: str, tiny_model: str) -> Iterator[Stack]:
+    home = Path(tempfile.mkdtemp(prefix="tuneforge-disks-"))
+    store = home / "artifacts"
+    small_disk = mount_tmpfs(store, STORE_MB * 1024)
+    (home / "tmp").mkdir()
+    env = os.environ | {
+        "TUNEFORGE_HOME": str(home),
+        "TUNEFORGE_ARTIFACT_DIR": str(store),
+        "TUNEFORGE_QUEUE": f"disks-{uuid.uuid4().hex[:8]}",  # the session's worker never sees these jobs
+        "TUNEFORGE_MAX_ATTEMPTS": "2",
+        "TUNEFORGE_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
+        "TUNEFORGE_STOP_GRACE_SECONDS": str(GRACE_SECONDS),
+        "TUNEFORGE_INFERENCE_URL": "http://127.0.0.1:9",  # no inference here
+        "TMPDIR": str(home / "tmp"),  # where archives are packed: checked for leftovers
+    }
+    try:
+        with api_process(env, "api.log") as (url, _):
+            result = Stack(url, make_key("disks"), env, home, store, small_disk)
+            with (home / "worker.log").open("ab") as log:
+                result.worker = subprocess.Popen(
+                    [sys.executable, "-m", "app.cli", "worker"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                yield result
+            finally:
+                os.killpg(result.worker.pid, signal.SIGKILL)  # the worker and its template process
+                result.worker.wait()
+    finally:
+        if small_disk:
+            unmount(store)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as c:
+        yield c
+
+
+def events_from(http: httpx.Client, job_id: str, starts: str) -> list[dict]:
+    return [e for e in all_events(http, job_id) if e["message"].startswith(starts)]
+
+
+def wait_until(condition, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.1)
+
+
+@dataclass
+class BoundedJob:
+    job: dict
+    most_trainer_checkpoints: int  # checkpoint folders seen at once in the run's work folder
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def bounded_job(stack: Stack, http: httpx.Client) -> BoundedJob:
+    """Five steps of tiny-llama with a checkpoint after each, its work folder watched as it runs."""
+    training = upload(http, chat_jsonl(40))
+    body = job_body(training["id"], checkpoint_every_steps=1)
+    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    work = stack.home / "work" / job_id
+    most, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                found = [
+                    p for p in (work / "attempt-1" / "trainer").iterdir() if p.name.startswith("checkpoint-")
+                ]
+                most[0] = max(most[0], len(found))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        job = wait_for_status(http, job_id, {"succeeded", "failed"})
+    finally:
+        done.set()
+        watcher.join()
+    assert job["status"] == "succeeded", job
+    return BoundedJob(job, most[0], work)
+
+
+def test_checkpoints_and_work_folders_do_not_pile_up(
+    stack: Stack, http: httpx.Client, bounded_job: BoundedJob
+) -> None:
+    """Item 12: Trainer's checkpoint folders go once stored, the work folder goes with the attempt, and the
+    store keeps the newest three checkpoints (rows and archives) besides the final model."""
+    job_id = bounded_job.job["id"]
+    assert bounded_job.most_trainer_checkpoints <= 1, "Trainer checkpoint folders piled up"
+    wait_until(lambda: not bounded_job.work.exists(), "the attempt's work folder was removed", timeout=10)
+    assert checkpoint_steps(http, job_id) == [3, 4, 5]
+    stored = stack.store / "checkpoints" / job_id / "attempt-1"
+    expected = {f"step-{step}{ext}" for step in (3, 4, 5) for ext in (".state.tar", ".tar.gz")}
+    assert {p.name for p in stored.iterdir()} == expected
+    assert (stack.store / "adapters" / job_id / "attempt-1.tar.gz").is_file()
+    assert stack.leftovers() == []
+
+
+def checkpoint_footprint(stack: Stack, bounded_job: BoundedJob) -> int:
+    """Bytes one checkpoint of the bounded job takes on the store's disk (both archives)."""
+    stored = stack.store / "checkpoints" / bounded_job.job["id"] / "attempt-1"
+    return sum(p.stat().st_blocks * 512 for p in stored.glob("step-5.*"))
+
+
+@pytest.fixture
+def small_store(stack: Stack) -> Iterator[Stack]:
+    """The stack, its store's disk filled up by each test; emptied again however the test ends."""
+    if not stack.small_disk:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield stack
+    finally:
+        stack.filler.unlink(missing_ok=True)
+
+
+def test_a_full_store_requeues_the_attempt_and_it_resumes_once_there_is_room(
+    small_store: Stack, http: httpx.Client, bounded_job: BoundedJob
+) -> None:
+    """Item 13: room for one checkpoint, not two: attempt 1 stores step 2, finds the disk full at step 4
+    and is re-queued with an event; with the disk freed, attempt 2 resumes from step 2 and succeeds.
+    Every attempt's work folder goes when it ends, and so does one a killed worker left behind."""
+    training = upload(http, chat_jsonl(40))
+    left_behind = small_store.work(bounded_job.job["id"]) / "attempt-7" / "trainer" / "checkpoint-3"
+    left_behind.mkdir(parents=True)
+    (left_behind / "optimizer.pt").write_bytes(bytes(1024))
+    small_store.fill(leave=checkpoint_footprint(small_store, bounded_job) * 3 // 2)
+    body = job_body(training["id"], checkpoint_every_steps=2)  # 5 steps: checkpoints at 2, 4 and the end
+    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    # Queued behind it: the worker takes this one next, so the retry waits until the disk is freed.
+    blocker = job_body(training["id"], n_epochs=50, batch_size=1, checkpoint_every_steps=10**6)
+    blocker_id = http.post("/v1/fine_tuning/jobs", json=blocker).json()["id"]
+
+    full = wait_for_event(http, job_id, "The disk filled up", timeout=60)
+    assert full["level"] == "warn" and "Retrying (attempt 1 of 2 used)" in full["message"], full
+    assert "No space left on device" in full["message"], "the event names the write that failed"
+    job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "queued" and job["error"] is None, job
+    assert checkpoint_steps(http, job_id) == [2]
+    assert small_store.leftovers() == [], "a write that found the disk full leaves no temp file"
+    assert not small_store.work(bounded_job.job["id"]).exists(), "a finished job's work folder is removed"
+
+    small_store.filler.unlink()
+    http.post(f"/v1/fine_tuning/jobs/{blocker_id}/cancel")
+    job = wait_for_status(http, job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    assert events_from(http, job_id, "Resuming from the checkpoint at step 2")
+    assert checkpoint_steps(http, job_id) == [2, 4, 5]
+    wait_until(lambda: not small_store.work(job_id).exists(), "the work folders were removed")
+
+
+def test_a_disk_that_stays_full_fails_the_job_with_disk_full_once_attempts_run_out(
+    small_store: Stack, http: httpx.Client
+) -> None:
+    training = upload(http, chat_jsonl(16))
+    small_store.fill(leave=16 * 1024)  # smaller than any checkpoint
+    body = job_body(training["id"], checkpoint_every_steps=1)
+    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    job = wait_for_status(http, job_id, {"succeeded", "failed"})
+    assert job["status"] == "failed" and job["attempt"] == 2, job
+    assert job["error"]["code"] == "disk_full", job["error"]
+    assert job["error"]["message"].startswith("The disk filled up")
+    assert "used all 2 attempts" in job["error"]["message"]
+    assert len(events_from(http, job_id, "The disk filled up")) == 1  # the re-queue of attempt 1
+    assert checkpoint_steps(http, job_id) == []
+    assert small_store.leftovers() == []
+    wait_until(lambda: not small_store.work(job_id).exists(), "the work folders were removed")
+
+
+def test_a_pause_waits_for_a_step_that_outlasts_the_grace_period(stack: Stack, http: httpx.Client) -> None:
+    """Item 11: the training process is frozen mid-run (SIGSTOP: a step that takes as long as we like) and
+    the job paused. The worker does not kill it when the grace period is over; thawed, it finishes its
+    step, saves the checkpoint it announced and stops, and resume continues from that checkpoint. A
+    cancelled run frozen the same way is killed after the grace period: it keeps nothing."""
+    training = upload(http, chat_jsonl(40))
+    body = job_body(training["id"], n_epochs=10, batch_size=1, checkpoint_every_steps=10**6)  # 400 steps
+    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+    wait_for_step(http, job_id, 2)
+    [run] = training_processes(job_id)
+    os.kill(run, signal.SIGSTOP)
+    try:
+        assert http.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+        time.sleep(4 * (HEARTBEAT_SECONDS + GRACE_SECONDS))
+        assert training_processes(job_id) == [run], "the worker killed a pausing run in its step"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed
+            os.kill(run, signal.SIGCONT)
+    step = wait_for_event(http, job_id, "Job paused at step", timeout=60)["data"]["step"]
+    wait_until(
+        lambda: checkpoint_steps(http, job_id) == [step], f"the checkpoint at step {step} was recorded"
+    )
+    wait_until(lambda: not training_processes(job_id), "the paused run exited")
+    wait_until(lambda: not stack.work(job_id).exists(), "the paused attempt's work folder was removed")
+    assert http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "paused"
+
+    http.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert wait_for_event(http, job_id, "Resuming from the checkpoint")["data"]["resumed_from_step"] == step
+    wait_for_step(http, job_id, step + 1)
+    [run] = training_processes(job_id)
+    os.kill(run, signal.SIGSTOP)
+    assert http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    wait_until(lambda: not training_processes(job_id), "the frozen cancelled run was killed", timeout=10)
+    assert not events_from(http, job_id, "Training stopped"), "it was killed, it did not stop on its own"
