@@ -79,3 +79,54 @@ def api_process(env: dict[str, str], log_name: str) -> Iterator[tuple[str, subpr
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def all_events(http: httpx.Client, job_id: str) -> list[dict]:
+    """Every event of a job, oldest first."""
+    events: list[dict] = []
+    after = None
+    while True:
+        params: dict = {"limit": 100} | ({"after": after} if after else {})
+        page = http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return sorted(events, key=lambda e: (e["created_at"], int(e["id"].split("-")[1])))
+        after = page["data"][-1]["id"]
+
+
+def wait_for_event(http: httpx.Client, job_id: str, starts: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in all_events(http, job_id) if e["message"].startswith(starts)]
+        if found:
+            return found[-1]
+        time.sleep(0.3)
+    raise TimeoutError(f"no event '{starts}...' for job {job_id} in {timeout} s")
+
+
+def wait_for_step(http: httpx.Client, job_id: str, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [e["data"]["step"] for e in all_events(http, job_id) if e["type"] == "metrics"]
+        if steps and max(steps) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} did not reach step {step} in {timeout} s")
+
+
+def checkpoint_steps(http: httpx.Client, job_id: str) -> list[int]:
+    page = http.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 100}).json()
+    return sorted(c["step_number"] for c in page["data"])
+
+
+def training_processes(job_id: str) -> list[int]:
+    """Pids of the training processes of `job_id` on this machine (each names its job: worker/launcher.py)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(f"tuneforge train {job_id} ".encode()):
+            pids.append(int(proc.name))
+    return pids

@@ -6,6 +6,7 @@ API and reconciler processes but workers started and killed by each test, so the
 services the other tests share.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +27,18 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from tests.conftest import POSTGRES_URL, REDIS_URL
-from tests.helpers import api_process, chat_jsonl, job_body, upload, wait_for_status
+from tests.helpers import (
+    all_events,
+    api_process,
+    chat_jsonl,
+    checkpoint_steps,
+    job_body,
+    training_processes,
+    upload,
+    wait_for_event,
+    wait_for_status,
+    wait_for_step,
+)
 
 LEASE_SECONDS = 8
 
@@ -136,60 +148,9 @@ def no_workers_left(stack: Stack) -> Iterator[None]:
     stack.workers.clear()
 
 
-def all_events(http: httpx.Client, job_id: str) -> list[dict]:
-    """Every event of a job, oldest first."""
-    events: list[dict] = []
-    after = None
-    while True:
-        params: dict = {"limit": 100} | ({"after": after} if after else {})
-        page = http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
-        events += page["data"]
-        if not page["has_more"]:
-            return sorted(events, key=lambda e: (e["created_at"], int(e["id"].split("-")[1])))
-        after = page["data"][-1]["id"]
-
-
-def wait_for_event(http: httpx.Client, job_id: str, starts: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [e for e in all_events(http, job_id) if e["message"].startswith(starts)]
-        if found:
-            return found[-1]
-        time.sleep(0.3)
-    raise TimeoutError(f"no event '{starts}...' for job {job_id} in {timeout} s")
-
-
-def wait_for_step(http: httpx.Client, job_id: str, step: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = [e["data"]["step"] for e in all_events(http, job_id) if e["type"] == "metrics"]
-        if steps and max(steps) >= step:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} did not reach step {step} in {timeout} s")
-
-
-def checkpoint_steps(http: httpx.Client, job_id: str) -> list[int]:
-    page = http.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 100}).json()
-    return sorted(c["step_number"] for c in page["data"])
-
-
 def losses(events: list[dict]) -> dict[int, float]:
     """Training loss per step; a step trained twice (before a crash and after resuming) keeps the last."""
     return {e["data"]["step"]: e["data"]["train_loss"] for e in events if e["type"] == "metrics"}
-
-
-def training_processes(job_id: str) -> list[int]:
-    """Pids of the training processes of `job_id` on this machine (each names its job: worker/launcher.py)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(f"tuneforge train {job_id} ".encode()):
-            pids.append(int(proc.name))
-    return pids
 
 
 # tiny-llama trains a step in about 20 ms, events included: 400 steps of batch 2 (4 to 8 s) leave time
@@ -431,11 +392,18 @@ def test_out_of_memory_fails_the_job_with_a_hint_and_the_worker_runs_the_next(
     stack: Stack, http: httpx.Client
 ) -> None:
     """A run that needs more memory than the worker allows fails as out_of_memory; the worker goes on."""
-    stack.start_worker(TUNEFORGE_TRAINING_MEMORY_LIMIT_MB="5000")
-    huge = upload(http, chat_jsonl(8192))
-    # 8192 rows in one batch: the logits alone (8192 x ~25 tokens x 1024 vocabulary, fp32) and their
-    # softmax copies need more than the 5000 MB address space the worker gives its training processes.
-    body = job_body(huge["id"], batch_size=8192)
+    stack.start_worker(TUNEFORGE_TRAINING_MEMORY_LIMIT_MB="3000")
+    story = " ".join(f"{i} plus {i} is {2 * i}." for i in range(200))  # past 512 tokens
+    rows = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": story}]}
+        )
+    ]
+    huge = upload(http, ("\n".join(rows * 256) + "\n").encode())
+    # 256 rows of 512 tokens in one batch (OpenAI's largest batch, tiny-llama's whole context): the logits
+    # alone (256 x 512 x 1024 vocabulary, fp32) and their softmax copies and gradients need more than the
+    # 3000 MB address space the worker gives its training processes (a small job needs under 2500).
+    body = job_body(huge["id"], batch_size=256, max_seq_length=512)
     oom = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     small = upload(http, chat_jsonl(16))
     after = http.post("/v1/fine_tuning/jobs", json=job_body(small["id"])).json()["id"]

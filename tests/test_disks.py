@@ -24,8 +24,18 @@ import httpx
 import pytest
 
 from tests.conftest import make_key
-from tests.helpers import api_process, chat_jsonl, job_body, upload, wait_for_status
-from tests.test_chaos import all_events, checkpoint_steps, training_processes, wait_for_event, wait_for_step
+from tests.helpers import (
+    all_events,
+    api_process,
+    chat_jsonl,
+    checkpoint_steps,
+    job_body,
+    training_processes,
+    upload,
+    wait_for_event,
+    wait_for_status,
+    wait_for_step,
+)
 
 STORE_MB = 16
 # The worker sees a cancel (or a pause) at its next heartbeat, and kills a cancelled run (before the fix,

@@ -124,7 +124,13 @@ def test_files(http: httpx.Client) -> None:
 def test_jobs_events_and_checkpoints(http: httpx.Client, finished_job: dict) -> None:
     job_id = finished_job["id"]
     check(FineTuningJob, http.get(f"/v1/fine_tuning/jobs/{job_id}").json())
-    check(SyncCursorPage[FineTuningJob], http.get("/v1/fine_tuning/jobs").json())
+    page = http.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()
+    # Other tests' classification and paused jobs use Tuneforge's extensions, outside the SDK's literals.
+    page["data"] = [
+        job for job in page["data"] if job["method"]["type"] != "classification" and job["status"] != "paused"
+    ]
+    assert job_id in {job["id"] for job in page["data"]}
+    check(SyncCursorPage[FineTuningJob], page)
     events = check(
         SyncCursorPage[FineTuningJobEvent], http.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()
     )
