@@ -1,9 +1,9 @@
 """Request dependencies: a transaction per request; the caller's project from its API key, rate-limited."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
 from app import ratelimit
@@ -55,6 +55,16 @@ def _project_of(request: Request, session: Session) -> str:
     # Counted after authentication, so only live keys get a bucket and unknown tokens cannot grow the table.
     ratelimit.enforce(token.strip())
     return project
+
+
+def page_limit(*, default: int, maximum: int) -> Callable[[int], int]:
+    """The dependency for a list's `limit`: at least 1; above `maximum`, read as `maximum` (as OpenAI)."""
+    described = Query(ge=1, description=f"1 to {maximum}; more is read as {maximum}.")
+
+    def limit(limit: Annotated[int, described] = default) -> int:
+        return min(limit, maximum)
+
+    return limit
 
 
 ProjectDep = Annotated[str, Depends(get_project)]

@@ -130,3 +130,9 @@ def training_processes(job_id: str) -> list[int]:
         if cmdline.startswith(f"tuneforge train {job_id} ".encode()):
             pids.append(int(proc.name))
     return pids
+
+
+def process_mb(pid: int, field: str) -> float:
+    """A memory figure of process `pid` from /proc, in MB: `VmRSS` (resident now) or `VmHWM` (its peak)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith(f"{field}:")).split()[1]) / 1024

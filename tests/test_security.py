@@ -20,7 +20,7 @@ from app.cli import register_folder
 from app.config import get_settings
 from app.queue import RUN_JOB, celery_app, job_queue
 from app.storage import LocalArtifactStore
-from tests.helpers import TEST_HOME, api_process, chat_jsonl, upload
+from tests.helpers import TEST_HOME, api_process, chat_jsonl, process_mb, upload
 from worker.training.base_models import inspect_model
 
 SECRET = b"tuneforge-secret-outside-the-store"
@@ -346,11 +346,6 @@ def test_worker_refuses_pickle_messages(server: str, tmp_path: Path) -> None:
 # --- every JSON body is bounded before it is parsed or its key checked ----------------------------------
 
 
-def resident_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
-
-
 @pytest.mark.parametrize("path", ["/v1/fine_tuning/jobs", "/v1/chat/completions", "/v1/fine_tuning/estimate"])
 @pytest.mark.parametrize("key", [None, "valid"])
 def test_a_200_mb_json_body_is_413_before_parsing_or_auth(
@@ -358,7 +353,7 @@ def test_a_200_mb_json_body_is_413_before_parsing_or_auth(
 ) -> None:
     base_url, _, pid = limited_api
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if key else {})
-    before = resident_mb(pid)
+    before = process_mb(pid, "VmRSS")
     filler = b'{"messages": [{"role": "user", "content": "' + b"x" * 65000 + b'"}]}, '
     for content_length in (200 << 20, None):  # declared, then chunked with no length
         response, sent = stream_post(
@@ -372,5 +367,5 @@ def test_a_200_mb_json_body_is_413_before_parsing_or_auth(
         )
         assert_413(response, code="request_too_large", limit="1024 KB")
         assert sent < 32 << 20  # cut off long before the 200 MB (socket buffers aside)
-    grown = resident_mb(pid) - before
+    grown = process_mb(pid, "VmRSS") - before
     assert grown < 50, f"the API grew by {grown:.0f} MB reading a body it refuses"

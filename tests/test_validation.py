@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from app.config import get_settings
 from app.files import validation
 from app.files.validation import LineError, ValidationReport, load_examples, validate_training_file
-from tests.helpers import api_process, chat_jsonl, upload
+from tests.helpers import api_process, chat_jsonl, process_mb, upload
 
 USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}
@@ -490,19 +490,14 @@ def small_line_api(database: str) -> Iterator[tuple[str, int]]:
         yield base_url, process.pid
 
 
-def peak_rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-
-
 def test_a_40_mb_line_is_refused_without_the_api_holding_it(small_line_api: tuple[str, int], api_key: str):
     base_url, pid = small_line_api
     assert post_file(base_url, api_key, chat_jsonl(4)).status_code == 200  # warm: imports, pool, threads
-    before = peak_rss_mb(pid)
+    before = process_mb(pid, "VmHWM")
     message = b'{"role": "user", "content": "hi"}, '
     line = b'{"messages": [' + message * ((40 << 20) // len(message)) + b'{"role": "assistant"}]}'
     response = post_file(base_url, api_key, chat_jsonl(3) + line + b"\n" + chat_jsonl(1))
-    grew = peak_rss_mb(pid) - before
+    grew = process_mb(pid, "VmHWM") - before
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "line_too_long"

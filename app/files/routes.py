@@ -2,19 +2,20 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from app import idempotency
 from app.config import get_settings
-from app.deps import ProjectDep, SessionDep
+from app.deps import ProjectDep, SessionDep, page_limit
 from app.files import service as file_service
 from app.files.schemas import FileDeleted, FilePublic, FilesPublic
 from app.idempotency import IdempotencyKeyDep
 from app.storage import get_store
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-MAX = file_service.MAX_LIST_LIMIT
+MAX = file_service.MAX_LIST_LIMIT  # OpenAI's default and maximum for GET /v1/files
+Limit = Annotated[int, Depends(page_limit(default=MAX, maximum=MAX))]
 
 
 @router.post("", response_model=FilePublic)
@@ -45,11 +46,8 @@ def upload_file(
 def list_files(
     session: SessionDep,
     project: ProjectDep,
+    limit: Limit,
     purpose: Annotated[str | None, Query(description="Only files with this purpose.")] = None,
-    limit: Annotated[
-        int,
-        Query(ge=1, description=f"Files per page, 1 to {MAX}; a larger value is taken as {MAX}."),
-    ] = MAX,
     order: Annotated[
         Literal["asc", "desc"], Query(description="By `created_at`: `asc` oldest first, `desc` newest.")
     ] = "desc",

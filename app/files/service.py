@@ -116,7 +116,6 @@ def list_files(
     `after` is the id of the last file of the previous page; an id that is not one of this project's
     files is a 404, as for any other reference to a file (another project's id reads as unknown).
     """
-    limit = min(limit, MAX_LIST_LIMIT)  # a larger limit is clamped, not refused
     query = select(TrainingFile).where(TrainingFile.project == project)
     if purpose:
         query = query.where(TrainingFile.purpose == purpose)

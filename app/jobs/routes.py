@@ -4,10 +4,10 @@ import logging
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from app import idempotency, queue
-from app.deps import ProjectDep, SessionDep
+from app.deps import ProjectDep, SessionDep, page_limit
 from app.idempotency import IdempotencyKeyDep
 from app.jobs import service as job_service
 from app.jobs.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
@@ -15,15 +15,8 @@ from app.jobs.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPubl
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger(__name__)
 
-MAX_PAGE = 100
 _METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
-
-
-def page_limit(
-    limit: Annotated[int, Query(ge=1, description=f"1 to {MAX_PAGE}; more is read as {MAX_PAGE}.")] = 20,
-) -> int:
-    """OpenAI clamps a limit above its maximum rather than refusing it."""
-    return min(limit, MAX_PAGE)
+Limit = Annotated[int, Depends(page_limit(default=20, maximum=100))]
 
 
 def metadata_filter(request: Request) -> dict[str, str]:
@@ -35,7 +28,6 @@ def metadata_filter(request: Request) -> dict[str, str]:
     return pairs
 
 
-Limit = Annotated[int, Depends(page_limit)]
 MetadataFilter = Annotated[dict[str, str], Depends(metadata_filter)]
 
 

@@ -159,7 +159,7 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
 def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
     """Validate a job spec against its files and base model and write it as `queued`."""
     # Locked first, so a concurrent delete of either file runs wholly before or after this job's insert.
-    lock_rows(session, TrainingFile.id, [spec.training_file, spec.validation_file or spec.training_file])
+    lock_rows(session, TrainingFile.id, [f for f in (spec.training_file, spec.validation_file) if f])
     check_spec_against_model(session, project, spec)
     training = file_service.get_file(
         session, project=project, file_id=spec.training_file, param="training_file"
