@@ -1,9 +1,8 @@
 """Faults injected for real: workers SIGKILLed and SIGTERMed, training processes killed, the broker
 flushed, the database taken away. Every job must still finish exactly once, resuming where it stopped.
 
-These tests run a stack of their own (database, Redis database, queue and state folder: `Stack`), with
-API and reconciler processes but workers started and killed by each test, so the faults never touch the
-services the other tests share.
+These tests run on a stack of their own (`tests/stack.py`). Resuming with the same losses is in
+`tests/test_resume.py`.
 """
 
 import json
@@ -11,25 +10,19 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import redis
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import make_url
 
-from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.conftest import POSTGRES_URL
 from tests.helpers import (
     all_events,
-    api_process,
     chat_jsonl,
     checkpoint_steps,
     job_body,
@@ -39,123 +32,7 @@ from tests.helpers import (
     wait_for_status,
     wait_for_step,
 )
-
-LEASE_SECONDS = 8
-
-
-def _chaos_redis_url() -> str:
-    url = make_url(REDIS_URL.replace("redis://", "postgresql://"))  # only to parse the database number
-    number = (int(url.database or 0) + 1) % 16  # the next Redis database: 15 -> 0 by default
-    return f"redis://{url.host or '127.0.0.1'}:{url.port or 6379}/{number}"
-
-
-@dataclass
-class Stack:
-    """An API and a reconciler on their own database, broker and folder; workers come and go per test."""
-
-    url: str
-    key: str
-    env: dict[str, str]
-    db: Engine
-    broker: str
-    workers: list[subprocess.Popen] = field(default_factory=list)
-
-    def start_worker(self, **env: str) -> subprocess.Popen:
-        """`tuneforge worker`: one Celery worker, exactly as `tuneforge up` starts it."""
-        log = (Path(self.env["TUNEFORGE_HOME"]) / "worker.log").open("ab")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
-            env=self.env | env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, which a test may signal as a whole
-        )
-        self.workers.append(worker)
-        return worker
-
-    def sql(self, query: str, **params: object) -> list:
-        with self.db.begin() as connection:
-            return list(connection.execute(text(query), params))
-
-
-def _run_cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, check=True
-    )
-    return done.stdout
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    url = make_url(POSTGRES_URL)
-    name = f"{url.database}_chaos"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    chaos_url = url.set(database=name).render_as_string(hide_password=False)
-    broker = _chaos_redis_url()
-    redis.Redis.from_url(broker).flushdb()
-    home = tempfile.mkdtemp(prefix="tuneforge-chaos-")
-    env = os.environ | {
-        "TUNEFORGE_DATABASE_URL": chaos_url,
-        "TUNEFORGE_BROKER_URL": broker,
-        "TUNEFORGE_HOME": home,
-        "TUNEFORGE_QUEUE": f"chaos-{uuid.uuid4().hex[:8]}",
-        "TUNEFORGE_LEASE_SECONDS": str(LEASE_SECONDS),
-        "TUNEFORGE_HEARTBEAT_SECONDS": "1",
-        "TUNEFORGE_RECONCILE_SECONDS": "1",
-        "TUNEFORGE_RESEND_AFTER_SECONDS": "600",  # a lost message must be found by the empty-queue check
-        "TUNEFORGE_SHUTDOWN_GRACE_SECONDS": "30",
-        "TUNEFORGE_INFERENCE_URL": "http://127.0.0.1:9",  # no inference server: not needed here
-    }
-    _run_cli(env, "models", "make-tiny")
-    key = _run_cli(env, "keys", "create", "--project", "chaos").strip().splitlines()[-1]
-    with api_process(env, "api.log") as (url, _):
-        reconciler = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "reconciler"],
-            env=env,
-            stdout=(Path(home) / "reconciler.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        db = create_engine(chaos_url, pool_pre_ping=True)  # its connections are cut in the outage test
-        result = Stack(url, key, env, db, broker)
-        try:
-            yield result
-        finally:
-            for process in [reconciler, *result.workers]:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-            db.dispose()
-
-
-@pytest.fixture
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(autouse=True)
-def no_workers_left(stack: Stack) -> Iterator[None]:
-    """Each test starts the workers it needs; none outlives it."""
-    yield
-    for worker in stack.workers:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    stack.workers.clear()
-
-
-def losses(events: list[dict]) -> dict[int, float]:
-    """Training loss per step; a step trained twice (before a crash and after resuming) keeps the last."""
-    return {e["data"]["step"]: e["data"]["train_loss"] for e in events if e["type"] == "metrics"}
-
-
-# tiny-llama trains a step in about 20 ms, events included: 400 steps of batch 2 (4 to 8 s) leave time
-# for a fault to land mid-run, and checkpoints every 20 steps give it something to resume from.
-LONG_JOB = {"n_epochs": 20, "batch_size": 2, "checkpoint_every_steps": 20}
+from tests.stack import LONG_JOB, Stack, http, no_workers_left, run_cli, stack  # noqa: F401 (fixtures)
 
 
 def test_a_job_waiting_for_a_starting_worker_keeps_its_lease(stack: Stack, http: httpx.Client) -> None:
@@ -169,52 +46,6 @@ def test_a_job_waiting_for_a_starting_worker_keeps_its_lease(stack: Stack, http:
     assert job["attempt"] == 1, [e["message"] for e in all_events(http, job_id)]
 
 
-def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
-    stack: Stack, http: httpx.Client
-) -> None:
-    """Chaos 1, 2 and 6: SIGKILL the worker mid-run; the next worker resumes, and the losses match."""
-    training = upload(http, chat_jsonl(40))
-    body = job_body(training["id"], **LONG_JOB | {"n_epochs": 10})  # 200 steps, run twice
-    stack.start_worker()
-    reference = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
-    assert wait_for_status(http, reference, {"succeeded", "failed"})["status"] == "succeeded"
-
-    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
-    deadline = time.monotonic() + 120
-    while not [s for s in checkpoint_steps(http, job_id) if s >= 40]:
-        assert time.monotonic() < deadline, "no checkpoint at step 40"
-        time.sleep(0.2)
-    stack.workers[0].send_signal(signal.SIGKILL)
-    stack.workers[0].wait()
-    time.sleep(0.5)
-    assert training_processes(job_id) == [], "the training process died with its worker"
-    last = max(checkpoint_steps(http, job_id))
-
-    # A kill in the middle of writing the next checkpoint leaves, at worst, a temp file or an archive with
-    # no database row (the row comes last). Plant both, torn, where that write would have put them.
-    store = Path(stack.env["TUNEFORGE_HOME"]) / "artifacts" / "checkpoints" / job_id / "attempt-1"
-    torn = store / f"step-{last + 20}.state.tar"
-    torn.write_bytes(b"\x1f\x8b torn")
-    (store / ".tmp-torn").write_bytes(b"\x1f\x8b torn")
-
-    stack.start_worker()
-    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
-    assert job["status"] == "succeeded" and job["attempt"] == 2, job
-    events = all_events(http, job_id)
-    resumed = [e for e in events if e["message"].startswith("Resuming from the checkpoint")]
-    assert [e["data"]["resumed_from_step"] for e in resumed] == [last]
-    after_resume = events[events.index(resumed[0]) :]
-    first_step = min(e["data"]["step"] for e in after_resume if e["type"] == "metrics")
-    assert first_step == last + 1, "the global step continues from the checkpoint"
-    assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
-
-    # Same seed, same data: the resumed run trains exactly what the uninterrupted one did.
-    expected, got = losses(all_events(http, reference)), losses(events)
-    assert sorted(got) == sorted(expected) == list(range(1, 201))
-    worst = max(abs(got[s] - expected[s]) for s in expected)
-    assert worst <= 1e-4, f"resumed and uninterrupted losses differ by up to {worst}"
-
-
 def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_last_complete_one(
     stack: Stack, http: httpx.Client
 ) -> None:
@@ -224,7 +55,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_last_compl
     A full fine-tune of a 14M-parameter model spends about 1.7 s packing each model archive, so the
     kill lands with the state archive stored, the model archive unwritten and no row.
     """
-    _run_cli(
+    run_cli(
         stack.env, "models", "make-tiny", "--name", "mid-llama",
         "--hidden-size", "512", "--layers", "4", "--intermediate-size", "1408",
     )  # fmt: skip
@@ -251,37 +82,6 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_resumes_from_the_last_compl
     assert job["status"] == "succeeded" and job["attempt"] == 2, job
     assert wait_for_event(http, job_id, "Resuming from the checkpoint")["data"]["resumed_from_step"] == 2
     assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
-
-
-@pytest.mark.parametrize("to", ["worker", "process group"])
-def test_sigterm_checkpoints_and_requeues_without_using_an_attempt(
-    stack: Stack, http: httpx.Client, to: str
-) -> None:
-    """Chaos 9: a worker asked to stop saves a checkpoint, re-queues the job and exits; the next resumes.
-
-    Docker and Kubernetes signal the worker alone, which passes it on to its run; systemd signals every
-    process of the service at once, the run and the template it was forked from included."""
-    training = upload(http, chat_jsonl(40))
-    body = job_body(training["id"], n_epochs=20, batch_size=2)  # 400 steps, a checkpoint each epoch (20)
-    worker = stack.start_worker()
-    job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
-    wait_for_step(http, job_id, 25)
-    if to == "worker":
-        worker.send_signal(signal.SIGTERM)
-    else:
-        os.killpg(worker.pid, signal.SIGTERM)
-    assert worker.wait(timeout=60) == 0, "the worker shut down cleanly"
-    saved = wait_for_event(http, job_id, "The worker is shutting down")["data"]["step"]
-    assert max(checkpoint_steps(http, job_id)) == saved
-    job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-    assert job["status"] == "queued"
-    assert stack.sql("SELECT max_attempts FROM jobs WHERE id = :j", j=job_id)[0][0] == 4
-
-    stack.start_worker()
-    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
-    assert job["status"] == "succeeded" and job["attempt"] == 2
-    resumed = wait_for_event(http, job_id, "Resuming from the checkpoint")
-    assert resumed["data"]["resumed_from_step"] == saved
 
 
 def test_poison_job_fails_after_max_attempts_with_its_last_error(stack: Stack, http: httpx.Client) -> None:
@@ -353,39 +153,6 @@ def test_database_outage_mid_run_finishes_without_overlap(stack: Stack, http: ht
     assert job["status"] == "succeeded", job
     assert most_at_once[0] == 1, "two attempts of the job trained at the same time"
     assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
-
-
-def test_pause_keeps_the_checkpoint_and_resume_continues_from_it(stack: Stack, http: httpx.Client) -> None:
-    """Pause a running job through the openai SDK: it checkpoints and stops; resume picks up there."""
-    training = upload(http, chat_jsonl(40))
-    sdk = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key, max_retries=0)
-    stack.start_worker()
-    job_id = http.post(
-        "/v1/fine_tuning/jobs", json=job_body(training["id"], n_epochs=20, batch_size=2)
-    ).json()["id"]
-    wait_for_step(http, job_id, 4)
-    assert sdk.fine_tuning.jobs.pause(job_id).status == "paused"
-    paused_at = wait_for_event(http, job_id, "Job paused at step")["data"]["step"]
-    deadline = time.monotonic() + 60
-    while max(checkpoint_steps(http, job_id), default=0) != paused_at:
-        assert time.monotonic() < deadline, "the paused run saved no checkpoint"
-        time.sleep(0.3)
-    deadline = time.monotonic() + 60
-    while training_processes(job_id):
-        assert time.monotonic() < deadline, "the paused run's training process did not exit"
-        time.sleep(0.3)
-    time.sleep(2)  # the worker's next heartbeat and the reconciler's passes leave it alone
-    assert sdk.fine_tuning.jobs.retrieve(job_id).status == "paused", "a paused job stays paused"
-
-    assert sdk.fine_tuning.jobs.resume(job_id).status == "queued"
-    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=180)
-    assert job["status"] == "succeeded"
-    assert (
-        wait_for_event(http, job_id, "Resuming from the checkpoint")["data"]["resumed_from_step"] == paused_at
-    )
-
-    finished = http.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
-    assert finished.status_code == 400 and finished.json()["error"]["code"] == "job_not_pausable"
 
 
 def test_out_of_memory_fails_the_job_with_a_hint_and_the_worker_runs_the_next(

@@ -1,0 +1,138 @@
+"""A stack of its own for the tests that inject faults: an API and a reconciler on their own database,
+Redis database, queue and state folder, with workers started and killed by each test, so the faults never
+touch the services the other tests share. Modules use it with `from tests.stack import ...` of the
+fixtures they need; each module gets a fresh stack.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+
+from tests.conftest import POSTGRES_URL
+from tests.helpers import api_process
+
+# The tests' own Redis databases are 15 (shared services) and 14 (this stack); 0, the README's, is never
+# touched. Concurrent runs on one machine set both through the environment.
+CHAOS_REDIS_URL = os.environ.get("TEST_CHAOS_BROKER_URL", "redis://127.0.0.1:6379/14")
+
+LEASE_SECONDS = 8
+
+
+@dataclass
+class Stack:
+    """An API and a reconciler on their own database, broker and folder; workers come and go per test."""
+
+    url: str
+    key: str
+    env: dict[str, str]
+    db: Engine
+    broker: str
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def start_worker(self, **env: str) -> subprocess.Popen:
+        """`tuneforge worker`: one Celery worker, exactly as `tuneforge up` starts it."""
+        log = (Path(self.env["TUNEFORGE_HOME"]) / "worker.log").open("ab")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"],
+            env=self.env | env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, which a test may signal as a whole
+        )
+        self.workers.append(worker)
+        return worker
+
+    def sql(self, query: str, **params: object) -> list:
+        with self.db.begin() as connection:
+            return list(connection.execute(text(query), params))
+
+
+def run_cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    url = make_url(POSTGRES_URL)
+    name = f"{url.database}_chaos"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    chaos_url = url.set(database=name).render_as_string(hide_password=False)
+    broker = CHAOS_REDIS_URL
+    redis.Redis.from_url(broker).flushdb()
+    home = tempfile.mkdtemp(prefix="tuneforge-chaos-")
+    env = os.environ | {
+        "TUNEFORGE_DATABASE_URL": chaos_url,
+        "TUNEFORGE_BROKER_URL": broker,
+        "TUNEFORGE_HOME": home,
+        "TUNEFORGE_QUEUE": f"chaos-{uuid.uuid4().hex[:8]}",
+        "TUNEFORGE_LEASE_SECONDS": str(LEASE_SECONDS),
+        "TUNEFORGE_HEARTBEAT_SECONDS": "1",
+        "TUNEFORGE_RECONCILE_SECONDS": "1",
+        "TUNEFORGE_RESEND_AFTER_SECONDS": "600",  # a lost message must be found by the empty-queue check
+        "TUNEFORGE_SHUTDOWN_GRACE_SECONDS": "30",
+        "TUNEFORGE_INFERENCE_URL": "http://127.0.0.1:9",  # no inference server: not needed here
+    }
+    run_cli(env, "models", "make-tiny")
+    key = run_cli(env, "keys", "create", "--project", "chaos").strip().splitlines()[-1]
+    with api_process(env, "api.log") as (url, _):
+        reconciler = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "reconciler"],
+            env=env,
+            stdout=(Path(home) / "reconciler.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        db = create_engine(chaos_url, pool_pre_ping=True)  # its connections are cut in the outage test
+        result = Stack(url, key, env, db, broker)
+        try:
+            yield result
+        finally:
+            for process in [reconciler, *result.workers]:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            db.dispose()
+
+
+@pytest.fixture
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def no_workers_left(stack: Stack) -> Iterator[None]:
+    """Each test starts the workers it needs; none outlives it."""
+    yield
+    for worker in stack.workers:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    stack.workers.clear()
+
+
+def losses(events: list[dict]) -> dict[int, float]:
+    """Training loss per step; a step trained twice (before a crash and after resuming) keeps the last."""
+    return {e["data"]["step"]: e["data"]["train_loss"] for e in events if e["type"] == "metrics"}
+
+
+# tiny-llama trains a step in about 20 ms, events included: 400 steps of batch 2 (4 to 8 s) leave time
+# for a fault to land mid-run, and checkpoints every 20 steps give it something to resume from.
+LONG_JOB = {"n_epochs": 20, "batch_size": 2, "checkpoint_every_steps": 20}
