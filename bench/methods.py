@@ -132,7 +132,8 @@ def main() -> None:
             train, valid = task_files(client)
             for peft in args.methods.split(","):
                 rows.append(run_method(client, model, train, valid, peft))
-                print(rows[-1], flush=True)
+                # Step times follow the machine's load: say what it was as each method finished.
+                print(rows[-1] | {"load_1min": os.getloadavg()[0]}, flush=True)
     finally:
         stop_services(processes)
     print(f"\nmodel {model}, {HYPERPARAMETERS}, {TRAIN} train / {VALID} validation examples\n")

@@ -214,41 +214,59 @@ def test_health_check_passes_only_on_a_fresh_heartbeat(tmp_path: Path) -> None:
     missing = health_check(tmp_path, "--file", str(beat))
     assert missing.returncode == 1 and "no worker heartbeat" in missing.stdout, missing.stderr
 
+    # Half an hour of allowed age against a file an hour old: no start-up of the check's process, however
+    # slow, can turn one answer into the other.
     beat.touch()
-    fresh = health_check(tmp_path, "--file", str(beat))
+    fresh = health_check(tmp_path, "--file", str(beat), "--max-age", "1800")
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
 
     hour_ago = time.time() - 3600
     os.utime(beat, (hour_ago, hour_ago))
-    stale = health_check(tmp_path, "--file", str(beat))
-    assert stale.returncode == 1 and re.search(r"360\d s old", stale.stdout), stale.stdout + stale.stderr
+    stale = health_check(tmp_path, "--file", str(beat), "--max-age", "1800")
+    reported = re.search(r"is (\d+) s old \(max 1800\)", stale.stdout)
+    assert stale.returncode == 1 and reported, stale.stdout + stale.stderr
+    assert int(reported[1]) >= 3600
+
+
+def touched_since(beat: Path, stamp: float, timeout: float = 30) -> bool:
+    """Whether something sets `beat`'s mtime past `stamp` (the heartbeat thread's next touch) in `timeout` s.
+
+    The timeout only bounds a failure; a live heartbeat ends the wait at its next beat.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if beat.stat().st_mtime > stamp:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_heartbeat_keeps_the_file_fresh_until_the_worker_dies(tmp_path: Path) -> None:
-    """A process that started the heartbeat keeps passing the default check; once it is gone, it fails."""
+    """A process that started the heartbeat renews a stale file by itself; once it is gone, checks fail."""
     env = os.environ | {"TUNEFORGE_HOME": str(tmp_path)}
     code = (
         "import sys, time\n"
         "from worker.health import start_heartbeat\n"
         "start_heartbeat(interval=0.2)\n"
         "print('torch' in sys.modules, flush=True)\n"
-        "time.sleep(60)\n"
+        "time.sleep(600)\n"
     )
     command = [sys.executable, "-c", code]
     worker = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         assert worker.stdout is not None
         assert worker.stdout.readline().strip() == "False", "worker.health must not import torch"
-        assert health_check(tmp_path).returncode == 0
+        assert health_check(tmp_path).returncode == 0  # start_heartbeat touched it before returning
         beat = next((tmp_path / "health").glob("worker-*.heartbeat"))
         hour_ago = time.time() - 3600
         os.utime(beat, (hour_ago, hour_ago))
-        time.sleep(0.6)  # the thread touches it again
+        assert touched_since(beat, hour_ago), "the heartbeat thread did not renew a stale file"
         result = health_check(tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
         worker.kill()
         worker.wait()
-    time.sleep(1.1)
-    result = health_check(tmp_path, "--max-age", "1")
+    # The process is gone, its heartbeat thread with it: nothing renews an old file, which fails the check.
+    os.utime(beat, (hour_ago, hour_ago))
+    result = health_check(tmp_path)
     assert result.returncode == 1 and "stuck" in result.stdout, result.stdout + result.stderr

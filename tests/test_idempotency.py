@@ -1,5 +1,6 @@
 """Idempotency-Key on job creation and file upload, through real HTTP on Postgres."""
 
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -7,11 +8,15 @@ from datetime import timedelta
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import update
 
+from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import IdempotencyKey
-from tests.helpers import chat_jsonl, job_body, upload
+from app.idempotency import MAX_LENGTH
+from tests.helpers import api_process, chat_jsonl, job_body, upload
+from tests.test_reconciler import job_messages
 
 JOBS = "/v1/fine_tuning/jobs"
 
@@ -74,6 +79,30 @@ def test_same_key_same_body_returns_the_same_job(http: httpx.Client, training_fi
     assert again.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
     assert [j["id"] for j in jobs_tagged(http, tag)] == [first.json()["id"]]
+
+
+def test_a_replay_sends_no_second_message(api_key: str, training_file: str) -> None:
+    """A replay returns the job and enqueues nothing: seen on a queue of its own that no worker reads."""
+    queue = f"replays-{uuid.uuid4().hex[:8]}"
+    body, _ = tagged_body(training_file)
+    key = new_key()
+    with (
+        api_process(os.environ | {"TUNEFORGE_QUEUE": queue}, "api-replays.log") as (url, _),
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as client,
+    ):
+        first = post_job(client, body, key)
+        assert first.status_code == 200, first.text
+        job_id = first.json()["id"]
+        try:
+            assert job_messages(queue) == [job_id]  # what a create sends
+            for _ in range(2):
+                again = post_job(client, body, key)
+                assert again.status_code == 200, again.text
+                assert again.json()["id"] == job_id and again.headers["Idempotent-Replayed"] == "true"
+            assert job_messages(queue) == [job_id]
+        finally:
+            cancel_all(client, [first.json()])
+            redis.Redis.from_url(os.environ["TUNEFORGE_BROKER_URL"]).delete(queue)
 
 
 def test_same_key_other_body_is_400_naming_the_difference(http: httpx.Client, training_file: str) -> None:
@@ -196,7 +225,7 @@ def test_concurrent_uploads_store_one_file(server: str, api_key: str, http: http
     assert {r.json()["id"] for r in responses} == set(stored)
 
 
-@pytest.mark.parametrize("key", ["", "k" * 256])
+@pytest.mark.parametrize("key", ["", "k" * (MAX_LENGTH + 1)])
 def test_invalid_keys_are_400(http: httpx.Client, training_file: str, key: str) -> None:
     job = error_of(post_job(http, job_body(training_file), key), 400)
     upload_error = error_of(post_file(http, chat_jsonl(2), key), 400)
@@ -207,7 +236,7 @@ def test_invalid_keys_are_400(http: httpx.Client, training_file: str, key: str) 
 
 
 def test_longest_key_is_accepted(http: httpx.Client) -> None:
-    key = "k" * 255
+    key = "k" * MAX_LENGTH
     assert post_file(http, chat_jsonl(2, offset=3000), key).status_code == 200
 
 
@@ -226,13 +255,14 @@ def key_rows(key: str) -> int:
 
 
 def test_a_key_older_than_a_day_is_a_new_key(http: httpx.Client) -> None:
+    kept = get_settings().idempotency_key_hours
     key = new_key()
     first = post_file(http, chat_jsonl(2), key)
     assert first.status_code == 200, first.text
-    assert age_key(key, 23) == 1
-    assert post_file(http, chat_jsonl(3), key).status_code == 400  # 23 h: still remembered
+    assert age_key(key, kept - 1) == 1
+    assert post_file(http, chat_jsonl(3), key).status_code == 400  # an hour short: still remembered
     age_key(key, 2)
-    again = post_file(http, chat_jsonl(3), key)  # 25 h: another upload under the same key is new
+    again = post_file(http, chat_jsonl(3), key)  # an hour past: another upload under the same key is new
     assert again.status_code == 200, again.text
     assert again.json()["id"] != first.json()["id"] and "Idempotent-Replayed" not in again.headers
     replay = post_file(http, chat_jsonl(3), key)
@@ -243,7 +273,7 @@ def test_the_reconciler_deletes_expired_keys(http: httpx.Client) -> None:
     fresh, expired = new_key(), new_key()
     for key in (fresh, expired):
         assert post_file(http, chat_jsonl(2), key).status_code == 200
-    age_key(expired, 25)
+    age_key(expired, get_settings().idempotency_key_hours + 1)
     deadline = time.monotonic() + 15  # the tests' reconciler runs every second
     while key_rows(expired):
         assert time.monotonic() < deadline, "the expired key is still stored"

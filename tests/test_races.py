@@ -1,9 +1,13 @@
 """State changes that race: threads released together by a barrier, many rounds, on Postgres and SQLite.
 
-Each round runs two real service calls (the API's cancel, pause or file delete; the worker's publish;
-the reconciler's pass) at the same instant, each in its own session and transaction, then checks the
-invariants: no terminal state is ever overwritten, and a job never ends cancelled, paused, queued or
-failed with a published model; a job never points at a file that is gone.
+Each round runs real service calls (the API's cancel, pause or file delete; the worker's claim or
+publish; the reconciler's pass) at the same instant, each in its own session and transaction, then checks
+the invariants: a job is claimed by one worker only; no terminal state is ever overwritten, and a job never
+ends cancelled, paused, queued or failed with a published model; a job never points at a file that is gone.
+
+On Postgres the tests' own reconciler and worker share the database: every job here is recorded as sent
+when it is created, as the API's send does, so the reconciler leaves it alone for the round, and a round
+cancels what it leaves unfinished, so no worker ever trains it.
 """
 
 import secrets
@@ -18,6 +22,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.config import get_settings
 from app.db import migrate
 from app.db.session import get_engine
 from app.db.tables import Job, JobEvent, Model, TrainingFile, utcnow
@@ -32,6 +37,7 @@ from tests.helpers import chat_jsonl, job_body
 
 ROUNDS = 25
 PROJECT = "racer"
+CLAIMERS = 4  # workers handed the same job's message at once
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
@@ -78,6 +84,8 @@ def race(sessions: sessionmaker[Session], *calls: Callable[[Session], Any]) -> l
         thread.start()
     for thread in threads:
         thread.join(60)
+        # A call still running would leave None, which reads as a refusal: it is a hang.
+        assert not thread.is_alive(), "a racing call did not finish in 60 s"
     return results
 
 
@@ -106,15 +114,28 @@ def new_file(sessions: sessionmaker[Session]) -> str:
     return file_id
 
 
-def running_job(sessions: sessionmaker[Session]) -> tuple[str, int]:
-    """A job a worker has claimed (attempt 1), through the real create and claim."""
+def queued_job(sessions: sessionmaker[Session]) -> str:
+    """A job as the API leaves it: queued, its message just sent (see the module docstring)."""
     spec = JobCreate(**job_body(new_file(sessions)))
     with sessions() as session, session.begin():
         job_id = job_service.create_job(session, project=PROJECT, spec=spec).id
+        lifecycle.mark_sent(session, job_ids=[job_id])
+    return job_id
+
+
+def running_job(sessions: sessionmaker[Session]) -> tuple[str, int]:
+    """A job a worker has claimed (attempt 1), through the real create and claim."""
+    job_id = queued_job(sessions)
     with sessions() as session, session.begin():
         attempt = lifecycle.claim(session, job_id=job_id, owner="racer:1", lease_seconds=60)
     assert attempt == 1
     return job_id, attempt
+
+
+def end(sessions: sessionmaker[Session], job_id: str) -> None:
+    """Cancel a job a round left queued or running (a finished one stays as it is)."""
+    with sessions() as session, session.begin():
+        job_service.cancel_job(session, project=PROJECT, job_id=job_id)
 
 
 def publish(job_id: str, attempt: int) -> Callable[[Session], Any]:
@@ -138,6 +159,24 @@ def final_state(sessions: sessionmaker[Session], job_id: str) -> tuple[str, int,
             session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))
         )
         return job.status, models or 0, events
+
+
+def test_concurrent_claims_of_one_job_let_exactly_one_win(sessions: sessionmaker[Session]) -> None:
+    """Workers handed the same message at once: one gets attempt 1, the others get nothing."""
+    owners = [f"racer:{i}" for i in range(CLAIMERS)]
+    for _ in range(ROUNDS):
+        job_id = queued_job(sessions)
+        claims = [partial(lifecycle.claim, job_id=job_id, owner=owner, lease_seconds=60) for owner in owners]
+        results = race(sessions, *claims)
+        assert results.count(1) == 1 and results.count(None) == CLAIMERS - 1, results
+        winner = owners[results.index(1)]
+        status, _, events = final_state(sessions, job_id)
+        started = [m for m in events if m.startswith("Fine-tuning job started")]
+        assert status == "running" and started == [f"Fine-tuning job started (attempt 1, {winner})."], events
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.attempt == 1 and job.lease_owner == winner
+        end(sessions, job_id)
 
 
 def test_cancel_racing_success_never_leaves_a_cancelled_job_with_a_model(
@@ -172,7 +211,7 @@ def test_pause_racing_success_never_leaves_a_paused_job_with_a_model(
             assert isinstance(results[1], ApiError) and results[1].code == "job_not_pausable", results
         with sessions() as session:
             job = session.get(Job, job_id)
-            assert job is not None and job.max_attempts == 3 + (status == "paused")
+            assert job is not None and job.max_attempts == get_settings().max_attempts + (status == "paused")
 
 
 def test_reconciler_racing_success_never_requeues_a_finished_job(sessions: sessionmaker[Session]) -> None:
@@ -187,6 +226,7 @@ def test_reconciler_racing_success_never_requeues_a_finished_job(sessions: sessi
         assert (status, models) in {("succeeded", 1), ("queued", 0)}, (status, models, events)
         requeued = any("stopped renewing its lease" in message for message in events)
         assert requeued == (status == "queued"), events
+        end(sessions, job_id)
 
 
 def ending(message: str) -> str | None:
@@ -217,6 +257,7 @@ def test_cancel_racing_the_reconciler_and_success_ends_in_one_state(sessions: se
         endings = [ending(m) for m in events if ending(m)]
         # A re-queue may be followed by a cancel (both legal moves); a finish is followed by nothing.
         assert endings in (["succeeded"], ["cancelled"], ["requeued"], ["requeued", "cancelled"]), events
+        end(sessions, job_id)
 
 
 def test_deleting_a_file_racing_a_job_that_uses_it(sessions: sessionmaker[Session]) -> None:
@@ -239,6 +280,7 @@ def test_deleting_a_file_racing_a_job_that_uses_it(sessions: sessionmaker[Sessio
             assert isinstance(deleted, ApiError) and deleted.code == "file_in_use", deleted
             assert file is not None and stored and jobs == 1
             outcomes.add("job")
+            end(sessions, created.id)
         else:  # the delete won: the job was refused, and file and bytes are gone
             assert isinstance(created, ApiError) and created.status == 404, created
             assert deleted is None and file is None and not stored and jobs == 0

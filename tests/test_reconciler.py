@@ -1,16 +1,29 @@
 """The reconciler process: lost messages are re-sent, dead workers' jobs re-queued, poison jobs stopped."""
 
+import base64
 import hashlib
+import json
+import os
 import subprocess
 import sys
 import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import pytest
+import redis
+from sqlalchemy import create_engine, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import sessionmaker
 
-from app.db.session import session_scope
-from app.db.tables import Job, Model, utcnow
+from app.config import get_settings
+from app.db import migrate
+from app.db.session import get_engine, session_scope
+from app.db.tables import Job, Model, TrainingFile, utcnow
 from app.jobs import service as job_service
 from app.jobs.schemas import JobCreate
 from app.storage import get_store
@@ -52,16 +65,17 @@ def test_expired_lease_is_requeued_and_run_by_a_live_worker(http: httpx.Client) 
 
 
 def test_job_out_of_attempts_fails_and_stops(http: httpx.Client) -> None:
+    last = get_settings().max_attempts  # what every job here gets
     expired = utcnow() - timedelta(seconds=5)
     job_id = create_unsent_job(
-        http, status="running", attempt=3, lease_owner="dead:3", lease_expires_at=expired
+        http, status="running", attempt=last, lease_owner=f"dead:{last}", lease_expires_at=expired
     )
     job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=60)
     assert job["status"] == "failed" and job["error"]["code"] == "max_attempts_exceeded"
-    assert "3 attempts" in job["error"]["message"]
+    assert f"{last} attempts" in job["error"]["message"]
     with session_scope() as session:
         row = session.get(Job, job_id)
-        assert row is not None and row.attempt == 3, "a job out of attempts is never claimed again"
+        assert row is not None and row.attempt == last, "a job out of attempts is never claimed again"
 
 
 def test_a_superseded_attempts_publish_never_replaces_the_served_adapter(
@@ -123,3 +137,95 @@ def test_a_reconciler_whose_clock_is_ahead_never_requeues_a_live_job(http: httpx
         assert not any("stopped renewing its lease" in m for m in messages(http, job_id))
     finally:
         http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+
+
+def job_messages(queue: str) -> list[str]:
+    """The job ids of the messages waiting in `queue` on the tests' broker, oldest first.
+
+    kombu's Redis transport keeps a queue's messages in a list named after it, newest first.
+    """
+    broker = redis.Redis.from_url(os.environ["TUNEFORGE_BROKER_URL"])
+    bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in broker.lrange(queue, 0, -1)]
+    return [args[0] for args, _kwargs, _options in reversed(bodies)]
+
+
+@pytest.fixture
+def unwatched_database(database: str, tiny_model: str) -> Iterator[str]:
+    """A database of its own at head, with tiny-llama registered, that no reconciler or worker watches."""
+    url = make_url(database)
+    name = f"{url.database}_unwatched"
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    unwatched = url.set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(unwatched)
+        with session_scope() as source, sessionmaker(get_engine(unwatched))() as target, target.begin():
+            base = source.get(Model, tiny_model)
+            assert base is not None
+            source.expunge(base)
+            target.merge(base)
+        yield unwatched
+    finally:
+        get_engine(unwatched).dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+RECONCILE_ONCE_AND_SAY = """
+import json
+from app.reconciler import reconcile_once
+print(json.dumps(reconcile_once()))
+"""
+
+
+def test_a_message_waiting_past_resend_after_seconds_is_sent_again(unwatched_database: str) -> None:
+    """Messages still wait in the queue (so it was not flushed): only their age decides a re-send.
+
+    A database and queue of its own: the tests' reconciler would otherwise send these jobs itself.
+    TUNEFORGE_RESEND_AFTER_SECONDS is an hour here, against the default's five minutes: a message half an
+    hour old is re-sent only by a reconciler that ignores the setting.
+    """
+    queue, resend_after = f"resend-{uuid.uuid4().hex[:8]}", 3600
+    env = os.environ | {
+        "TUNEFORGE_DATABASE_URL": unwatched_database,
+        "TUNEFORGE_QUEUE": queue,
+        "TUNEFORGE_RESEND_AFTER_SECONDS": str(resend_after),
+    }
+
+    def reconcile_once() -> list[str]:
+        """One pass of the reconciler in a process of its own; the ids whose message it sent."""
+        command = [sys.executable, "-c", RECONCILE_ONCE_AND_SAY]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=120)
+        return json.loads(done.stdout.splitlines()[-1])
+
+    sessions = sessionmaker(get_engine(unwatched_database))
+    with sessions() as session, session.begin():
+        file = TrainingFile(
+            id="file-unwatched",
+            project="alpha",
+            filename="train.jsonl",
+            purpose="fine-tune",
+            bytes=1,
+            sha256="0" * 64,
+            format="chat",
+            example_count=8,
+            storage_key="files/file-unwatched.jsonl",
+        )
+        session.add(file)
+        spec = JobCreate(**job_body(file.id))
+        late = job_service.create_job(session, project="alpha", spec=spec).id
+        recent = job_service.create_job(session, project="alpha", spec=spec).id
+    # Committed, never sent (as if the API died in between): the first pass sends both.
+    assert sorted(reconcile_once()) == sorted([late, recent])
+    assert sorted(job_messages(queue)) == sorted([late, recent])
+
+    with sessions() as session, session.begin():  # as if the messages had gone out that long ago
+        for job_id, age in ((late, resend_after + 1), (recent, resend_after / 2)):
+            aged = Job.sent_at - timedelta(seconds=age)
+            session.execute(update(Job).where(Job.id == job_id).values(sent_at=aged))
+    assert reconcile_once() == [late]
+    assert Counter(job_messages(queue)) == {late: 2, recent: 1}
+    redis.Redis.from_url(os.environ["TUNEFORGE_BROKER_URL"]).delete(queue)

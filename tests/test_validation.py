@@ -248,9 +248,20 @@ def test_text_happy_path():
     assert load_examples(jsonl(*lines)) == lines
 
 
-def test_format_constants_name_the_formats():
-    assert (validation.CHAT, validation.PROMPT_COMPLETION) == ("chat", "prompt_completion")
-    assert (validation.ALPACA, validation.TEXT) == ("alpaca", "text")
+TASK_SAMPLES = {
+    "supervised": [CHAT_LINE, PC_LINE, ALPACA_LINE, TEXT_LINE],
+    "dpo": [PREFERENCE_LINE],
+    "classification": [LABEL_LINE],
+}
+
+
+@pytest.mark.parametrize("task", TASK_SAMPLES)
+def test_each_format_trains_with_its_task_only(task: str):
+    """The format a file is detected as is accepted by the task that trains on it, and by no other."""
+    for line in TASK_SAMPLES[task]:
+        detected = validate_training_file(jsonl(line)).format
+        accepting = {name for name, formats in validation.TASK_FORMATS.items() if detected in formats}
+        assert accepting == {task}, (line, detected)
 
 
 def test_format_comes_from_first_valid_line():
