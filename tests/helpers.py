@@ -1,5 +1,7 @@
 """Helpers shared by the tests: small training files, uploads, job bodies, polling."""
 
+import base64
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import redis
 
 TEST_HOME = Path(os.environ["TUNEFORGE_HOME"])
 
@@ -136,3 +139,13 @@ def process_mb(pid: int, field: str) -> float:
     """A memory figure of process `pid` from /proc, in MB: `VmRSS` (resident now) or `VmHWM` (its peak)."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith(f"{field}:")).split()[1]) / 1024
+
+
+def job_messages(queue: str) -> list[str]:
+    """The job ids of the messages waiting in `queue` on the tests' broker, oldest first.
+
+    kombu's Redis transport keeps a queue's messages in a list named after it, newest first.
+    """
+    broker = redis.Redis.from_url(os.environ["TUNEFORGE_BROKER_URL"])
+    bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in broker.lrange(queue, 0, -1)]
+    return [args[0] for args, _kwargs, _options in reversed(bodies)]

@@ -15,8 +15,7 @@ from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import IdempotencyKey
 from app.idempotency import MAX_LENGTH
-from tests.helpers import api_process, chat_jsonl, job_body, upload
-from tests.test_reconciler import job_messages
+from tests.helpers import api_process, chat_jsonl, job_body, job_messages, upload
 
 JOBS = "/v1/fine_tuning/jobs"
 

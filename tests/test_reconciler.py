@@ -1,6 +1,5 @@
 """The reconciler process: lost messages are re-sent, dead workers' jobs re-queued, poison jobs stopped."""
 
-import base64
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from app.db.tables import Job, Model, TrainingFile, utcnow
 from app.jobs import service as job_service
 from app.jobs.schemas import JobCreate
 from app.storage import get_store
-from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
+from tests.helpers import chat_jsonl, job_body, job_messages, upload, wait_for_status
 
 
 def create_unsent_job(http: httpx.Client, **state: object) -> str:
@@ -137,16 +136,6 @@ def test_a_reconciler_whose_clock_is_ahead_never_requeues_a_live_job(http: httpx
         assert not any("stopped renewing its lease" in m for m in messages(http, job_id))
     finally:
         http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-
-
-def job_messages(queue: str) -> list[str]:
-    """The job ids of the messages waiting in `queue` on the tests' broker, oldest first.
-
-    kombu's Redis transport keeps a queue's messages in a list named after it, newest first.
-    """
-    broker = redis.Redis.from_url(os.environ["TUNEFORGE_BROKER_URL"])
-    bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in broker.lrange(queue, 0, -1)]
-    return [args[0] for args, _kwargs, _options in reversed(bodies)]
 
 
 @pytest.fixture
