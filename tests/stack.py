@@ -1,15 +1,18 @@
 """A stack of its own for the tests that inject faults: an API and a reconciler on their own database,
 Redis database, queue and state folder, with workers started and killed by each test, so the faults never
 touch the services the other tests share. Modules use it with `from tests.stack import ...` of the
-fixtures they need; each module gets a fresh stack.
+fixtures and fault helpers they need; each module gets a fresh stack.
 """
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +22,8 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
-from tests.conftest import POSTGRES_URL
-from tests.helpers import api_process
+from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.helpers import all_events, api_process, training_processes
 
 # The tests' own Redis databases are 15 (shared services) and 14 (this stack); 0, the README's, is never
 # touched. Concurrent runs on one machine set both through the environment.
@@ -67,16 +70,21 @@ def run_cli(env: dict[str, str], *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    url = make_url(POSTGRES_URL)
-    name = f"{url.database}_chaos"
+    postgres = make_url(POSTGRES_URL)
+    name = f"{postgres.database}_chaos"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    chaos_url = url.set(database=name).render_as_string(hide_password=False)
+    chaos_url = postgres.set(database=name).render_as_string(hide_password=False)
     broker = CHAOS_REDIS_URL
-    redis.Redis.from_url(broker).flushdb()
+    flushed = redis.Redis.from_url(broker)  # this stack's own database, emptied now and by tests
+    shared = redis.Redis.from_url(REDIS_URL).connection_pool.connection_kwargs.get("db", 0)
+    assert flushed.connection_pool.connection_kwargs.get("db", 0) not in (0, shared), (
+        f"TEST_CHAOS_BROKER_URL={broker} must name a Redis database of its own: not 0, not {shared}"
+    )
+    flushed.flushdb()
     home = tempfile.mkdtemp(prefix="tuneforge-chaos-")
     env = os.environ | {
         "TUNEFORGE_DATABASE_URL": chaos_url,
@@ -119,13 +127,73 @@ def http(stack: Stack) -> Iterator[httpx.Client]:
 
 @pytest.fixture(autouse=True)
 def no_workers_left(stack: Stack) -> Iterator[None]:
-    """Each test starts the workers it needs; none outlives it."""
+    """Each test starts the workers it needs; none outlives it, nor its template or runs (a run a test
+    froze cannot act on its worker's death until it is killed too)."""
     yield
     for worker in stack.workers:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
     stack.workers.clear()
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 120) -> None:
+    """Poll until `condition()` holds. The timeout only keeps a broken run from hanging: it is generous,
+    and never what a test decides on."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+
+
+def freeze_run(job_id: str) -> int:
+    """SIGSTOP the job's training process once it has one, and return its pid. From here the run is in a
+    step that lasts as long as the test wants, however fast this machine trains."""
+    wait_until(lambda: training_processes(job_id), f"the run of {job_id} started")
+    [run] = training_processes(job_id)
+    os.kill(run, signal.SIGSTOP)
+    return run
+
+
+def events_in_order(http: httpx.Client, job_id: str) -> list[dict]:
+    """A job's events in the order the database numbered them (their times come from several clocks)."""
+    return sorted(all_events(http, job_id), key=lambda e: int(e["id"].split("-")[1]))
+
+
+def metric_steps(http: httpx.Client, job_id: str) -> list[int]:
+    """The steps the job's runs have recorded metrics for."""
+    return [e["data"]["step"] for e in all_events(http, job_id) if e["type"] == "metrics"]
+
+
+def template_of(worker: subprocess.Popen) -> int | None:
+    """The pid of the worker's template process (multiprocessing's forkserver), once it has one."""
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == worker.pid and b"forkserver" in (proc / "cmdline").read_bytes():
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def database_away(stack: Stack) -> Iterator[None]:
+    """Cut every connection to the stack's database and refuse new ones until the block ends."""
+    name = make_url(stack.env["TUNEFORGE_DATABASE_URL"]).database
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")  # the tests' own database stays up
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+            )
+            try:
+                yield
+            finally:
+                connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+    finally:
+        admin.dispose()
 
 
 def losses(events: list[dict]) -> dict[int, float]:
