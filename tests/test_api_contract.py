@@ -128,8 +128,11 @@ def test_checkpoints_are_models(
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         assert {"adapter_model.safetensors", "adapter_config.json"} <= set(tar.getnames())
 
-    assert other_http.get(f"/v1/models/{checkpoint}").status_code == 404  # another project's
     missing = checkpoint.rsplit("-", 1)[0] + "-99999"
-    assert http.get(f"/v1/models/{missing}").status_code == 404
+    for caller, model_id in ((other_http, checkpoint), (http, missing)):  # another project's; no such step
+        unknown = caller.get(f"/v1/models/{model_id}")
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "model_not_found"), (
+            unknown.text
+        )
     refused = http.delete(f"/v1/models/{checkpoint}")
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "checkpoint_not_deletable"

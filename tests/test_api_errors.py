@@ -127,29 +127,107 @@ def test_bad_suffix_is_400(http: httpx.Client) -> None:
     assert error["param"] == "suffix"
 
 
-def test_other_projects_objects_are_404_and_unlisted(
+CLASSIFICATION_JSONL = b'{"text": "so good", "label": "pos"}\n{"text": "so bad", "label": "neg"}\n' * 2
+
+
+@pytest.mark.parametrize(
+    ("data", "change"),
+    [
+        (chat_jsonl(2), {"gpu_memory_gb": 1e308}),
+        (CLASSIFICATION_JSONL, {"num_labels": 10**400, "method": {"type": "classification"}}),
+    ],
+)
+def test_estimate_beyond_any_device_or_label_set_is_400(
+    http: httpx.Client, data: bytes, change: dict
+) -> None:
+    """Each overflowed to a 500 once a real file was named (the stateful schemathesis run found the first)."""
+    body = job_body(upload(http, data)["id"]) | change
+    error = error_of(http.post("/v1/fine_tuning/estimate", json=body), 400)
+    assert (error["param"], error["code"]) == (next(iter(change)), "invalid_value")
+
+
+# Every route that names an object by id in its path, per kind of object: (method, path template).
+FILE_ROUTES = [("GET", "/v1/files/{}"), ("GET", "/v1/files/{}/content"), ("DELETE", "/v1/files/{}")]
+JOB_ROUTES = [
+    ("GET", "/v1/fine_tuning/jobs/{}"),
+    ("GET", "/v1/fine_tuning/jobs/{}/events"),
+    ("GET", "/v1/fine_tuning/jobs/{}/checkpoints"),
+    ("POST", "/v1/fine_tuning/jobs/{}/cancel"),
+    ("POST", "/v1/fine_tuning/jobs/{}/pause"),
+    ("POST", "/v1/fine_tuning/jobs/{}/resume"),
+]
+MODEL_ROUTES = [
+    ("GET", "/v1/models/{}"),
+    ("GET", "/v1/models/{}/adapter"),
+    ("GET", "/v1/models/{}/merged"),
+    ("DELETE", "/v1/models/{}"),
+]
+# Ids of the same shapes as the fixture job's that nothing has.
+UNKNOWN_FILE, UNKNOWN_JOB = "file-" + "0" * 24, "ftjob-" + "0" * 24
+
+
+def as_if_unknown(response: httpx.Response, unknown: httpx.Response, real_id: str, fake_id: str) -> dict:
+    """The error of `response`, which must be exactly that of `unknown` but for the id it names."""
+    theirs, nothing = error_of(response, 404), error_of(unknown, 404)
+    assert theirs == nothing | {"message": nothing["message"].replace(fake_id, real_id)}
+    return theirs
+
+
+def test_other_projects_objects_are_404_as_if_unknown_and_unlisted(
     http: httpx.Client, other_http: httpx.Client, finished_job: dict
 ) -> None:
-    model_id = finished_job["fine_tuned_model"]
-    job_id = finished_job["id"]
-    for path in (
-        f"/v1/files/{finished_job['training_file']}",
-        f"/v1/files/{finished_job['training_file']}/content",
-        f"/v1/fine_tuning/jobs/{job_id}",
-        f"/v1/fine_tuning/jobs/{job_id}/events",
-        f"/v1/fine_tuning/jobs/{job_id}/checkpoints",
-        f"/v1/models/{model_id}",
-        f"/v1/models/{model_id}/adapter",
+    """Project beta reaches none of alpha's objects, by any route; alpha still has and uses all of them."""
+    file_id, job_id, model_id = (
+        finished_job["training_file"],
+        finished_job["id"],
+        finished_job["fine_tuned_model"],
+    )
+    unknown_model = model_id.replace(job_id, UNKNOWN_JOB)
+    by_route = [  # (method, path template, alpha's id, an unknown id, the code)
+        *((m, p, file_id, UNKNOWN_FILE, "file_not_found") for m, p in FILE_ROUTES),
+        *((m, p, job_id, UNKNOWN_JOB, "fine-tuning_job_not_found") for m, p in JOB_ROUTES),
+        *((m, p, model_id, unknown_model, "model_not_found") for m, p in MODEL_ROUTES),
+    ]
+    for method, template, real, fake, code in by_route:
+        if method == "GET" and not template.endswith("/merged"):  # the owner's path is right
+            assert http.get(template.format(real)).status_code == 200, template
+        theirs = other_http.request(method, template.format(real))
+        unknown = other_http.request(method, template.format(fake))
+        assert as_if_unknown(theirs, unknown, real, fake)["code"] == code, (method, template)
+
+    # Alpha's files named in beta's request bodies.
+    own_file = upload(other_http, chat_jsonl(2))["id"]
+    for path, body, param in (
+        ("/v1/fine_tuning/jobs", job_body(file_id), "training_file"),
+        ("/v1/fine_tuning/jobs", job_body(own_file) | {"validation_file": file_id}, "validation_file"),
+        ("/v1/fine_tuning/estimate", job_body(file_id), "training_file"),
     ):
-        assert http.get(path).status_code == 200, path
-        error_of(other_http.get(path), 404)
-    error_of(other_http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 404)
-    error_of(other_http.delete(f"/v1/models/{model_id}"), 404)
-    body = job_body(finished_job["training_file"])
-    assert error_of(other_http.post("/v1/fine_tuning/jobs", json=body), 404)["param"] == "training_file"
+        theirs = other_http.post(path, json=body)
+        unknown = other_http.post(path, json=body | {param: UNKNOWN_FILE})
+        error = as_if_unknown(theirs, unknown, file_id, UNKNOWN_FILE)
+        assert (error["code"], error["param"]) == ("file_not_found", param), path
+    after_theirs = other_http.get("/v1/fine_tuning/jobs", params={"after": job_id})
+    after_unknown = other_http.get("/v1/fine_tuning/jobs", params={"after": UNKNOWN_JOB})
+    assert (
+        as_if_unknown(after_theirs, after_unknown, job_id, UNKNOWN_JOB)["code"] == "fine-tuning_job_not_found"
+    )
+
+    # Unlisted for beta; listed, whole and working for alpha.
+    assert file_id not in {f["id"] for f in other_http.get("/v1/files").json()["data"]}
     assert job_id not in {j["id"] for j in other_http.get("/v1/fine_tuning/jobs").json()["data"]}
     assert model_id not in {m["id"] for m in other_http.get("/v1/models").json()["data"]}
     assert "tiny-llama" in {m["id"] for m in other_http.get("/v1/models").json()["data"]}
+    assert file_id in {f["id"] for f in http.get("/v1/files").json()["data"]}
+    assert http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "succeeded"
+    assert http.get(f"/v1/models/{model_id}").json()["id"] == model_id
+    assert http.get(f"/v1/models/{model_id}/adapter").headers["content-type"] == "application/gzip"
+    chat = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": "What is 2 plus 2?"}],
+        "max_tokens": 1,
+    }
+    answer = http.post("/v1/chat/completions", json=chat)
+    assert answer.status_code == 200 and answer.json()["model"] == model_id, answer.text
 
 
 def test_ops_endpoints(server: str) -> None:

@@ -1,12 +1,14 @@
-"""Security: path traversal, upload size limits, pickle weights and pickle messages, over real HTTP."""
+"""Security over real HTTP: path traversal, upload size limits, pickles (weights, messages, resume states)."""
 
 import http.client
+import io
 import json
 import os
 import pickle
 import select
 import shutil
 import socket
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,47 +17,74 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from app.cli import register_folder
 from app.config import get_settings
+from app.db.session import session_scope
+from app.db.tables import Checkpoint
 from app.queue import RUN_JOB, celery_app, job_queue
-from app.storage import LocalArtifactStore
-from tests.helpers import TEST_HOME, api_process, chat_jsonl, process_mb, upload
+from app.storage import LocalArtifactStore, get_store, resume_state_key
+from tests.helpers import (
+    TEST_HOME,
+    api_process,
+    chat_jsonl,
+    checkpoint_steps,
+    job_body,
+    process_mb,
+    upload,
+    wait_for_event,
+    wait_for_status,
+    wait_for_step,
+)
 from worker.training.base_models import inspect_model
+from worker.training.resume import last_checkpoint
 
 SECRET = b"tuneforge-secret-outside-the-store"
 
-# As they appear in the URL: plain, percent-encoded, double-encoded, absolute, NUL and backslash variants.
-BAD_IDS = [
+# As they appear in the URL. Once uvicorn has decoded them, these hold a '.' or '..' segment or a control
+# character (NUL): app/main.py refuses them before routing, on every route, with 400 `invalid_path`.
+DOT_OR_CONTROL_IDS = [
     "../../secret.txt",
     "..%2f..%2fsecret.txt",
     "%2e%2e%2f%2e%2e%2fsecret.txt",
     "%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
-    "..%252f..%252fsecret.txt",
-    "..%5c..%5csecret.txt",
-    "/etc/passwd",
-    "%2fetc%2fpasswd",
     "file-abc%00.jsonl",
     "%00",
     "files/..%2f..%2f..%2fsecret.txt",
 ]
+# Decoded, these have no dot segment: each reaches its route as an id nothing has, and is unknown there.
+UNKNOWN_IDS = ["..%252f..%252fsecret.txt", "..%5c..%5csecret.txt"]
+# Absolute: no file or job route takes a path with an empty segment; model ids may hold '/', so the model
+# routes look it up, and find nothing.
+ABSOLUTE_IDS = ["/etc/passwd", "%2fetc%2fpasswd"]
+BAD_IDS = DOT_OR_CONTROL_IDS + UNKNOWN_IDS + ABSOLUTE_IDS
 
-# Every route that takes an id: (method, path template).
+# Every route that takes an id: (method, path template, the code of its 404 for an unknown id).
 ID_ROUTES = [
-    ("GET", "/v1/files/{}"),
-    ("GET", "/v1/files/{}/content"),
-    ("DELETE", "/v1/files/{}"),
-    ("GET", "/v1/fine_tuning/jobs/{}"),
-    ("GET", "/v1/fine_tuning/jobs/{}/events"),
-    ("GET", "/v1/fine_tuning/jobs/{}/checkpoints"),
-    ("POST", "/v1/fine_tuning/jobs/{}/cancel"),
-    ("POST", "/v1/fine_tuning/jobs/{}/pause"),
-    ("POST", "/v1/fine_tuning/jobs/{}/resume"),
-    ("GET", "/v1/models/{}"),
-    ("GET", "/v1/models/{}/adapter"),
-    ("DELETE", "/v1/models/{}"),
-    ("GET", "/v1/models/{}/merged"),
+    ("GET", "/v1/files/{}", "file_not_found"),
+    ("GET", "/v1/files/{}/content", "file_not_found"),
+    ("DELETE", "/v1/files/{}", "file_not_found"),
+    ("GET", "/v1/fine_tuning/jobs/{}", "fine-tuning_job_not_found"),
+    ("GET", "/v1/fine_tuning/jobs/{}/events", "fine-tuning_job_not_found"),
+    ("GET", "/v1/fine_tuning/jobs/{}/checkpoints", "fine-tuning_job_not_found"),
+    ("POST", "/v1/fine_tuning/jobs/{}/cancel", "fine-tuning_job_not_found"),
+    ("POST", "/v1/fine_tuning/jobs/{}/pause", "fine-tuning_job_not_found"),
+    ("POST", "/v1/fine_tuning/jobs/{}/resume", "fine-tuning_job_not_found"),
+    ("GET", "/v1/models/{}", "model_not_found"),
+    ("GET", "/v1/models/{}/adapter", "model_not_found"),
+    ("DELETE", "/v1/models/{}", "model_not_found"),
+    ("GET", "/v1/models/{}/merged", "model_not_found"),
 ]
+
+
+def refusal(bad_id: str, template: str, unknown: str) -> tuple[int, str]:
+    """The status and error code a bad id must get on the route `template`."""
+    if bad_id in DOT_OR_CONTROL_IDS:
+        return 400, "invalid_path"
+    if bad_id in ABSOLUTE_IDS and not template.startswith("/v1/models/"):
+        return 404, "not_found"  # no route matched
+    return 404, unknown
 
 
 def raw_request(base_url: str, method: str, path: str, key: str) -> tuple[int, bytes]:
@@ -81,14 +110,15 @@ def secret_outside_store(server: str) -> Path:
     return secret
 
 
-@pytest.mark.parametrize(("method", "template"), ID_ROUTES)
+@pytest.mark.parametrize(("method", "template", "unknown"), ID_ROUTES)
 def test_traversal_ids_never_reach_the_filesystem(
-    method: str, template: str, server: str, api_key: str, secret_outside_store: Path
+    method: str, template: str, unknown: str, server: str, api_key: str, secret_outside_store: Path
 ) -> None:
     for bad_id in BAD_IDS:
         status, body = raw_request(server, method, template.format(bad_id), api_key)
-        assert status in (400, 404), (method, template, bad_id, status, body[:300])
-        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (status, error["code"]) == refusal(bad_id, template, unknown), (method, template, bad_id, body)
         assert SECRET not in body and b"root:" not in body
 
 
@@ -97,22 +127,27 @@ def test_traversal_next_to_a_real_file_id(server: str, api_key: str, http: httpx
     file_id = upload(http, chat_jsonl(4))["id"]
     for tail in ("/../../secret.txt", "%2f..%2f..%2fsecret.txt", "/content/../../../secret.txt"):
         status, body = raw_request(server, "GET", f"/v1/files/{file_id}{tail}", api_key)
-        assert status in (400, 404), (tail, status, body[:300])
+        assert (status, json.loads(body)["error"]["code"]) == (400, "invalid_path"), (tail, body[:300])
         assert SECRET not in body
 
 
 def test_nul_in_queries_and_bodies_is_a_client_error(http: httpx.Client) -> None:
     """Postgres refuses NUL in text: it must be caught before it gets there (a 4xx, not a 500)."""
-    assert http.get("/v1/fine_tuning/jobs", params={"after": "job-\x00"}).status_code == 400
-    assert http.get("/v1/files", params={"purpose": "fine-\x00tune"}).status_code == 400
-    for body in (
-        {"model": "tiny-llama", "training_file": "file-\x00"},
-        {"model": "tiny\x00llama", "training_file": "file-x"},
+    for path, params in (
+        ("/v1/fine_tuning/jobs", {"after": "job-\x00"}),
+        ("/v1/files", {"purpose": "fine-\x00tune"}),
     ):
-        response = http.post("/v1/fine_tuning/jobs", json=body)
-        assert response.status_code == 404, response.text
-        response = http.post("/v1/fine_tuning/estimate", json=body)
-        assert response.status_code == 404, response.text
+        response = http.get(path, params=params)
+        assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_path")
+    for body, param, code in (
+        ({"model": "tiny-llama", "training_file": "file-\x00"}, "training_file", "file_not_found"),
+        ({"model": "tiny\x00llama", "training_file": "file-x"}, "model", "model_not_found"),
+    ):
+        for path in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/estimate"):
+            response = http.post(path, json=body)
+            assert response.status_code == 404, response.text
+            error = response.json()["error"]
+            assert (error["param"], error["code"]) == (param, code)
     response = http.post(
         "/v1/files", files={"file": ("train\x00.jsonl", chat_jsonl(4))}, data={"purpose": "fine-tune"}
     )
@@ -218,12 +253,22 @@ def stream_post(
     return response, sent
 
 
-def assert_413(response: bytes, code: str = "file_too_large", limit: str = f"{LIMIT_MB} MB") -> None:
+def first_answer(response: bytes) -> tuple[int, dict]:
+    """The status and error of the first response read off a raw socket.
+
+    Bytes the client kept sending after the server answered may read as a request of their own, and get
+    an answer of their own after this one.
+    """
     status_line, _, rest = response.partition(b"\r\n")
-    assert b" 413 " in status_line, response[:500]
-    body = json.loads(rest.partition(b"\r\n\r\n")[2])
-    assert body["error"]["code"] == code
-    assert limit in body["error"]["message"]
+    body = rest.partition(b"\r\n\r\n")[2].decode()
+    return int(status_line.split()[1]), json.JSONDecoder().raw_decode(body)[0]["error"]
+
+
+def assert_413(response: bytes, code: str = "file_too_large", limit: str = f"{LIMIT_MB} MB") -> None:
+    status, error = first_answer(response)
+    assert status == 413, response[:500]
+    assert error["code"] == code
+    assert limit in error["message"]
 
 
 def test_upload_just_over_the_limit_is_413_and_leaves_no_temp_files(
@@ -279,7 +324,9 @@ def test_lying_content_length_reads_no_more_than_declared(
     """A small declared length with a huge body: the server reads what was declared and refuses it."""
     base_url, tmp = small_limit_api
     response, sent = stream_upload(base_url, api_key, content_length=4096, total=200 << 20)
-    assert response.startswith(b"HTTP/1.1 4"), response[:300]
+    status, error = first_answer(response)
+    # The 4 KB declared end inside the file's part: no whole file arrived.
+    assert (status, error["param"], error["code"]) == (400, "file", "invalid_value"), response[:500]
     assert sent < 32 << 20
     assert list(tmp.iterdir()) == []
 
@@ -324,7 +371,6 @@ class _TouchOnUnpickle:
 
 def test_worker_refuses_pickle_messages(server: str, tmp_path: Path) -> None:
     """A pickle-serialized run_job message reaches the real worker, which refuses to deserialize it."""
-    assert celery_app.conf.accept_content == ["json"] and celery_app.conf.task_serializer == "json"
     marker = tmp_path / "unpickled"
     log = TEST_HOME / "worker.log"
     before = log.stat().st_size if log.exists() else 0
@@ -341,6 +387,71 @@ def test_worker_refuses_pickle_messages(server: str, tmp_path: Path) -> None:
             refused = b"\n".join(line for line in handle if b"untrusted content" in line)
     assert b"Refusing to deserialize untrusted content of type pickle" in refused
     assert not marker.exists()
+
+
+# --- resume: what a checkpoint holds is never unpickled ------------------------------------------------
+
+
+def with_members(archive: Path, members: dict[str, bytes]) -> None:
+    """Rewrite the stored tar `archive` with `members` added, or in place of those of the same name."""
+    planted = archive.with_name(archive.name + ".planted")
+    with tarfile.open(archive) as old, tarfile.open(planted, "w") as new:
+        for info in old.getmembers():
+            if info.name not in members:
+                new.addfile(info, old.extractfile(info))
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            new.addfile(info, io.BytesIO(data))
+    os.replace(planted, archive)
+
+
+def test_resume_never_unpickles_what_a_checkpoint_holds(http: httpx.Client, tmp_path: Path) -> None:
+    """A paused job's stored resume state gets pickles that create a file when loaded; none ever runs.
+
+    Trainer's own `training_args.bin` is refused by name before anything is loaded; planted optimizer,
+    scheduler and RNG states reach Trainer, which loads them with `torch.load(weights_only=True)` and
+    refuses the first: the resumed job fails saying why, and no marker file appears.
+    """
+    training = upload(http, chat_jsonl(40))
+    job_id = http.post(
+        "/v1/fine_tuning/jobs", json=job_body(training["id"], n_epochs=20, batch_size=2)
+    ).json()["id"]
+    wait_for_step(http, job_id, 2)
+    assert http.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    paused_at = wait_for_event(http, job_id, "Job paused at step")["data"]["step"]
+    deadline = time.monotonic() + 120
+    while paused_at not in checkpoint_steps(http, job_id):
+        assert time.monotonic() < deadline, "the paused run saved no checkpoint"
+        time.sleep(0.3)
+    with session_scope() as session:
+        key = session.scalars(
+            sa.select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id, Checkpoint.step == paused_at)
+        ).one()
+    state = get_store().local_path(resume_state_key(key))
+    original = state.read_bytes()
+
+    # Trainer's arguments: refused by the function the resumed run calls first, before anything is loaded.
+    marker = tmp_path / "training_args-unpickled"
+    with_members(state, {"training_args.bin": pickle.dumps(_TouchOnUnpickle(marker))})
+    with pytest.raises(ValueError, match=f"checkpoint at step {paused_at} holds .*training_args.bin"):
+        last_checkpoint(job_id, tmp_path / "attempt")
+    assert not marker.exists()
+
+    # Trainer's states: the real resume, through the worker.
+    marker = tmp_path / "state-unpickled"
+    state.write_bytes(original)
+    evil = pickle.dumps(_TouchOnUnpickle(marker))
+    with_members(state, {"optimizer.pt": evil, "scheduler.pt": evil, "rng_state.pth": evil})
+    assert http.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+    job = wait_for_status(http, job_id, {"succeeded", "failed"})
+    assert not marker.exists(), "the resumed run unpickled a planted state"
+    assert (
+        wait_for_event(http, job_id, "Resuming from the checkpoint")["data"]["resumed_from_step"] == paused_at
+    )
+    assert (job["status"], job["error"]["code"]) == ("failed", "training_error"), job
+    # Real states load with weights_only too (every other resume does): the planted ones are refused.
+    assert job["error"]["message"].startswith("UnpicklingError: Weights only load failed"), job["error"]
 
 
 # --- every JSON body is bounded before it is parsed or its key checked ----------------------------------
@@ -365,7 +476,7 @@ def test_a_200_mb_json_body_is_413_before_parsing_or_auth(
             content_length=content_length,
             total=200 << 20,
         )
-        assert_413(response, code="request_too_large", limit="1024 KB")
+        assert_413(response, code="request_too_large", limit=f"{get_settings().max_json_body_kb} KB")
         assert sent < 32 << 20  # cut off long before the 200 MB (socket buffers aside)
     grown = process_mb(pid, "VmRSS") - before
     assert grown < 50, f"the API grew by {grown:.0f} MB reading a body it refuses"

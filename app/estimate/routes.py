@@ -9,6 +9,6 @@ from app.estimate.schemas import EstimateCreate, EstimatePublic
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 
 
-@router.post("/estimate", response_model=EstimatePublic)
+@router.post("/estimate", response_model=EstimatePublic, operation_id="estimateFineTuning")
 def estimate(body: EstimateCreate, session: SessionDep, project: ProjectDep) -> EstimatePublic:
     return estimate_service.estimate(session, project=project, body=body)

@@ -6,6 +6,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from app.jobs.schemas import PEFT_METHODS, JobCreate, PeftChoice
 
+# Far beyond any device or label set; bounds keep the plan's arithmetic in finite floats.
+MAX_GPU_MEMORY_GB = 1 << 20
+MAX_NUM_LABELS = 1_000_000
+
 
 class EstimateCreate(JobCreate):
     """The body of POST /v1/fine_tuning/estimate: a job body, plus the methods, device and memory to plan."""
@@ -20,11 +24,15 @@ class EstimateCreate(JobCreate):
         description="cuda: bf16, mixed precision, gradient checkpointing; cpu: fp32, no checkpointing.",
     )
     gpu_memory_gb: float | None = Field(
-        None, gt=0, description="Memory to check each plan against (GiB); `fits` is null without it."
+        None,
+        gt=0,
+        le=MAX_GPU_MEMORY_GB,
+        description="Memory to check each plan against (GiB); `fits` is null without it.",
     )
     num_labels: int | None = Field(
         None,
         ge=2,
+        le=MAX_NUM_LABELS,
         description="classification: labels of the new head; default: counted in the training file.",
     )
 

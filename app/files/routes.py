@@ -1,6 +1,6 @@
 """HTTP routes for /v1/files."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
@@ -18,7 +18,26 @@ MAX = file_service.MAX_LIST_LIMIT  # OpenAI's default and maximum for GET /v1/fi
 Limit = Annotated[int, Depends(page_limit(default=MAX, maximum=MAX))]
 
 
-@router.post("", response_model=FilePublic)
+def _with_file_id(operation_id: str) -> dict:
+    """An OpenAPI link: the uploaded file's id is the `file_id` of `operation_id`."""
+    return {"operationId": operation_id, "parameters": {"file_id": "$response.body#/id"}}
+
+
+# OpenAPI links from an upload to what can be done with the file (operation ids as OpenAI names them).
+# API explorers and schemathesis' stateful tests follow them with the real id (tests/test_schemathesis.py).
+FILE_LINKS = {
+    "retrieve": _with_file_id("retrieveFile"),
+    "content": _with_file_id("downloadFile"),
+    "delete": _with_file_id("deleteFile"),
+    "trainOn": {"operationId": "createFineTuningJob", "requestBody": {"training_file": "$response.body#/id"}},
+    "estimateOn": {
+        "operationId": "estimateFineTuning",
+        "requestBody": {"training_file": "$response.body#/id"},
+    },
+}
+
+
+@router.post("", response_model=FilePublic, operation_id="createFile", responses={200: {"links": FILE_LINKS}})
 def upload_file(
     session: SessionDep,
     project: ProjectDep,
@@ -42,7 +61,7 @@ def upload_file(
     return file_service.to_public(row)
 
 
-@router.get("", response_model=FilesPublic)
+@router.get("", response_model=FilesPublic, operation_id="listFiles")
 def list_files(
     session: SessionDep,
     project: ProjectDep,
@@ -66,12 +85,23 @@ def list_files(
     )
 
 
-@router.get("/{file_id}", response_model=FilePublic)
+@router.get("/{file_id}", response_model=FilePublic, operation_id="retrieveFile")
 def retrieve_file(file_id: str, session: SessionDep, project: ProjectDep) -> FilePublic:
     return file_service.to_public(file_service.get_file(session, project=project, file_id=file_id))
 
 
-@router.get("/{file_id}/content")
+# The file as it was uploaded, one JSON document a line: documented as such, not as FastAPI's JSON default.
+JSONL_CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The file's bytes.",
+        "content": {"application/jsonl": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get(
+    "/{file_id}/content", operation_id="downloadFile", response_class=FileResponse, responses=JSONL_CONTENT
+)
 def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
     row = file_service.get_file(session, project=project, file_id=file_id)
     return FileResponse(
@@ -79,7 +109,7 @@ def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> File
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, operation_id="deleteFile")
 def delete_file(file_id: str, session: SessionDep, project: ProjectDep) -> FileDeleted:
     file_service.delete_file(session, project=project, file_id=file_id)
     return FileDeleted(id=file_id)

@@ -31,7 +31,33 @@ def metadata_filter(request: Request) -> dict[str, str]:
 MetadataFilter = Annotated[dict[str, str], Depends(metadata_filter)]
 
 
-@router.post("", response_model=JobPublic)
+def _with_job_id(operation_id: str) -> dict:
+    """An OpenAPI link: the job's id in this response is the `job_id` of `operation_id`."""
+    return {"operationId": operation_id, "parameters": {"job_id": "$response.body#/id"}}
+
+
+# OpenAPI links from a new job to what can be done with it (operation ids as OpenAI names them). API
+# explorers and schemathesis' stateful tests follow them with the real id (tests/test_schemathesis.py).
+JOB_LINKS = {
+    "retrieve": _with_job_id("retrieveFineTuningJob"),
+    "cancel": _with_job_id("cancelFineTuningJob"),
+    "pause": _with_job_id("pauseFineTuningJob"),
+    "resume": _with_job_id("resumeFineTuningJob"),
+    "events": _with_job_id("listFineTuningEvents"),
+    "checkpoints": _with_job_id("listFineTuningJobCheckpoints"),
+    "trainingFile": {
+        "operationId": "retrieveFile",
+        "parameters": {"file_id": "$response.body#/training_file"},
+    },
+}
+
+
+@router.post(
+    "",
+    response_model=JobPublic,
+    operation_id="createFineTuningJob",
+    responses={200: {"links": JOB_LINKS}},
+)
 def create_job(
     body: JobCreate, session: SessionDep, project: ProjectDep, key: IdempotencyKeyDep, response: Response
 ) -> JobPublic:
@@ -44,7 +70,7 @@ def create_job(
     return job_service.to_public(job)
 
 
-@router.get("", response_model=JobsPublic)
+@router.get("", response_model=JobsPublic, operation_id="listPaginatedFineTuningJobs")
 def list_jobs(
     session: SessionDep, project: ProjectDep, limit: Limit, metadata: MetadataFilter, after: str | None = None
 ) -> JobsPublic:
@@ -55,17 +81,17 @@ def list_jobs(
     return JobsPublic(data=[job_service.to_public(j) for j in jobs], has_more=has_more)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, operation_id="retrieveFineTuningJob")
 def retrieve_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
     return job_service.to_public(job_service.get_job(session, project=project, job_id=job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, operation_id="cancelFineTuningJob")
 def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
     return job_service.to_public(job_service.cancel_job(session, project=project, job_id=job_id))
 
 
-@router.get("/{job_id}/events", response_model=EventsPublic)
+@router.get("/{job_id}/events", response_model=EventsPublic, operation_id="listFineTuningEvents")
 def list_events(
     job_id: str, session: SessionDep, project: ProjectDep, limit: Limit, after: str | None = None
 ) -> EventsPublic:
@@ -75,7 +101,9 @@ def list_events(
     return EventsPublic(data=[job_service.event_to_public(e) for e in events], has_more=has_more)
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
+@router.get(
+    "/{job_id}/checkpoints", response_model=CheckpointsPublic, operation_id="listFineTuningJobCheckpoints"
+)
 def list_checkpoints(
     job_id: str, session: SessionDep, project: ProjectDep, limit: Limit, after: str | None = None
 ) -> CheckpointsPublic:
@@ -91,13 +119,13 @@ def list_checkpoints(
     )
 
 
-@router.post("/{job_id}/pause", response_model=JobPublic)
+@router.post("/{job_id}/pause", response_model=JobPublic, operation_id="pauseFineTuningJob")
 def pause_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
     """A running job saves a checkpoint at the end of its step and stops; resume continues from it."""
     return job_service.to_public(job_service.pause_job(session, project=project, job_id=job_id))
 
 
-@router.post("/{job_id}/resume", response_model=JobPublic)
+@router.post("/{job_id}/resume", response_model=JobPublic, operation_id="resumeFineTuningJob")
 def resume_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
     job, send = job_service.resume_job(session, project=project, job_id=job_id)
     if send:
