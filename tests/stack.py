@@ -1,7 +1,7 @@
 """A stack of its own for the tests that inject faults, or that must not feed the shared worker (the
-stateful schemathesis run): an API and a reconciler on their own database,
-Redis database, queue and state folder, with workers started and killed by each test, so the faults never
-touch the services the other tests share. Modules use it with `from tests.stack import ...` of the
+stateful schemathesis run): an API and a reconciler on their own database, Redis database, queue and
+state folder, with workers started and killed by each test, so the faults never touch the services the
+other tests share. Modules use it with `from tests.stack import ...` of the
 fixtures and fault helpers they need; each module gets a fresh stack.
 """
 
