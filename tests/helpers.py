@@ -149,3 +149,23 @@ def job_messages(queue: str) -> list[str]:
     broker = redis.Redis.from_url(os.environ["TUNEFORGE_BROKER_URL"])
     bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in broker.lrange(queue, 0, -1)]
     return [args[0] for args, _kwargs, _options in reversed(bodies)]
+
+
+QUANTIZED_METHODS = ("qlora", "lora_8bit")
+
+
+def quantization_expected(peft: str, base_dir: Path) -> dict | None:
+    """The `quantization` a run of `peft` must record: every linear layer of the bare base model quantized.
+
+    The bare model (no task head) holds the layers bitsandbytes converts; heads stay in full precision.
+    """
+    if peft not in QUANTIZED_METHODS:
+        return None
+    import torch  # here: conftest imports this module before the environment is settled
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    from transformers import AutoModel
+
+    bits, layer = {"qlora": (4, Linear4bit), "lora_8bit": (8, Linear8bitLt)}[peft]
+    base = AutoModel.from_pretrained(base_dir)
+    linear = sum(isinstance(module, torch.nn.Linear) for module in base.modules())
+    return {"bits": bits, "quantized_modules": linear, "module_class": layer.__name__}

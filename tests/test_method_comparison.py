@@ -3,21 +3,19 @@
 import httpx
 import pytest
 
-from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
-
-
-def finished_metrics(http: httpx.Client, job_id: str) -> dict:
-    """The metrics of a job's "Training finished" event (measured by the worker)."""
-    events = http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-    return next(e["data"] for e in events if e["message"].startswith("Training finished"))
+from tests.helpers import all_events, chat_jsonl, job_body, upload, wait_for_status
 
 
 def run_job(http: httpx.Client, body: dict) -> dict:
+    """A job run to success: its "Training finished" metrics (the worker's) and how its base was quantized."""
     created = http.post("/v1/fine_tuning/jobs", json=body)
     assert created.status_code == 200, created.text
     job = wait_for_status(http, created.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
     assert job["status"] == "succeeded", job
-    return finished_metrics(http, job["id"])
+    events = all_events(http, job["id"])
+    finished = next(e["data"] for e in events if e["message"].startswith("Training finished"))
+    quantized = [e["data"]["quantization"] for e in events if "quantization" in (e["data"] or {})]
+    return finished | {"quantization": quantized[0] if quantized else None}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +44,8 @@ def test_qlora_peak_memory_is_below_loras(http: httpx.Client, wide_llama: str) -
     lora, qlora = measured["lora"]["peak_memory_mb"], measured["qlora"]["peak_memory_mb"]
     print(f"peak memory on CPU: lora {lora} MiB, qlora {qlora} MiB")
     assert measured["lora"]["trainable_parameters"] == measured["qlora"]["trainable_parameters"]
+    # The saving is the 4-bit base's: QLoRA's run says its base was 4-bit, LoRA's says nothing.
+    assert measured["lora"]["quantization"] is None and measured["qlora"]["quantization"]["bits"] == 4
     # The 4-bit base holds its 101M linear weights in ~50 MB instead of ~400 MB, but the dequantized copies
     # of each step take back part of the saving: five runs measured 250-323 vs 483-536 MiB.
     assert qlora < 0.9 * lora, measured

@@ -1,6 +1,7 @@
 """Every fine-tuning method runs through the one job API and its result loads outside Tuneforge."""
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from app.jobs.schemas import PEFT_METHODS as ALL_METHODS
-from tests.helpers import TEST_HOME, chat_jsonl, job_body, upload, wait_for_status
+from tests.helpers import TEST_HOME, chat_jsonl, job_body, quantization_expected, upload, wait_for_status
 
 # Every adapter method the API accepts; `full` and `freeze` ship whole models and are tested apart.
 PEFT_METHODS = [m for m in ALL_METHODS if m not in ("full", "freeze")]
@@ -29,6 +30,7 @@ PEFT_TYPES = {
 WEIGHT_FILES = {"adapter": "adapter_model.safetensors", "model": "model.safetensors"}
 
 
+# What the quantized methods promise: bitsandbytes' 4-bit layers for QLoRA, its 8-bit ones for lora_8bit.
 def unpack(archive: Path | bytes, into: Path) -> Path:
     source = io.BytesIO(archive) if isinstance(archive, bytes) else archive.open("rb")
     with tarfile.open(fileobj=source) as tar:
@@ -70,6 +72,9 @@ def test_peft_method_trains_and_loads_with_plain_peft(
     )
 
     base_dir = TEST_HOME / "models" / "tiny-llama"
+    # Counted by the run from the layers of the model it trained: a fall-back to a full-precision base fails.
+    quantization = json.loads((final / "tuneforge.json").read_text())["quantization"]
+    assert quantization == quantization_expected(peft, base_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
     config = model.peft_config["default"]
     assert config.peft_type.value == PEFT_TYPES[peft]

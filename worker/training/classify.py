@@ -228,6 +228,7 @@ def run(spec: RunSpec) -> RunResult:
     meter.start(quantized=plan.quantization is not None)
     tokenizer, model, labels, train, valid = setup(spec, plan)
     reporter = JobReporter(job_id=spec.job_id, attempt=spec.attempt)
+    quantization = sft.report_quantization(model, reporter)
     tokens = sum(len(ids) for ids in train["input_ids"])
     truncated = sum(len(ids) == spec.hyperparameters["max_seq_length"] for ids in train["input_ids"])
     reporter.event(
@@ -248,6 +249,6 @@ def run(spec: RunSpec) -> RunResult:
     trained_tokens = tokens * spec.hyperparameters["n_epochs"]
     if reporter.stopped:
         return RunResult(spec.workdir, trained_tokens, metrics, cancelled=True)
-    info_json = sft.manifest(spec, metrics, trained_tokens) | {"labels": labels}
+    info_json = sft.manifest(spec, metrics, trained_tokens, quantization=quantization) | {"labels": labels}
     output_dir = save(spec, trainer, tokenizer, info_json)
     return RunResult(output_dir, trained_tokens, metrics, cancelled=False)

@@ -168,6 +168,7 @@ def run(spec: RunSpec) -> RunResult:
     meter.start(quantized=plan.quantization is not None)
     tokenizer, model, train, valid = setup(spec, plan)
     reporter = JobReporter(job_id=spec.job_id, attempt=spec.attempt)
+    quantization = sft.report_quantization(model, reporter)
     trainer = build_trainer(spec, plan, tokenizer, model, train, valid, [reporter])
     kept = len(trainer.train_dataset)
     if not kept:
@@ -189,5 +190,6 @@ def run(spec: RunSpec) -> RunResult:
     trained_tokens = tokens * spec.hyperparameters["n_epochs"]
     if reporter.stopped:
         return RunResult(spec.workdir, trained_tokens, metrics, cancelled=True)
-    output_dir = sft.save(spec, trainer, tokenizer, sft.manifest(spec, metrics, trained_tokens))
+    info_json = sft.manifest(spec, metrics, trained_tokens, quantization=quantization)
+    output_dir = sft.save(spec, trainer, tokenizer, info_json)
     return RunResult(output_dir, trained_tokens, metrics, cancelled=False)

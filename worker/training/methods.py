@@ -2,6 +2,7 @@
 
 QLoRA is LoRA plus a 4-bit quantization config; DoRA is LoRA with `use_dora`. `full` and `freeze` use
 no PEFT config: `freeze` trains only the top `n_trainable_layers` blocks (and the head, if asked).
+`quantization_of` reads back what bitsandbytes did to the loaded model, so a run can show it.
 """
 
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from bitsandbytes.nn import Linear4bit, Linear8bitLt
 from peft import (
     AdaptionPromptConfig,
     IA3Config,
@@ -20,6 +22,7 @@ from peft import (
     PromptEncoderConfig,
     PromptTuningConfig,
 )
+from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from transformers import BitsAndBytesConfig
 
 # The estimate plans with the same defaults the worker trains with: they are defined once, in the API.
@@ -140,7 +143,34 @@ def plan_for(hp: dict[str, Any], info: ModelInfo, *, task_type: str = "CAUSAL_LM
     if plan.peft_config is not None:
         # The config is built fresh for this call; PEFT reads task_type only when it wraps the model.
         plan.peft_config.task_type = task_type
+    if plan.quantization is not None and task_type == "SEQ_CLS":
+        # A new classification head starts random and trains: bitsandbytes cannot quantize weights the
+        # checkpoint lacks (BERT's `classifier` would be a 4-bit layer holding float weights), so it stays
+        # in full precision, as the output head of a causal LM does.
+        plan.quantization.llm_int8_skip_modules = list(SEQ_CLS_HEAD_NAMES)
     return plan
+
+
+def quantization_of(model: Any) -> dict[str, Any] | None:
+    """How many of the model's layers bitsandbytes holds quantized, in how many bits; None if none.
+
+    Counted from the weights themselves: a layer of a bitsandbytes class whose weight was never quantized
+    (it was missing from the checkpoint) does not count.
+    """
+    layers = [
+        module
+        for module in model.modules()
+        if (isinstance(module, Linear4bit) and getattr(module.weight, "quant_state", None) is not None)
+        or (isinstance(module, Linear8bitLt) and module.weight.dtype == torch.int8)
+    ]
+    if not layers:
+        return None
+    first = layers[0]  # one quantization config per model: one kind of layer
+    return {
+        "bits": 4 if isinstance(first, Linear4bit) else 8,
+        "quantized_modules": len(layers),
+        "module_class": type(first).__name__,
+    }
 
 
 def freeze_all_but_top(model: Any, *, layers: int, train_head: bool) -> None:

@@ -20,7 +20,7 @@ from trl import SFTConfig, SFTTrainer
 from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file, split_off
 from worker.training.memory import MemoryMeter
-from worker.training.methods import MethodPlan, ModelInfo, freeze_all_but_top, plan_for
+from worker.training.methods import MethodPlan, ModelInfo, freeze_all_but_top, plan_for, quantization_of
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tuneforge")
 
@@ -65,7 +65,8 @@ class RunResult:
 
 
 def device_defaults() -> dict[str, Any]:
-    """bf16 and gradient checkpointing pay off on a GPU; on a CPU they make training ~10x slower."""
+    """bf16 and gradient checkpointing pay off on a GPU; on a CPU they slow training down (1.24x per step
+    for SmolLM2-135M on a CPU with native bf16: bench/cpu_precision.py)."""
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": True}
     return {"bf16": False, "gradient_checkpointing": False}
@@ -101,6 +102,18 @@ def release_checkpoint_file(model: Any) -> None:
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.is_floating_point():
                 tensor.data = tensor.data.clone()
+
+
+def report_quantization(model: Any, reporter: JobReporter) -> dict[str, Any] | None:
+    """Say in an event how bitsandbytes holds the loaded base (nothing for a full-precision one)."""
+    quantization = quantization_of(model)
+    if quantization is not None:
+        reporter.event(
+            f"Base model loaded in {quantization['bits']}-bit: {quantization['quantized_modules']} "
+            f"{quantization['module_class']} layers.",
+            {"quantization": quantization},
+        )
+    return quantization
 
 
 def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, PreparedData, PreparedData | None]:
@@ -223,13 +236,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def manifest(spec: RunSpec, metrics: dict[str, Any], trained_tokens: int) -> dict[str, Any]:
-    """What makes the artifact explain itself: spec, data hashes, base revision, versions, seed, metrics."""
+def manifest(
+    spec: RunSpec, metrics: dict[str, Any], trained_tokens: int, *, quantization: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What makes the artifact explain itself: spec, data, base and its quantization, versions, metrics."""
     weights = sorted(spec.base_model_path.glob("*.safetensors"))
     return {
         "tuneforge_job_id": spec.job_id,
         "base_model": spec.base_model,
         "base_model_revision": hashlib.sha256("".join(_sha256(w) for w in weights).encode()).hexdigest(),
+        "quantization": quantization,
         "method": spec.method,
         "training_file": spec.training_file_id,
         "training_data_sha256": _sha256(spec.training_file),
@@ -265,6 +281,7 @@ def run(spec: RunSpec) -> RunResult:
     meter.start(quantized=plan.quantization is not None)
     tokenizer, model, train, valid = setup(spec, plan)
     reporter = JobReporter(job_id=spec.job_id, attempt=spec.attempt)
+    quantization = report_quantization(model, reporter)
     reporter.event(
         f"Training on {len(train.rows)} examples ({train.total_tokens} tokens, {train.truncated} truncated, "
         f"{train.dropped} without completion tokens dropped).",
@@ -282,5 +299,7 @@ def run(spec: RunSpec) -> RunResult:
     if reporter.stopped:
         return RunResult(spec.workdir, trained_tokens, metrics, cancelled=True)
     metrics |= {k: v for k, v in reporter.last_metrics.items() if k == "train_mean_token_accuracy"}
-    output_dir = save(spec, trainer, tokenizer, manifest(spec, metrics, trained_tokens))
+    output_dir = save(
+        spec, trainer, tokenizer, manifest(spec, metrics, trained_tokens, quantization=quantization)
+    )
     return RunResult(output_dir, trained_tokens, metrics, cancelled=False)
