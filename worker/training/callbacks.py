@@ -115,6 +115,7 @@ class JobReporter(TrainerCallback):
             self.event(
                 f"Step {state.global_step}: validation loss={logs['eval_loss']:.4f}",
                 {"step": state.global_step} | valid,
+                pausing_too=True,
             )
 
     def _record_train_log(self, state, logs: dict) -> None:  # type: ignore[no-untyped-def]
@@ -135,7 +136,10 @@ class JobReporter(TrainerCallback):
         data = {k: v for k, v in data.items() if v is not None}  # a task logs only its own metrics
         self.last_metrics.update(data)
         self.event(
-            f"Step {state.global_step}/{state.max_steps}: training loss={logs['loss']:.4f}", data, "metrics"
+            f"Step {state.global_step}/{state.max_steps}: training loss={logs['loss']:.4f}",
+            data,
+            "metrics",
+            pausing_too=True,
         )
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -187,11 +191,16 @@ class JobReporter(TrainerCallback):
             for archive_key, _ in archives:
                 get_store().delete(archive_key)
 
-    def event(self, message: str, data: dict, type: str = "message") -> None:
-        """Record an event while this attempt owns the job; lost, not fatal, while the database is away."""
+    def event(self, message: str, data: dict, type: str = "message", *, pausing_too: bool = False) -> None:
+        """Record an event while this attempt owns the job; lost, not fatal, while the database is away.
+
+        `pausing_too` records it while the job is paused as well: a step's metrics, since the step a pause
+        stops at is trained and checkpointed, and the resumed run continues after it.
+        """
         try:
             with session_scope() as session:
-                if lifecycle.still_owned(session, job_id=self.job_id, attempt=self.attempt):
+                status = lifecycle.attempt_status(session, job_id=self.job_id, attempt=self.attempt)
+                if status == "running" or (pausing_too and status == "paused"):
                     job_service.add_event(session, job_id=self.job_id, message=message, type=type, data=data)
         except SQLAlchemyError:
             log.warning("could not record event %r", message, exc_info=True)
