@@ -94,9 +94,11 @@ class JobReporter(TrainerCallback):
             message = f"Job paused at step {step}; saving a checkpoint to resume from."
         else:
             message = f"Training stopped at step {step}."
-        # Not fenced: the user should see where a cancelled or paused run stopped.
-        with session_scope() as session:
-            job_service.add_event(session, job_id=self.job_id, message=message, data={"step": step})
+        # The user should see where a cancelled, paused or preempted run stopped. An attempt that lost the
+        # job (superseded, or re-queued when its lease ran out) is fenced off: it writes nothing.
+        if status in ("running", "paused", "cancelled"):
+            with session_scope() as session:
+                job_service.add_event(session, job_id=self.job_id, message=message, data={"step": step})
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
