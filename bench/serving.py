@@ -19,8 +19,9 @@
     ratio shows what that rule costs against swapping off.
 
 The model is a random Llama from make_tiny_llama, 512 wide, 4 blocks by default (15.0M parameters): big enough
-that compute matters on 2 CPU cores, small enough to run in a couple of minutes. Timings are medians of
-`--repeats` interleaved runs after one warm-up.
+that compute matters on 2 CPU cores, small enough to run in a couple of minutes. The paths compared run in
+`--repeats` interleaved rounds after one warm-up; times are medians, and each ratio is taken within each
+round and printed as the spread over rounds (min / median / max), so one lucky round cannot make a claim.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,16 +67,33 @@ def make_adapter(base: Path, dest: Path, seed: int) -> Path:
     return dest
 
 
-def timed(*fns: Callable[[], list[str]], repeats: int) -> list[tuple[float, list[str]]]:
-    """Median time and output of each function, run in interleaved rounds so drift hits them alike."""
-    outs = [fn() for fn in fns]  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
+@dataclass
+class Timing:
+    """One path's seconds in each round, and what it produced."""
+
+    rounds: list[float]
+    out: list[str]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rounds)
+
+
+def timed(*fns: Callable[[], list[str]], repeats: int) -> list[Timing]:
+    """Each function's time per round, the functions interleaved in every round so drift hits them alike."""
+    timings = [Timing([], fn()) for fn in fns]  # warm-up
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        for timing, fn in zip(timings, fns, strict=True):
             start = time.perf_counter()
-            outs[i] = fn()
-            times[i].append(time.perf_counter() - start)
-    return [(statistics.median(t), out) for t, out in zip(times, outs, strict=True)]
+            timing.out = fn()
+            timing.rounds.append(time.perf_counter() - start)
+    return timings
+
+
+def ratio(slower: Timing, faster: Timing) -> str:
+    """`slower` / `faster` within each round, as min / median / max over the rounds."""
+    ratios = [a / b for a, b in zip(slower.rounds, faster.rounds, strict=True)]
+    return f"{min(ratios):.2f}x / {statistics.median(ratios):.2f}x / {max(ratios):.2f}x"
 
 
 def run_rows(model, tokenizer, rows: list[Row], pad_id: int, *, mixed: bool) -> list[str]:  # type: ignore[no-untyped-def]
@@ -147,23 +166,21 @@ def main() -> None:
             out.update(zip(index, texts, strict=True))
         return [out[i] for i in range(len(rows))]
 
-    (t_mixed, r_mixed), (t_request, r_request), (t_adapter, r_adapter) = timed(
-        mixed, per_request, per_adapter, repeats=args.repeats
-    )
-    assert r_mixed == r_request == r_adapter
+    t_mixed, t_request, t_adapter = timed(mixed, per_request, per_adapter, repeats=args.repeats)
+    assert t_mixed.out == t_request.out == t_adapter.out
 
     print(
         f"model: {params:.1f}M parameters, {args.threads} threads; {args.requests} requests x "
-        f"{args.new_tokens} new tokens over 8 adapters"
+        f"{args.new_tokens} new tokens over 8 adapters; {args.repeats} rounds, ratios as min / median / max"
     )
-    print(f"(a) mixed batch          {tokens / t_mixed:8.1f} tok/s ({t_mixed:.2f} s)")
+    print(f"(a) mixed batch          {tokens / t_mixed.median:8.1f} tok/s ({t_mixed.median:.2f} s)")
     print(
-        f"    per-request set_adapter {tokens / t_request:5.1f} tok/s ({t_request:.2f} s)"
-        f"  -> mixed is {t_request / t_mixed:.2f}x the throughput"
+        f"    per-request set_adapter {tokens / t_request.median:5.1f} tok/s ({t_request.median:.2f} s)"
+        f"  -> mixed is {ratio(t_request, t_mixed)} the throughput"
     )
     print(
-        f"    per-adapter batches  {tokens / t_adapter:8.1f} tok/s ({t_adapter:.2f} s)"
-        f"  -> mixed is {t_adapter / t_mixed:.2f}x the throughput"
+        f"    per-adapter batches  {tokens / t_adapter.median:8.1f} tok/s ({t_adapter.median:.2f} s)"
+        f"  -> mixed is {ratio(t_adapter, t_mixed)} the throughput"
     )
 
     # (b) one adapter, the same requests one at a time: through the engine vs merge_and_unload weights
@@ -188,29 +205,29 @@ def main() -> None:
         return [run_rows(merged, tokenizer, [p.row], base.pad_id, mixed=False)[0] for p in first]
 
     # The engine stops at end-of-sequence; a random model rarely emits it, and the check below says so.
-    (t_swapped, r_swapped), (t_peft, r_peft), (t_merged, r_merged) = timed(
+    t_swapped, t_peft, t_merged = timed(
         one_at_a_time(first, swap=True), one_at_a_time(first, swap=False), merged_one, repeats=args.repeats
     )
-    assert r_swapped == r_peft == r_merged, "merged and unmerged weights gave different tokens"
+    assert t_swapped.out == t_peft.out == t_merged.out, "merged and unmerged weights gave different tokens"
     n = len(first)
     print(
-        f"(b) merge_and_unload model {1000 * t_merged / n:6.1f} ms/request\n"
-        f"    engine, swapped W + BA  {1000 * t_swapped / n:6.1f} ms/request -> "
-        f"{t_swapped / t_merged:.2f}x the merged latency\n"
-        f"    engine, PEFT LoRA layers {1000 * t_peft / n:5.1f} ms/request -> "
-        f"{t_peft / t_merged:.2f}x the merged latency"
+        f"(b) merge_and_unload model {1000 * t_merged.median / n:6.1f} ms/request\n"
+        f"    engine, swapped W + BA  {1000 * t_swapped.median / n:6.1f} ms/request -> "
+        f"{ratio(t_swapped, t_merged)} the merged latency\n"
+        f"    engine, PEFT LoRA layers {1000 * t_peft.median / n:5.1f} ms/request -> "
+        f"{ratio(t_peft, t_merged)} the merged latency"
     )
 
     # (c) every request on another adapter than the one before it
     alternating = [p for p in prepared if p.row.adapter in (rows[0].adapter, rows[1].adapter)]
-    (t_alt_swap, r_alt_swap), (t_alt_peft, r_alt_peft) = timed(
+    t_alt_swap, t_alt_peft = timed(
         one_at_a_time(alternating, swap=True), one_at_a_time(alternating, swap=False), repeats=args.repeats
     )
-    assert r_alt_swap == r_alt_peft
+    assert t_alt_swap.out == t_alt_peft.out
     n = len(alternating)
     print(
-        f"(c) alternating adapters: engine {1000 * t_alt_swap / n:6.1f} ms/request, PEFT layers only "
-        f"{1000 * t_alt_peft / n:6.1f} ms/request -> {t_alt_swap / t_alt_peft:.2f}x the latency"
+        f"(c) alternating adapters: engine {1000 * t_alt_swap.median / n:6.1f} ms/request, PEFT layers only "
+        f"{1000 * t_alt_peft.median / n:6.1f} ms/request -> {ratio(t_alt_swap, t_alt_peft)} the latency"
     )
 
 

@@ -5,16 +5,13 @@ is up, so chatting with its model here also shows a new model is served without 
 """
 
 import os
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import TEST_HOME, free_port
-from tests.helpers import chat_jsonl, job_body, upload
+from tests.conftest import free_port
+from tests.helpers import api_process, chat_jsonl, job_body, upload
 
 QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
 
@@ -121,28 +118,13 @@ def test_what_the_spec_allows_and_what_is_not_implemented(
 
 def test_unreachable_inference_server_is_503_and_not_unready(api_key: str, database: str) -> None:
     """An API pointed at a port nothing listens on: ready (inference is optional), chat says how to fix it."""
-    port, dead = free_port(), free_port()
-    env = os.environ | {"TUNEFORGE_INFERENCE_URL": f"http://127.0.0.1:{dead}"}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
-    with (TEST_HOME / "api-no-inference.log").open("ab") as log:
-        api = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        ready = None
-        deadline = time.monotonic() + 60
-        while ready is None and time.monotonic() < deadline:
-            assert api.poll() is None, "the API process exited; see api-no-inference.log"
-            try:
-                ready = httpx.get(f"{base_url}/readyz", timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.3)
-        assert ready is not None and ready.status_code == 200, ready
+    env = os.environ | {"TUNEFORGE_INFERENCE_URL": f"http://127.0.0.1:{free_port()}"}
+    with api_process(env, "api-no-inference.log") as (base_url, _):
+        ready = httpx.get(f"{base_url}/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
         assert ready.json()["checks"]["inference"].startswith("unavailable")
 
         with pytest.raises(openai.InternalServerError) as error:
             sdk(base_url, api_key).chat.completions.create(model="tiny-llama", messages=QUESTION)
         assert error.value.status_code == 503 and error.value.code == "inference_unavailable"
         assert "tuneforge serve" in error.value.message
-    finally:
-        api.terminate()
-        api.wait(timeout=20)

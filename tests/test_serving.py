@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 
 from tests.conftest import TEST_HOME, free_port
 from worker.serving.app import create_app, run_server
-from worker.serving.batcher import Batcher
+from worker.serving.batcher import Batcher, Handle
 from worker.serving.decode import sample
 from worker.serving.engine import Engine, GenerationRequest, PromptTooLong, Refused, Target, adapter_name
 from worker.training.base_models import make_tiny_llama
@@ -38,20 +38,24 @@ def base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def make_lora(base_folder: Path, dest: Path, seed: int) -> Path:
-    """A LoRA adapter with random (non-zero) lora_B, saved as PEFT saves a trained one."""
+def make_lora(base_folder: Path, dest: Path, seed: int, config: LoraConfig | None = None) -> Path:
+    """A LoRA adapter as training leaves one, saved as PEFT saves it: random (non-zero) B matrices, and for
+    DoRA magnitudes moved off their initial weight norms, so the adapter changes what the model says."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    config = LoraConfig(
+    config = config or LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"
     )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
+            # PEFT starts B at zero (A, for embeddings), so that a fresh adapter changes nothing
+            if "lora_B" in name or "lora_embedding_A" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.5 * torch.randn(param.shape, generator=generator))
     peft_model.save_pretrained(dest)
     return dest
 
@@ -129,6 +133,12 @@ def test_repeated_adapter_runs_on_swapped_weights_and_swaps_back_exactly(
 
 
 def test_batcher_serves_concurrent_requests_together(base_folder: Path, adapters: dict[str, Path]) -> None:
+    """Requests that arrive while the batcher's window is open join the batch of the one that opened it.
+
+    No clock decides it: the batcher takes the first request and starts its window in the event-loop pass
+    before the test submits the others, and asyncio runs the callbacks that are ready (the test) before
+    any timer that has come due (the window's end). The batcher's own count of batches is the evidence.
+    """
     engine = Engine()
     targets = [target(base_folder)] + [target(base_folder, mid, path) for mid, path in adapters.items()]
     requests = [chat(t, q) for t, q in zip(targets, QUESTIONS, strict=True)]
@@ -138,13 +148,16 @@ def test_batcher_serves_concurrent_requests_together(base_folder: Path, adapters
         batcher = Batcher(engine, window_s=0.05)
         batcher.start()
         try:
+            first = batcher.submit(requests[0])
+            # The batcher's task, ready before ours, takes `first` and opens its window; then we go on.
+            await asyncio.sleep(0)
+            handles = [first] + [batcher.submit(r) for r in requests[1:]]
 
-            async def one(request: GenerationRequest) -> str:
-                handle = batcher.submit(request)
+            async def answer(handle: Handle) -> str:
                 await handle.accepted()
                 return "".join([step.text async for step in handle.steps()])
 
-            texts = await asyncio.gather(*(one(r) for r in requests))
+            texts = await asyncio.gather(*(answer(h) for h in handles))
             return list(texts), batcher.batches_run
         finally:
             await batcher.stop()
@@ -264,8 +277,9 @@ def inference_server(tiny_model: str) -> Iterator[str]:
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while True:
             assert process.poll() is None, (TEST_HOME / "serving.log").read_text()
+            assert time.monotonic() < deadline, "the inference server did not start in 60 s; see serving.log"
             try:
                 if httpx.get(f"{base_url}/healthz").status_code == 200:
                     break

@@ -2,8 +2,9 @@
 
 The double implements what Tuneforge relies on: `POST /v1/load_lora_adapter` (checks the folder it is
 given holds an adapter; 400 "has already been loaded" for a name it holds), `POST /v1/unload_lora_adapter`,
-`GET /v1/models`, and chat/text completions that echo the model they were asked for. A real API process,
-started with TUNEFORGE_INFERENCE_BACKEND=vllm, sits between the openai SDK and the double.
+`GET /v1/models`, and chat/text completions that echo the model they were asked for, streamed a word a
+chunk when asked. A real API process, started with TUNEFORGE_INFERENCE_BACKEND=vllm, sits between the openai
+SDK and the double.
 """
 
 import asyncio
@@ -33,7 +34,9 @@ QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
 SERVED_BASE = (
     "tiny-llama-on-vllm"  # the base's --served-model-name, mapped by TUNEFORGE_VLLM_SERVED_MODEL_NAMES
 )
-CHUNK_GAP = 1.0  # seconds the double waits between stream chunks
+# How long a stream waits for the client to take its previous chunk before it gives up and records a stall.
+# Only a failing relay ever waits this long: a passing one answers as soon as the chunk is through.
+STALL_TIMEOUT_S = 30
 
 
 def vllm_error(message: str, type: str, status: int) -> JSONResponse:
@@ -49,6 +52,10 @@ class VllmDouble:
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.loras: dict[str, str] = {}
         self.fail_loads = False
+        # A stream sends chunk k+1 only once its client has taken chunk k (`took_chunk.release()`); each
+        # wait that timed out instead is recorded in `stalls` as the index of the chunk that waited.
+        self.took_chunk = threading.Semaphore(0)
+        self.stalls: list[int] = []
         self.app = FastAPI()
         self.app.post("/v1/load_lora_adapter")(self.load)
         self.app.post("/v1/unload_lora_adapter")(self.unload)
@@ -117,9 +124,10 @@ class VllmDouble:
         )
 
     async def chunks(self, model: str, answer: str) -> AsyncIterator[bytes]:
+        self.took_chunk = threading.Semaphore(0)  # a fresh count for each stream
         for i, word in enumerate(answer.split(" ")):
-            if i:
-                await asyncio.sleep(CHUNK_GAP)
+            if i and not await asyncio.to_thread(self.took_chunk.acquire, timeout=STALL_TIMEOUT_S):
+                self.stalls.append(i)
             delta = {"role": "assistant", "content": word if i == 0 else f" {word}"}
             chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": model}
             chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": None}]
@@ -207,17 +215,16 @@ def test_fine_tuned_model_is_registered_once_then_served(
 def test_stream_passes_through_chunk_by_chunk(
     double: tuple[VllmDouble, str], vllm_api: str, api_key: str, finished_job: dict
 ) -> None:
-    ft_id = finished_job["fine_tuned_model"]
-    started = time.monotonic()
-    arrivals, words = [], []
+    """The double sends each chunk only once the client has taken the one before: a relay that held chunks
+    back (buffered the stream, or waited for its end) would leave the double waiting, and stall."""
+    fake, ft_id = double[0], finished_job["fine_tuned_model"]
+    fake.stalls.clear()
+    words = []
     for chunk in sdk(vllm_api, api_key).chat.completions.create(model=ft_id, messages=QUESTION, stream=True):
-        arrivals.append(time.monotonic() - started)
         words.append(chunk.choices[0].delta.content or "")
-    assert "".join(words) == f"echo from {ft_id}"
-    assert len(arrivals) == 3
-    # The double spends 2 * CHUNK_GAP between its first and last chunk; a buffered relay would deliver all
-    # three at once. The margin allows for a busy machine delaying the first chunk.
-    assert arrivals[2] - arrivals[0] > CHUNK_GAP
+        fake.took_chunk.release()
+    assert words == ["echo", " from", f" {ft_id}"]
+    assert fake.stalls == [], f"chunks {fake.stalls} waited for a client that never got the one before"
 
 
 def test_base_model_is_rewritten_to_its_served_name(
