@@ -27,9 +27,6 @@ os.environ.update(
     TUNEFORGE_RECONCILE_SECONDS="1",
     TUNEFORGE_RATE_LIMIT_PER_MINUTE="0",  # tests poll hard; tests/test_rate_limit.py runs its own limited API
     HF_HUB_OFFLINE="1",
-    # The tests' models are tiny: one thread per process trains them fastest, and no process's threads wait
-    # on each other when the API, the workers and the test share two cores (0.06 s a step, not 0.66 s).
-    OMP_NUM_THREADS="1",
 )
 
 from sqlalchemy import create_engine, text  # noqa: E402
