@@ -13,9 +13,9 @@ RUN_JOB = "tuneforge.run_job"
 log = logging.getLogger(__name__)
 
 
-def job_queue(settings: Settings) -> Queue:
-    """The queue jobs travel on, declared by senders too: Redis drops messages routed to an unbound queue."""
-    return Queue(settings.queue, Exchange(settings.queue, type="direct"), routing_key=settings.queue)
+def job_queue(name: str) -> Queue:
+    """A queue jobs travel on, declared by senders too: Redis drops messages routed to an unbound queue."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -41,7 +41,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
-        task_queues=[job_queue(settings)],
+        task_queues=[job_queue(settings.queue)],
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
@@ -53,17 +53,17 @@ def make_celery(settings: Settings) -> Celery:
 celery_app = make_celery(get_settings())
 
 
-def send_run_job(job_id: str) -> None:
-    """Ask a worker to try job `job_id`; the message carries nothing else."""
-    jobs = job_queue(get_settings())
+def send_run_job(job_id: str, queue: str) -> None:
+    """Ask a worker on `queue` to try job `job_id`; the message carries nothing else."""
+    jobs = job_queue(queue)
     celery_app.send_task(RUN_JOB, args=[job_id], queue=jobs, declare=[jobs])
 
 
-def waiting_messages() -> int | None:
-    """Messages waiting in the job queue (not yet taken by a worker); None if the broker cannot say."""
+def waiting_messages(queue: str) -> int | None:
+    """Messages waiting on `queue` (not yet taken by a worker); None if the broker cannot say."""
     try:
         with celery_app.connection_for_write() as connection:
-            declared = job_queue(get_settings())(connection.default_channel).queue_declare(passive=True)
+            declared = job_queue(queue)(connection.default_channel).queue_declare(passive=True)
             return int(declared.message_count)
     except Exception as exc:
         if "NOT_FOUND" in str(exc):  # no such queue: a flushed broker forgot it, and its messages
@@ -73,11 +73,12 @@ def waiting_messages() -> int | None:
 
 
 def send_jobs(session: Session, job_ids: list[str]) -> None:
-    """Send each job's message and record it; a job whose send fails stays unsent for the reconciler."""
+    """Send each job's message to the queue it was created for, and record it; a job whose send fails
+    stays unsent for the reconciler."""
     sent = []
-    for job_id in job_ids:
+    for job_id, queue in lifecycle.queues_of(session, job_ids=job_ids, default=get_settings().queue):
         try:
-            send_run_job(job_id)
+            send_run_job(job_id, queue)
             sent.append(job_id)
         except Exception:
             log.exception("could not send job %s to the broker; the reconciler will retry", job_id)

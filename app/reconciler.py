@@ -23,10 +23,12 @@ def reconcile_once() -> list[str]:
     """One pass; returns the ids whose message went out again."""
     settings = get_settings()
     with session_scope() as session:
+        waited_on = lifecycle.queues_waited_on(session, default=settings.queue)
         due = lifecycle.reconcile(
             session,
             resend_after_seconds=settings.resend_after_seconds,
-            queue_empty=waiting_messages() == 0,
+            empty_queues={queue for queue in waited_on if waiting_messages(queue) == 0},
+            default_queue=settings.queue,
             # a message just sent may be in a worker's hands before its claim commits
             settle_seconds=max(10.0, 3 * settings.reconcile_seconds),
         )

@@ -163,6 +163,7 @@ def unwatched_database(database: str, tiny_model: str) -> Iterator[str]:
         admin.dispose()
 
 
+SETTLE_SECONDS = 10  # how long a job's message may take to reach the broker's queue (app/reconciler.py)
 RECONCILE_ONCE_AND_SAY = """
 import json
 from app.reconciler import reconcile_once
@@ -171,13 +172,15 @@ print(json.dumps(reconcile_once()))
 
 
 def test_a_message_waiting_past_resend_after_seconds_is_sent_again(unwatched_database: str) -> None:
-    """Messages still wait in the queue (so it was not flushed): only their age decides a re-send.
+    """Messages still wait in the queue (so it was not flushed): only their age decides a re-send, and
+    each job goes to the queue it was created for, whatever the reconciler's own queue is.
 
     A database and queue of its own: the tests' reconciler would otherwise send these jobs itself.
     TUNEFORGE_RESEND_AFTER_SECONDS is an hour here, against the default's five minutes: a message half an
     hour old is re-sent only by a reconciler that ignores the setting.
     """
     queue, resend_after = f"resend-{uuid.uuid4().hex[:8]}", 3600
+    other_queue = f"{queue}-other"  # where a second API (another worker pool) sends its jobs
     env = os.environ | {
         "TUNEFORGE_DATABASE_URL": unwatched_database,
         "TUNEFORGE_QUEUE": queue,
@@ -205,11 +208,16 @@ def test_a_message_waiting_past_resend_after_seconds_is_sent_again(unwatched_dat
         )
         session.add(file)
         spec = JobCreate(**job_body(file.id))
-        late = job_service.create_job(session, project="alpha", spec=spec).id
-        recent = job_service.create_job(session, project="alpha", spec=spec).id
-    # Committed, never sent (as if the API died in between): the first pass sends both.
-    assert sorted(reconcile_once()) == sorted([late, recent])
+        late, recent, elsewhere = (job_service.create_job(session, project="alpha", spec=spec) for _ in "abc")
+        late.queue, recent.queue, elsewhere.queue = queue, queue, other_queue
+        late, recent, elsewhere = late.id, recent.id, elsewhere.id
+    with sessions() as session, session.begin():  # as if the API had died between commit and send
+        session.execute(update(Job).values(sent_at=Job.sent_at - timedelta(seconds=SETTLE_SECONDS + 1)))
+    # The queues are empty: the first pass sends all three, each to the queue it was created for (a job
+    # sent to this reconciler's own queue would run on the wrong pool of workers).
+    assert sorted(reconcile_once()) == sorted([late, recent, elsewhere])
     assert sorted(job_messages(queue)) == sorted([late, recent])
+    assert job_messages(other_queue) == [elsewhere]
 
     with sessions() as session, session.begin():  # as if the messages had gone out that long ago
         for job_id, age in ((late, resend_after + 1), (recent, resend_after / 2)):
@@ -217,4 +225,4 @@ def test_a_message_waiting_past_resend_after_seconds_is_sent_again(unwatched_dat
             session.execute(update(Job).where(Job.id == job_id).values(sent_at=aged))
     assert reconcile_once() == [late]
     assert Counter(job_messages(queue)) == {late: 2, recent: 1}
-    redis.Redis.from_url(os.environ["TUNEFORGE_BROKER_URL"]).delete(queue)
+    redis.Redis.from_url(os.environ["TUNEFORGE_BROKER_URL"]).delete(queue, other_queue)

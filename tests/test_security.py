@@ -374,7 +374,7 @@ def test_worker_refuses_pickle_messages(server: str, tmp_path: Path) -> None:
     marker = tmp_path / "unpickled"
     log = TEST_HOME / "worker.log"
     before = log.stat().st_size if log.exists() else 0
-    jobs = job_queue(get_settings())
+    jobs = job_queue(get_settings().queue)
     celery_app.send_task(
         RUN_JOB, args=[_TouchOnUnpickle(marker)], queue=jobs, declare=[jobs], serializer="pickle"
     )

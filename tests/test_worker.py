@@ -125,8 +125,8 @@ import sys
 from app.queue import send_run_job
 print("ready", flush=True)
 job_id = input()
-for _ in range(int(sys.argv[1])):
-    send_run_job(job_id)
+for _ in range(int(sys.argv[2])):
+    send_run_job(job_id, sys.argv[1])
 """
 
 
@@ -134,9 +134,8 @@ for _ in range(int(sys.argv[1])):
 def sender(queue: str, copies: int) -> Iterator[Callable[[str], None]]:
     """A process that sends `copies` of a job's message to `queue` by the app's own send, once given the
     job's id. It starts (imports, settings) ahead, so that sending takes milliseconds."""
-    command = [sys.executable, "-c", SEND_COPIES, str(copies)]
-    env = os.environ | {"TUNEFORGE_QUEUE": queue}
-    process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", SEND_COPIES, queue, str(copies)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def send(job_id: str) -> None:
         process.communicate(f"{job_id}\n", timeout=120)
@@ -164,7 +163,8 @@ def test_duplicate_message_runs_the_job_once(http: httpx.Client) -> None:
             wait_until(partial(worker.logged, " ready."), f"{worker.name} consuming its queue")
         with session_scope() as session:
             spec = JobCreate(**job_body(training["id"]))
-            job_id = job_service.create_job(session, project="alpha", spec=spec).id
+            job = job_service.create_job(session, project="alpha", spec=spec)
+            job.queue, job_id = queue, job.id  # as an API of this queue would create it
             # Recorded as sent, as the API does: the tests' reconciler leaves the job alone for a while.
             lifecycle.mark_sent(session, job_ids=[job_id])
         with row_locked(job_id) as (_, waiting):
@@ -176,8 +176,8 @@ def test_duplicate_message_runs_the_job_once(http: httpx.Client) -> None:
         events = all_events(http, job_id)
         started = [e["message"] for e in events if e["message"].startswith("Fine-tuning job started")]
         assert len(started) == 1, started
-        # Every worker that did not win turned its message away. (Should the tests' reconciler have sent
-        # the job to the tests' own worker too, that one may have won: the job still ran once.)
+        # Every worker that did not win turned its message away (the tests' reconciler may have sent a
+        # third copy, to this queue too: the job still ran once).
         host = socket.gethostname()  # a run's owner is the host:pid of its worker
         losers = [w for w in workers if not started[0].endswith(f"{host}:{w.process.pid}).")]
         assert losers, started

@@ -60,8 +60,11 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None]
-    # When a "try job X" message last went to the broker; the reconciler re-sends stale ones.
+    # When a "try job X" message last went (or, committed with the job, was about to go) to the broker;
+    # the reconciler re-sends stale ones, and sends at once those with none (NULL).
     sent_at: Mapped[datetime | None]
+    # The broker queue the job was created for: the reconciler re-sends it there, whatever its own queue.
+    queue: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -5,9 +5,10 @@ delivery, a cancel, or a newer attempt makes every later write of the old attemp
 come from the database's clock (`db_now`), so hosts whose clocks disagree still agree on a lease.
 """
 
+from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.session import after_commit
@@ -69,7 +70,7 @@ def requeue(session: Session, *, job_id: str, attempt: int, message: str, counts
     preemptions never use up `max_attempts`; the attempt number itself still grows, for fencing.
     """
     values: dict[str, Any] = {"status": "queued", "lease_owner": None, "lease_expires_at": None}
-    values["sent_at"] = None  # the reconciler sends it if the caller's own send is lost
+    values["sent_at"] = db_now()  # the caller sends after this commits; if that is lost, the reconciler
     if not counts:
         values["max_attempts"] = Job.max_attempts + 1
     result = session.execute(_owned(job_id, attempt).values(**values))
@@ -185,6 +186,18 @@ def succeed(
     return model_id
 
 
+def queues_of(session: Session, *, job_ids: list[str], default: str) -> list[tuple[str, str]]:
+    """Each job with the queue it was created for; `default` for jobs from before queues were recorded."""
+    rows = session.execute(select(Job.id, func.coalesce(Job.queue, default)).where(Job.id.in_(job_ids)))
+    return [(job_id, queue) for job_id, queue in rows]
+
+
+def queues_waited_on(session: Session, *, default: str) -> set[str]:
+    """The queues that queued jobs were sent to."""
+    queue = func.coalesce(Job.queue, default)
+    return set(session.scalars(select(queue).where(Job.status == "queued").distinct()))
+
+
 def mark_sent(session: Session, *, job_ids: list[str]) -> None:
     """Remember when each job's message last went out."""
     if job_ids:
@@ -192,14 +205,22 @@ def mark_sent(session: Session, *, job_ids: list[str]) -> None:
 
 
 def reconcile(
-    session: Session, *, resend_after_seconds: float, queue_empty: bool = False, settle_seconds: float = 0
+    session: Session,
+    *,
+    resend_after_seconds: float,
+    empty_queues: Collection[str] = (),
+    default_queue: str = "",
+    settle_seconds: float = 0,
 ) -> list[str]:
     """Re-queue jobs whose lease expired (failing those out of attempts) and pick queued jobs to re-send.
 
     A queued job's message is re-sent when it went out over `resend_after_seconds` ago, or, when the
-    broker's queue is known to be empty (`queue_empty`: its message cannot still be waiting, so a flushed
-    or restarted broker lost it), over `settle_seconds` ago. Returns the ids whose message should go out
-    now; a duplicate is harmless, since only one claim wins.
+    broker holds nothing on its queue (it is in `empty_queues`: its message cannot still be waiting, so a
+    flushed or restarted broker lost it, or the sender died between its commit and its send), over
+    `settle_seconds` ago; a job re-queued here is sent at once. Every writer that queues a job stamps
+    `sent_at` in the same commit, so a reconciler never races the sender it is about to follow. Jobs
+    recorded with no queue count as on `default_queue`. Returns the ids whose message should go out now,
+    each to its own queue; a duplicate is harmless, since only one claim wins.
 
     Each expired job is changed by a conditional UPDATE that repeats the expiry test against the
     database's clock, with the attempt it was read at: a job that renewed, finished or moved on since it
@@ -231,17 +252,20 @@ def reconcile(
             level, message = "error", f"Job failed: {message}"
         else:
             done = session.execute(
-                still_expired.values(status="queued", lease_owner=None, lease_expires_at=None)
+                # sent_at NULL: this pass sends it (below), whatever the age of the job's last message
+                still_expired.values(status="queued", lease_owner=None, lease_expires_at=None, sent_at=None)
             )
             level = "warn"
             message = f"The worker of attempt {attempt} stopped renewing its lease; job re-queued."
         if done.rowcount == 1:  # type: ignore[attr-defined]
             job_service.add_event(session, job_id=job_id, level=level, message=message)
-    wait = settle_seconds if queue_empty else resend_after_seconds
+    on_empty_queue = func.coalesce(Job.queue, default_queue).in_(empty_queues)
+    lost = and_(on_empty_queue, Job.sent_at < db_now(-settle_seconds))
     due = list(
         session.scalars(
             select(Job.id).where(
-                Job.status == "queued", or_(Job.sent_at.is_(None), Job.sent_at < db_now(-wait))
+                Job.status == "queued",
+                or_(Job.sent_at.is_(None), Job.sent_at < db_now(-resend_after_seconds), lost),
             )
         )
     )

@@ -210,6 +210,8 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
         result_files=[],
         attempt=0,
         max_attempts=get_settings().max_attempts,
+        queue=get_settings().queue,
+        sent_at=db_now(),  # the caller sends once this commits; the reconciler re-sends if that is lost
     )
     session.add(job)
     session.flush()
@@ -325,7 +327,7 @@ def pause_job(session: Session, *, project: str, job_id: str) -> Job:
 def resume_job(session: Session, *, project: str, job_id: str) -> tuple[Job, bool]:
     """Queue a paused job again (it continues from its last checkpoint); True if it needs sending."""
     job = get_job(session, project=project, job_id=job_id)
-    if _transition(session, job, to="queued", where=("paused",), sent_at=None):
+    if _transition(session, job, to="queued", where=("paused",), sent_at=db_now()):
         add_event(session, job_id=job.id, message="Job resumed by the user.")
         return job, True
     if job.status not in ("validating_files", "queued", "running"):
