@@ -152,11 +152,10 @@ def worker() -> None:
 @cli.command()
 def reconciler() -> None:
     """Run the reconciler loop (exactly one per deployment)."""
-    import logging
-
+    from app import logs
     from app.reconciler import run_forever
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure()
     run_forever()
 
 

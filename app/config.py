@@ -66,6 +66,21 @@ class Settings(BaseSettings):
         30.0, description="How often the reconciler (`tuneforge reconciler`) runs."
     )
     resend_after_seconds: float = Field(300.0, description="Re-send a queued job's message after this long.")
+    metrics_token: str = Field(
+        "",
+        description="When set, GET /metrics (Prometheus) needs `Authorization: Bearer <it>`; else open.",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="Log lines of every process: JSON objects, or lines for people; `auto` is console on a "
+        "terminal, else JSON. A run's own log (GET .../logs) is console unless this says `json`.",
+    )
+    stream_ping_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="How often an idle event or log stream sends a keep-alive comment, so proxies keep the "
+        "connection open.",
+    )
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
     max_json_body_kb: int = Field(
         1024,

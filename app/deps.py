@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
-from app import ratelimit
+from app import logs, ratelimit
 from app.db.session import session_scope
 from app.errors import ApiError
 from app.keys import service as key_service
@@ -54,6 +54,7 @@ def _project_of(request: Request, session: Session) -> str:
         )
     # Counted after authentication, so only live keys get a bucket and unknown tokens cannot grow the table.
     ratelimit.enforce(token.strip())
+    logs.annotate(project=project)
     return project
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import QueuePool, text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import queue
+from app import logs, queue
 from app.config import get_settings
 from app.db.session import get_engine, session_scope
 from app.errors import (
@@ -25,8 +25,10 @@ from app.estimate.routes import router as estimate_router
 from app.files.routes import router as files_router
 from app.inference import service as inference_service
 from app.inference.routes import router as inference_router
+from app.jobs.results import router as job_results_router
 from app.jobs.routes import router as jobs_router
 from app.models.routes import router as models_router
+from app.telemetry import install_metrics
 
 
 def create_app() -> FastAPI:
@@ -34,6 +36,7 @@ def create_app() -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure()  # here, not at import: only a serving process sets up its logging
         async with inference_service.open_client() as client:
             app.state.inference_client = client
             yield
@@ -46,11 +49,14 @@ def create_app() -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     install_error_handlers(app)
+    install_metrics(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(SafePaths)
+    app.add_middleware(logs.RequestContext)  # outermost: even a refused body gets an id and a line
     # inference_router before models_router: its /v1/models/{id}/merged must win over the catch-all retrieve.
     for router in (files_router, jobs_router, inference_router, models_router, estimate_router):
         app.include_router(router)
+    app.include_router(job_results_router)
 
     @app.get("/livez", tags=["ops"])
     def livez() -> dict:

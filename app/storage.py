@@ -1,4 +1,4 @@
-"""Artifact store: training files, checkpoints and adapters, addressed by keys that come from the database."""
+"""Artifact store: training files, checkpoints, adapters and run logs, addressed by keys from the database."""
 
 import hashlib
 import os
@@ -57,6 +57,13 @@ class LocalArtifactStore:
         """Where the artifact can be read on this machine."""
         return self._path(key)
 
+    def appendable(self, key: str) -> Path:
+        """A path a process may append to as it writes (a run's log): here the stored file itself, so
+        each line is in the store once its write returns, whatever then happens to the writer."""
+        path = self._path(key)
+        _make_folders(path.parent)
+        return path
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
@@ -79,6 +86,11 @@ def _make_folders(folder: Path) -> None:
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
         _fsync(new.parent)
+
+
+def log_key(job_id: str, attempt: int) -> str:
+    """Where the output (stdout and stderr) of a job's attempt is kept."""
+    return f"logs/{job_id}/attempt-{attempt}.log"
 
 
 def resume_state_key(checkpoint_key: str) -> str:

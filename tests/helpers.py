@@ -107,10 +107,15 @@ def wait_for_event(http: httpx.Client, job_id: str, starts: str, timeout: float 
     raise TimeoutError(f"no event '{starts}...' for job {job_id} in {timeout} s")
 
 
+def is_training_step(event: dict) -> bool:
+    """A training step's metrics; a validation pass writes `metrics` events too, without a train_loss."""
+    return event["type"] == "metrics" and "train_loss" in (event["data"] or {})
+
+
 def wait_for_step(http: httpx.Client, job_id: str, step: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        steps = [e["data"]["step"] for e in all_events(http, job_id) if e["type"] == "metrics"]
+        steps = [e["data"]["step"] for e in all_events(http, job_id) if is_training_step(e)]
         if steps and max(steps) >= step:
             return
         time.sleep(0.2)

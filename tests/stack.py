@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from tests.conftest import POSTGRES_URL, REDIS_URL
-from tests.helpers import all_events, api_process, training_processes
+from tests.helpers import all_events, api_process, is_training_step, training_processes
 
 # The tests' own Redis databases are 15 (shared services) and 14 (this stack); 0, the README's, is never
 # touched. Concurrent runs on one machine set both through the environment.
@@ -162,8 +162,8 @@ def events_in_order(http: httpx.Client, job_id: str) -> list[dict]:
 
 
 def metric_steps(http: httpx.Client, job_id: str) -> list[int]:
-    """The steps the job's runs have recorded metrics for."""
-    return [e["data"]["step"] for e in all_events(http, job_id) if e["type"] == "metrics"]
+    """The steps the job's runs have recorded training metrics for."""
+    return [e["data"]["step"] for e in all_events(http, job_id) if is_training_step(e)]
 
 
 def template_of(worker: subprocess.Popen) -> int | None:
@@ -199,7 +199,7 @@ def database_away(stack: Stack) -> Iterator[None]:
 
 def losses(events: list[dict]) -> dict[int, float]:
     """Training loss per step; a step trained twice (before a crash and after resuming) keeps the last."""
-    return {e["data"]["step"]: e["data"]["train_loss"] for e in events if e["type"] == "metrics"}
+    return {e["data"]["step"]: e["data"]["train_loss"] for e in events if is_training_step(e)}
 
 
 # tiny-llama trains a step in about 20 ms, events included: 400 steps of batch 2 (4 to 8 s) leave time

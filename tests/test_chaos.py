@@ -21,6 +21,7 @@ from tests.helpers import (
     all_events,
     chat_jsonl,
     checkpoint_steps,
+    is_training_step,
     job_body,
     training_processes,
     upload,
@@ -170,7 +171,7 @@ def test_database_outage_mid_run_finishes_without_overlap(stack: Stack, http: ht
     job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     wait_until(lambda: checkpoint_steps(http, job_id), "attempt 1 recorded a checkpoint to resume from")
     run = freeze_run(job_id)  # mid-run when the database goes, however fast it trains
-    train_log = Path(stack.env["TUNEFORGE_HOME"]) / "work" / job_id / "attempt-1" / "train.log"
+    train_log = Path(stack.env["TUNEFORGE_HOME"]) / "artifacts" / "logs" / job_id / "attempt-1.log"
     with database_away(stack):
         cut = time.monotonic()
         os.kill(run, signal.SIGCONT)
@@ -197,7 +198,7 @@ def test_database_outage_mid_run_finishes_without_overlap(stack: Stack, http: ht
     saved = [e["data"]["step"] for e in events[:fenced] if e["message"].startswith("Checkpoint created")]
     resumed = [e["data"]["resumed_from_step"] for e in events if e["message"].startswith("Resuming")]
     assert resumed == [max(saved)], "attempt 2 resumed from attempt 1's last recorded checkpoint"
-    steps = [e["data"]["step"] for e in events[fenced:] if e["type"] == "metrics"]
+    steps = [e["data"]["step"] for e in events[fenced:] if is_training_step(e)]
     assert steps == list(range(max(saved) + 1, 81)), "only attempt 2 trained after the fence, once"
     assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
 
@@ -229,7 +230,7 @@ def test_a_frozen_workers_attempt_writes_nothing_once_fenced_off(stack: Stack, h
     after = events[fenced + 1 :]
     stopped = [e["message"] for e in after if e["message"].startswith("Training stopped")]
     assert stopped == [], "attempt 1 wrote after it was fenced off"
-    steps = [e["data"]["step"] for e in after if e["type"] == "metrics"]
+    steps = [e["data"]["step"] for e in after if is_training_step(e)]
     assert steps == list(range(max(saved) + 1, 41)), "only attempt 2 trained after the fence, once"
     checkpoints = [e["data"]["step"] for e in after if e["message"].startswith("Checkpoint created")]
     assert checkpoints == list(range(max(saved) + 10, 41, 10)), "only attempt 2 saved after the fence"

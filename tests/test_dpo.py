@@ -27,6 +27,7 @@ from tests.helpers import (
     QUANTIZED_METHODS,
     TEST_HOME,
     chat_jsonl,
+    is_training_step,
     quantization_expected,
     upload,
     wait_for_event,
@@ -125,7 +126,7 @@ def test_lora_dpo_job_widens_the_preference_margin_and_loads_with_plain_peft(
     assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
 
     events = events_of(http, job["id"])
-    steps = [e["data"] for e in events if e["type"] == "metrics"]
+    steps = [e["data"] for e in events if is_training_step(e)]
     assert [s["step"] for s in steps] == list(range(1, 25))  # 48 pairs / 4 a step * 2 epochs
     # At step 1 the policy is the reference (a fresh adapter starts as a no-op), so DPO's loss is log 2.
     assert steps[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-3)
@@ -175,7 +176,7 @@ def test_full_dpo_keeps_a_frozen_reference_copy(http: httpx.Client, tmp_path: Pa
     )
     counted = next(e["data"] for e in events if "trainable_parameters" in (e["data"] or {}))
     assert counted["trainable_parameters"] == counted["total_parameters"]
-    steps = [e["data"] for e in events if e["type"] == "metrics"]
+    steps = [e["data"] for e in events if is_training_step(e)]
     assert [s["step"] for s in steps] == [1, 2]
     assert steps[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-3)  # the copy equals the start
 
@@ -255,7 +256,7 @@ def test_cancel_stops_a_dpo_job_within_the_step_in_flight(http: httpx.Client) ->
         wait_for_step(http, job_id, 2)
         assert http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
     stopped = wait_for_event(http, job_id, "Training stopped at step")
-    steps = [e["data"]["step"] for e in events_of(http, job_id) if e["type"] == "metrics"]
+    steps = [e["data"]["step"] for e in events_of(http, job_id) if is_training_step(e)]
     assert stopped["data"]["step"] == 3 and max(steps) <= 3, (stopped["message"], steps)
     job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["fine_tuned_model"] is None

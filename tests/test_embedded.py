@@ -11,7 +11,8 @@ import pytest
 
 from app.cli import wait_ready
 from tests.conftest import free_port
-from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
+from tests.helpers import wait_for_status
+from tests.streaming import check_watched, event_delays, percentiles, watch, watched_job
 
 pytestmark = pytest.mark.e2e
 
@@ -29,6 +30,8 @@ def tuneforge(*args: str, env: dict[str, str]) -> str:
 
 
 def test_up_runs_a_job_on_the_embedded_default(tmp_path: Path) -> None:
+    """A job on SQLite and the filesystem broker, watched live: its event stream (re-read, as SQLite has
+    no notifications) and its log, as on Postgres (tests/test_streams.py)."""
     env = os.environ | {
         "TUNEFORGE_HOME": str(tmp_path / "home"),
         "TUNEFORGE_DATABASE_URL": "",
@@ -45,10 +48,13 @@ def test_up_runs_a_job_on_the_embedded_default(tmp_path: Path) -> None:
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url, [up])
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
-            training = upload(http, chat_jsonl(16))
-            job_id = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])).json()["id"]
+            job_id = watched_job(http)
+            watched = watch(http, job_id)  # events streamed with three disconnects; the log followed
+            check_watched(http, job_id, watched)
             job = wait_for_status(http, job_id, {"succeeded", "failed", "cancelled"})
-            assert job["status"] == "succeeded", job
+            delays = event_delays(f"sqlite:///{tmp_path / 'home' / 'tuneforge.db'}", job_id, watched)
+            print(f"event delay on the embedded default: {percentiles(delays)} events")
+            assert max(delays) < 1.0, f"an event reached the stream {max(delays):.2f} s after it was written"
             adapter = http.get(f"/v1/models/{job['fine_tuned_model']}/adapter")
             assert adapter.status_code == 200 and adapter.content[:2] == b"\x1f\x8b"  # gzip
     finally:

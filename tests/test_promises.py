@@ -18,7 +18,7 @@ import pytest
 
 from app.db.session import session_scope
 from app.models import service as model_service
-from tests.helpers import all_events, chat_jsonl
+from tests.helpers import all_events, chat_jsonl, is_training_step
 
 
 def manifest_of(http: httpx.Client, model_id: str) -> dict:
@@ -67,7 +67,7 @@ def test_manifest_records_what_made_the_adapter(http: httpx.Client, finished_job
     assert {"torch", "transformers", "peft", "trl"} <= manifest["library_versions"].keys()
 
     # The final metrics: those the run reported, and what the job counted.
-    steps = [event["data"] for event in all_events(http, job["id"]) if event["type"] == "metrics"]
+    steps = [event["data"] for event in all_events(http, job["id"]) if is_training_step(event)]
     metrics = manifest["metrics"]
     assert metrics["steps"] == max(step["step"] for step in steps) == 5  # 40 examples at batch 8
     # Trainer's train_loss is the mean of the logged step losses (one log per step).

@@ -28,6 +28,7 @@ from tests.helpers import (
     all_events,
     chat_jsonl,
     checkpoint_steps,
+    is_training_step,
     job_body,
     training_processes,
     upload,
@@ -166,7 +167,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
     assert resumed_from(events) == [last]
     resumed = next(e for e in events if e["message"].startswith("Resuming from"))
     after_resume = events[events.index(resumed) :]
-    first_step = min(e["data"]["step"] for e in after_resume if e["type"] == "metrics")
+    first_step = min(e["data"]["step"] for e in after_resume if is_training_step(e))
     assert first_step == last + 1, "the global step continues from the checkpoint"
     assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
     assert_same_losses(events, expected)

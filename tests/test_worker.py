@@ -34,6 +34,7 @@ from tests.helpers import (
     TEST_HOME,
     all_events,
     chat_jsonl,
+    is_training_step,
     job_body,
     upload,
     wait_for_event,
@@ -192,7 +193,7 @@ def test_duplicate_message_runs_the_job_once(http: httpx.Client) -> None:
 
 def wait_for_metrics(http: httpx.Client, job_id: str, count: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while sum(e["type"] == "metrics" for e in events_of(http, job_id)) < count:
+    while sum(is_training_step(e) for e in events_of(http, job_id)) < count:
         assert time.monotonic() < deadline, f"job {job_id} logged fewer than {count} steps"
         time.sleep(0.3)
 
@@ -225,7 +226,7 @@ def test_cancel_running_and_queued_jobs(http: httpx.Client) -> None:
         )
         assert job_service.cancel_job(holder, project="alpha", job_id=running_id).status == "cancelled"
     stop = wait_for_event(http, running_id, "Training stopped")
-    in_flight = max(e["data"]["step"] for e in all_events(http, running_id) if e["type"] == "metrics")
+    in_flight = max(e["data"]["step"] for e in all_events(http, running_id) if is_training_step(e))
     # Metrics stop being recorded the moment the cancel commits; the run may take one more step, no more.
     assert stop["data"]["step"] <= in_flight + 1, (stop, in_flight)
     job = http.get(f"/v1/fine_tuning/jobs/{running_id}").json()
@@ -323,7 +324,7 @@ def test_alpaca_and_text_files_train_with_packing_and_inputs(http: httpx.Client)
     )
     assert job["status"] == "succeeded", job
     # Packing puts the 16 short texts into fewer rows, so the one epoch takes fewer steps than 16 / 8 = 2.
-    steps = [e["data"]["step"] for e in events_of(http, job["id"]) if e["type"] == "metrics"]
+    steps = [e["data"]["step"] for e in events_of(http, job["id"]) if is_training_step(e)]
     assert steps == [1], steps
 
 

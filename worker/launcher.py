@@ -124,7 +124,7 @@ def _pidfd(pid: int | None) -> int | None:
 
 
 def _train(job_id: str, attempt: int, log_path: str, memory_limit_mb: int, worker_pid: int) -> None:
-    """The training process: named after its job, dies with its worker, capped, logging to train.log."""
+    """The training process: named after its job, dies with its worker, capped, its output in `log_path`."""
     from setproctitle import setproctitle
 
     setproctitle(f"tuneforge train {job_id} attempt {attempt}")  # what `ps` shows
@@ -137,6 +137,10 @@ def _train(job_id: str, attempt: int, log_path: str, memory_limit_mb: int, worke
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
+    # Each line reaches the file as it is printed (a follower of the log sees it at once, and a killed run
+    # loses none): Python buffers a redirected stdout in blocks.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     from worker.train_job import main
 
     sys.exit(main(job_id, attempt))

@@ -15,8 +15,9 @@ The parent never imports torch; it starts the child (worker/launcher.py) and wat
   no longer be recorded).
 - If the database cannot be reached, the child keeps training while the lease may still be valid; past
   that it is stopped, since the reconciler may by then have given the job to another worker.
-- The attempt's work folder (Trainer's checkpoints, the unpacked resume state, train.log) is removed when
-  the attempt ends; one left by a killed worker goes when this machine next runs a job.
+- The attempt's work folder (Trainer's checkpoints, the unpacked resume state) is removed when the
+  attempt ends; one left by a killed worker goes when this machine next runs a job. The run's output
+  goes straight into the artifact store (app/storage.py log_key), where users read and follow it.
 """
 
 import contextlib
@@ -32,12 +33,14 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import logs
 from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import Job
 from app.jobs import lifecycle
 from app.jobs import service as job_service
 from app.queue import send_jobs
+from app.storage import get_store, log_key
 from worker.launcher import TrainingProcess, wait_until_ready
 from worker.train_job import DISK_FULL, EXIT_DISK_FULL, EXIT_PREEMPTED
 
@@ -68,16 +71,19 @@ def run_job(job_id: str) -> None:
     if attempt is None:
         log.info("job %s is not queued; nothing to do", job_id)
         return
+    logs.annotate(attempt=attempt)
+    log.info("running attempt %d of job %s", attempt, job_id)
     work = settings.resolved_home / "work"
     _remove_stale_workdirs(work)
     workdir = work / job_id / f"attempt-{attempt}"
     workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "train.log"
+    log_path = get_store().appendable(log_key(job_id, attempt))
     try:
         returncode = _watch(TrainingProcess(job_id, attempt, log_path), job_id=job_id, attempt=attempt)
-        tail = _log_tail(log_path)  # read before the folder goes
     finally:
         _remove_workdir(workdir)
+    tail = _log_tail(log_path)
+    log.info("attempt %d of job %s ended (exit code %s)", attempt, job_id, returncode)
     if returncode in (0, None):
         return
     with session_scope() as session:

@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app import logs
 from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import Job, TrainingFile
@@ -165,6 +166,12 @@ def disk_full(exc: BaseException) -> bool:
 def main(job_id: str, attempt: int) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logs.configure(run_log=True)  # Tuneforge's own lines, timed, into the run's log (worker/launcher.py)
+    with logs.bound(job_id=job_id, attempt=attempt):
+        return _run(job_id, attempt)
+
+
+def _run(job_id: str, attempt: int) -> int:
     try:
         from worker.training.callbacks import PREEMPTED  # imports torch: a broken install fails the job
 

@@ -6,10 +6,14 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Column, Engine, create_engine, event, update
-from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
+from sqlalchemy import Column, Connection, Engine, create_engine, event, text, update
+from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, sessionmaker
 
 from app.config import get_settings
+from app.db.tables import JobEvent
+
+# Postgres NOTIFY channel: the id of a job one of whose events was just committed (app/jobs/streams.py).
+EVENTS_CHANNEL = "tuneforge_job_events"
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +99,13 @@ def _run_after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_after_commit(session: Session) -> None:
     session.info.pop(_AFTER_COMMIT, None)
+
+
+@event.listens_for(JobEvent, "after_insert")
+def _notify_event_streams(_mapper: Mapper[JobEvent], connection: Connection, target: JobEvent) -> None:
+    """Wake the streams following this job: Postgres delivers the notification when the transaction
+    commits, and drops it if it rolls back. SQLite has no notifications: its streams re-read instead."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            text("SELECT pg_notify(:channel, :job_id)"), {"channel": EVENTS_CHANNEL, "job_id": target.job_id}
+        )

@@ -65,6 +65,12 @@ class Job(Base):
     sent_at: Mapped[datetime | None]
     # The broker queue the job was created for: the reconciler re-sends it there, whatever its own queue.
     queue: Mapped[str | None] = mapped_column(String(200))
+    # How far the run has trained: the last step it logged, of `total_steps`, and when it should finish at
+    # the pace its current attempt measured (the database's clock). The training process writes them,
+    # fenced by its attempt; `estimated_finish` means something only while the job is running.
+    step: Mapped[int | None]
+    total_steps: Mapped[int | None]
+    estimated_finish: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -90,22 +90,25 @@ def retrieve_file(file_id: str, session: SessionDep, project: ProjectDep) -> Fil
     return file_service.to_public(file_service.get_file(session, project=project, file_id=file_id))
 
 
-# The file as it was uploaded, one JSON document a line: documented as such, not as FastAPI's JSON default.
-JSONL_CONTENT: dict[int | str, dict[str, Any]] = {
+# The file's bytes: an uploaded file as it was uploaded, one JSON document a line; a job's results file
+# (purpose `fine-tune-results`) as CSV. Documented as such, not as FastAPI's JSON default.
+FILE_CONTENT: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The file's bytes.",
-        "content": {"application/jsonl": {"schema": {"type": "string"}}},
+        "content": {media: {"schema": {"type": "string"}} for media in file_service.MEDIA_TYPES.values()},
     }
 }
 
 
 @router.get(
-    "/{file_id}/content", operation_id="downloadFile", response_class=FileResponse, responses=JSONL_CONTENT
+    "/{file_id}/content", operation_id="downloadFile", response_class=FileResponse, responses=FILE_CONTENT
 )
 def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
     row = file_service.get_file(session, project=project, file_id=file_id)
     return FileResponse(
-        get_store().local_path(row.storage_key), media_type="application/jsonl", filename=row.filename
+        get_store().local_path(row.storage_key),
+        media_type=file_service.media_type(row),
+        filename=row.filename,
     )
 
 

@@ -1,4 +1,5 @@
-"""Training files: validated on upload, stored as artifacts, owned by one project."""
+"""Files: training files, validated on upload, and the results files of jobs; stored as artifacts, owned by
+one project."""
 
 import hashlib
 import re
@@ -18,7 +19,10 @@ from app.files.schemas import FilePublic
 from app.files.validation import validate_training_file
 from app.storage import get_store
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune",)  # what an upload may be
+# A file Tuneforge writes itself: a succeeded job's step metrics (CSV). Never uploaded, never trained on.
+RESULTS_PURPOSE = "fine-tune-results"
+MEDIA_TYPES = {"fine-tune": "application/jsonl", RESULTS_PURPOSE: "text/csv"}
 MAX_LIST_LIMIT = 10_000  # OpenAI's maximum and default for GET /v1/files
 CHUNK = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -32,6 +36,15 @@ def to_public(row: TrainingFile) -> FilePublic:
         filename=row.filename,
         purpose=row.purpose,
     )
+
+
+def new_file_id() -> str:
+    return "file-" + secrets.token_hex(12)
+
+
+def media_type(row: TrainingFile) -> str:
+    """The content type a file's bytes are served with."""
+    return MEDIA_TYPES.get(row.purpose, "application/octet-stream")
 
 
 def _spool(stream: BinaryIO, limit_bytes: int) -> tuple[Path, int, str]:
@@ -75,7 +88,7 @@ def create_file(
                 400, f"Invalid training file '{filename}': {listed}{more}", param="file", code=first.code
             )
         row = TrainingFile(
-            id="file-" + secrets.token_hex(12),
+            id=new_file_id(),
             project=project,
             filename=filename,
             purpose=purpose,
@@ -89,6 +102,33 @@ def create_file(
         get_store().put_file(row.storage_key, tmp)
     finally:
         tmp.unlink(missing_ok=True)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def add_results_file(
+    session: Session, *, project: str, file_id: str, filename: str, content: bytes
+) -> TrainingFile:
+    """Store a job's results file (purpose `fine-tune-results`) for its project, and add the file's row.
+
+    The bytes are in the store before the row can commit; should the transaction roll back, they stay
+    behind unnamed by any row.
+    """
+    row = TrainingFile(
+        id=file_id,
+        project=project,
+        filename=filename,
+        purpose=RESULTS_PURPOSE,
+        bytes=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        format=None,
+        storage_key=f"files/{file_id}.csv",
+    )
+    with tempfile.NamedTemporaryFile(prefix="tuneforge-results-") as spooled:
+        spooled.write(content)
+        spooled.flush()
+        get_store().put_file(row.storage_key, Path(spooled.name))
     session.add(row)
     session.flush()
     return row

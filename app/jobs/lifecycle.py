@@ -14,6 +14,8 @@ from sqlalchemy.orm import Session
 from app.db.session import after_commit
 from app.db.tables import Checkpoint, Job
 from app.db.time import db_now
+from app.files import service as file_service
+from app.jobs import results
 from app.jobs import service as job_service
 from app.models import service as model_service
 from app.storage import get_store, resume_state_key
@@ -29,6 +31,7 @@ def claim(session: Session, *, job_id: str, owner: str, lease_seconds: int) -> i
             attempt=Job.attempt + 1,
             lease_owner=owner,
             lease_expires_at=db_now(lease_seconds),
+            estimated_finish=None,  # the new attempt estimates from its own pace
         )
         .returning(Job.attempt)
     )
@@ -61,6 +64,20 @@ def attempt_status(session: Session, *, job_id: str, attempt: int) -> str | None
     """The job's status as attempt `attempt` sees it: None once a newer attempt has superseded it."""
     job = session.get(Job, job_id)
     return job.status if job is not None and job.attempt == attempt else None
+
+
+def record_progress(
+    session: Session, *, job_id: str, attempt: int, step: int, total_steps: int, seconds_left: float
+) -> bool:
+    """Record the step this attempt has reached, and that it should finish `seconds_left` from now by the
+    database's clock. A no-op once the attempt no longer owns the job; a pausing run records its last step.
+    """
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(("running", "paused")))
+        .values(step=step, total_steps=total_steps, estimated_finish=db_now(seconds_left))
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def requeue(session: Session, *, job_id: str, attempt: int, message: str, counts: bool) -> bool:
@@ -155,24 +172,33 @@ def succeed(
     """Mark the job succeeded and register its model, in the caller's transaction. Returns the model id.
 
     One conditional UPDATE decides: a cancel or pause that committed first leaves nothing to publish, and
-    one that comes later finds the job finished. The model row is written only by the winner.
+    one that comes later finds the job finished. The model row, and the results file (the step metrics
+    as CSV, added to `result_files` as OpenAI's jobs list theirs), are written only by the winner.
     """
     job = session.get(Job, job_id)  # its model and suffix, which never change, name the model
     if job is None:
         return None
     model_id = model_service.fine_tuned_model_id(job)
+    results_file_id = file_service.new_file_id()
     published = session.execute(
         _owned(job_id, attempt).values(
             status="succeeded",
             fine_tuned_model=model_id,
             finished_at=db_now(),
             trained_tokens=trained_tokens,
-            result_files=result_files,
+            result_files=[*result_files, results_file_id],
             lease_expires_at=None,
         )
     )
     if published.rowcount != 1:  # type: ignore[attr-defined]
         return None
+    file_service.add_results_file(
+        session,
+        project=job.project,
+        file_id=results_file_id,
+        filename=results.RESULTS_FILENAME,
+        content=results.results_csv(session, job_id=job_id),
+    )
     model_service.add_fine_tuned_model(
         session,
         model_id=model_id,

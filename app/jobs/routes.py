@@ -4,13 +4,19 @@ import logging
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from app import idempotency, queue
+from app.config import get_settings
 from app.deps import ProjectDep, SessionDep, page_limit
+from app.errors import ApiError
 from app.idempotency import IdempotencyKeyDep
 from app.jobs import service as job_service
+from app.jobs import streams
 from app.jobs.schemas import CheckpointsPublic, EventsPublic, JobCreate, JobPublic, JobsPublic
+from app.storage import get_store, log_key
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ JOB_LINKS = {
     "pause": _with_job_id("pauseFineTuningJob"),
     "resume": _with_job_id("resumeFineTuningJob"),
     "events": _with_job_id("listFineTuningEvents"),
+    "logs": _with_job_id("retrieveFineTuningJobLogs"),
     "checkpoints": _with_job_id("listFineTuningJobCheckpoints"),
     "trainingFile": {
         "operationId": "retrieveFile",
@@ -91,14 +98,79 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPubl
     return job_service.to_public(job_service.cancel_job(session, project=project, job_id=job_id))
 
 
-@router.get("/{job_id}/events", response_model=EventsPublic, operation_id="listFineTuningEvents")
+STREAM_DESCRIPTION = (
+    "With `stream=true`: Server-Sent Events, oldest first, each `data` one event as in the list and `id` "
+    "its id; resume after a disconnect with `Last-Event-ID` (or `after`). Keep-alive comments while "
+    "quiet; the stream ends after the job's final status event."
+)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=EventsPublic,
+    operation_id="listFineTuningEvents",
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
 def list_events(
-    job_id: str, session: SessionDep, project: ProjectDep, limit: Limit, after: str | None = None
-) -> EventsPublic:
-    events, has_more = job_service.list_events(
-        session, project=project, job_id=job_id, after=after, limit=limit
+    job_id: str,
+    session: SessionDep,
+    project: ProjectDep,
+    limit: Limit,
+    after: str | None = None,
+    stream: Annotated[bool, Query(description=STREAM_DESCRIPTION)] = False,
+    last_event_id: Annotated[str | None, Header(description="With `stream=true`: resume after it.")] = None,
+) -> EventsPublic | EventSourceResponse:
+    """Newest first, a page at a time (`after`: the last id of the previous page); or, with `stream=true`,
+    every event from the first (or after `Last-Event-ID`/`after`) as it is written."""
+    if not stream:
+        events, has_more = job_service.list_events(
+            session, project=project, job_id=job_id, after=after, limit=limit
+        )
+        return EventsPublic(data=[job_service.event_to_public(e) for e in events], has_more=has_more)
+    job_service.get_job(session, project=project, job_id=job_id)
+    cursor = last_event_id or after
+    after_seq = (
+        job_service.event_seq(cursor, param="Last-Event-ID" if last_event_id else "after") if cursor else 0
     )
-    return EventsPublic(data=[job_service.event_to_public(e) for e in events], has_more=has_more)
+    return EventSourceResponse(
+        streams.event_stream(job_id, after_seq),
+        ping=get_settings().stream_ping_seconds,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},  # proxies: pass it on unbuffered
+    )
+
+
+@router.get(
+    "/{job_id}/logs",
+    operation_id="retrieveFineTuningJobLogs",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+def job_logs(
+    job_id: str,
+    session: SessionDep,
+    project: ProjectDep,
+    attempt: Annotated[int | None, Query(ge=1, description="Which attempt; the latest by default.")] = None,
+    follow: Annotated[bool, Query(description="Keep streaming new lines until the attempt ends.")] = False,
+) -> Response:
+    """The run's own output (stdout and stderr: Tuneforge's lines, library warnings, tracebacks) for one
+    attempt, as stored while it ran."""
+    job = job_service.get_job(session, project=project, job_id=job_id)
+    if attempt is not None and attempt > max(job.attempt, 1):
+        raise ApiError(
+            400,
+            f"Job {job_id} has run {job.attempt} attempt(s); there is no attempt {attempt}.",
+            param="attempt",
+            code="invalid_value",
+        )
+    attempt = attempt or max(job.attempt, 1)
+    path = get_store().local_path(log_key(job_id, attempt))
+    if follow:
+        return StreamingResponse(
+            streams.follow_log(job_id, attempt, path),
+            media_type="text/plain; charset=utf-8",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+    return PlainTextResponse(path.read_bytes() if path.is_file() else b"")
 
 
 @router.get(

@@ -329,6 +329,13 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+class JobProgress(BaseModel):
+    """Tuneforge: how far a job's run has trained."""
+
+    step: int = Field(description="The last step the run trained (the final one once the job has finished).")
+    total_steps: int = Field(description="The optimizer steps the whole run takes.")
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -350,7 +357,12 @@ class JobPublic(BaseModel):
     user_provided_suffix: str | None = None
     metadata: dict[str, str] | None
     integrations: list[Any] = Field(default_factory=list)
-    estimated_finish: int | None = None
+    estimated_finish: int | None = Field(
+        None,
+        description="While the job runs: when it should finish (Unix seconds), at the pace of its current "
+        "attempt; null otherwise.",
+    )
+    progress: JobProgress | None = Field(None, description="Tuneforge: null until the run's first step.")
     attempt: int = Field(0, description="Tuneforge: how many times a worker has claimed this job.")
 
 
@@ -374,6 +386,14 @@ class EventsPublic(BaseModel):
     object: Literal["list"] = "list"
     data: list[EventPublic]
     has_more: bool
+
+
+class StepMetricsPublic(BaseModel):
+    """A job's metrics, one row per step; every row holds every column, null where a step has no value."""
+
+    object: Literal["list"] = "list"
+    columns: list[str] = Field(description="The metric names, in the order the CSV form puts them.")
+    data: list[dict[str, float | int | None]] = Field(description="One row per step, ordered by step.")
 
 
 class CheckpointPublic(BaseModel):

@@ -23,6 +23,7 @@ from app.jobs.schemas import (
     EventPublic,
     JobCreate,
     JobError,
+    JobProgress,
     JobPublic,
     hyperparameters_of,
 )
@@ -54,8 +55,18 @@ def to_public(job: Job) -> JobPublic:
         suffix=job.suffix,
         user_provided_suffix=job.suffix,
         metadata=job.metadata_,
+        # An estimate from a finished, paused or re-queued attempt's pace says nothing about the future.
+        estimated_finish=_ts(job.estimated_finish) if job.status == "running" else None,
+        progress=progress_of(job),
         attempt=job.attempt,
     )
+
+
+def progress_of(job: Job) -> JobProgress | None:
+    """The step the run has reached, of how many; None before its first step."""
+    if job.step is None or job.total_steps is None:
+        return None
+    return JobProgress(step=job.step, total_steps=job.total_steps)
 
 
 def event_to_public(event: JobEvent) -> EventPublic:
@@ -353,11 +364,11 @@ def add_event(
     return event
 
 
-def _event_seq(event_id: str) -> int:
+def event_seq(event_id: str, *, param: str = "after") -> int:
     prefix, _, number = event_id.partition("-")
     if prefix != "ftevent" or not number.isdigit():
         raise ApiError(
-            400, f"'{event_id}' is not an event id (ftevent-N).", param="after", code="invalid_cursor"
+            400, f"'{event_id}' is not an event id (ftevent-N).", param=param, code="invalid_cursor"
         )
     return int(number)
 
@@ -369,7 +380,7 @@ def list_events(
     get_job(session, project=project, job_id=job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after:
-        query = query.where(JobEvent.seq < _event_seq(after))
+        query = query.where(JobEvent.seq < event_seq(after))
     rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 

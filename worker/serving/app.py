@@ -26,6 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app import logs
 from app.errors import ApiError, envelope, install_error_handlers
 from worker.serving import classifier, merge
 from worker.serving.batcher import Batcher, Handle
@@ -33,6 +34,7 @@ from worker.serving.engine import Engine, GenerationRequest, Refused, Target, Un
 from worker.serving.resolve import resolve
 from worker.serving.schemas import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from worker.serving.settings import SECRET_VARIABLE, secret_problem, serving_settings
+from worker.serving.telemetry import install_metrics
 
 Resolver = Callable[..., Target]
 # FastAPI reads a `x_tuneforge_project` parameter from the X-Tuneforge-Project header (any case).
@@ -68,6 +70,7 @@ def create_app(
 
     app = FastAPI(title="Tuneforge inference", lifespan=lifespan)
     install_error_handlers(app)
+    install_metrics(app)
     app.add_middleware(RequireSecret, secret=secret)
 
     @app.get("/healthz")
@@ -291,4 +294,5 @@ def run_server(host: str = "127.0.0.1", port: int = 8001) -> None:
             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`) for it and for the API. "
             "`tuneforge up` generates one for both."
         )
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    logs.configure()
+    uvicorn.run(create_app(), host=host, port=port, log_config=None)

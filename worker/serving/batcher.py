@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from worker.serving.decode import Step
 from worker.serving.engine import Engine, GenerationRequest, Prepared, adapter_name
+from worker.serving.telemetry import BATCH_ROWS, GENERATED_TOKENS, QUEUE_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class Handle:
         self.queue: asyncio.Queue[Accepted | Step | BaseException] = asyncio.Queue()
         self.prepared: Prepared | None = None
         self.cancelled = False
+        self.arrived = time.monotonic()
 
     def put(self, item: Accepted | Step | BaseException) -> None:
         """Deliver from the worker thread."""
@@ -112,6 +115,7 @@ class Batcher:
                 handle.put(exc)
                 continue
             accepted.append(handle)
+            QUEUE_WAIT.observe(time.monotonic() - handle.arrived)
             handle.put(Accepted(len(handle.prepared.row.prompt_ids)))
         groups: dict[str, list[Handle]] = {}
         for handle in accepted:
@@ -141,8 +145,10 @@ class Batcher:
 
     def _generate(self, batch: list[Handle]) -> None:
         self.batches_run += 1
+        BATCH_ROWS.observe(len(batch))
         try:
             for steps in self.engine.generate([h.prepared for h in batch if h.prepared is not None]):
+                GENERATED_TOKENS.inc(len(steps))
                 for step in steps:
                     batch[step.row].put(step)
         except Exception as exc:  # the batch failed as a whole: tell each of its requests

@@ -39,6 +39,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.serving.decode import BASE_ADAPTER, Row, Step, decode
+from worker.serving.telemetry import ADAPTER_EVICTIONS, ADAPTER_LOADS
 
 # Adapter types PEFT can mix in one batch with `adapter_names` (checked in peft/tuners/lora/layer.py).
 MIXABLE_PEFT_TYPES = {"LORA"}
@@ -245,10 +246,12 @@ class Engine:
             own = load_model(target.adapter_path, self.device)
         self._active[name] = (kind, target.base_id, own)
         self.loads += 1
+        ADAPTER_LOADS.inc()
         return name
 
     def _evict(self, name: str) -> None:
         kind, base_id, _own = self._active.pop(name)
+        ADAPTER_EVICTIONS.inc()
         if kind != "lora":
             return  # dropping the reference frees its own model
         base = self._bases[base_id]

@@ -1,4 +1,8 @@
-"""Trainer callbacks that report to Tuneforge: metrics events, checkpoints, and cooperative stops.
+"""Trainer callbacks that report to Tuneforge: metrics events, progress, checkpoints, and cooperative stops.
+
+Each training step writes a `metrics` event (train_loss, learning rate, grad_norm, ...) and the job's
+progress: its step, and when it should finish at the pace this attempt has trained so far. A validation
+pass writes a `metrics` event of its own for the step it ran at (valid_loss, ...; no train_loss).
 
 A run stops at the end of a step when its job is cancelled (no checkpoint) or paused (checkpoint first),
 and when `PREEMPTED` is set (the worker is shutting down: checkpoint first, then the job is re-queued).
@@ -73,6 +77,11 @@ class JobReporter(TrainerCallback):
         self.last_metrics: dict[str, Any] = {}
         self.last_eval_step = -1
         self._last_log = (time.monotonic(), 0)
+        self._attempt_began = (time.monotonic(), 0)  # when, and at which step (a resumed one), it began
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._attempt_began = (time.monotonic(), state.global_step)  # Trainer has restored a resumed step
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         try:
@@ -117,6 +126,7 @@ class JobReporter(TrainerCallback):
             self.event(
                 f"Step {state.global_step}: validation loss={logs['eval_loss']:.4f}",
                 {"step": state.global_step} | valid,
+                "metrics",
                 pausing_too=True,
             )
 
@@ -130,6 +140,7 @@ class JobReporter(TrainerCallback):
             "epoch": round(state.epoch or 0.0, 4),
             "train_loss": logs["loss"],
             "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
             "tokens_per_second": round((tokens - tokens_before) / max(now - then, 1e-6), 1),
             "train_mean_token_accuracy": logs.get("mean_token_accuracy"),
             # DPO: how often and by how much the policy prefers the preferred answer over the reference
@@ -142,7 +153,19 @@ class JobReporter(TrainerCallback):
             data,
             "metrics",
             pausing_too=True,
+            progress=self._progress(state, now),
         )
+
+    def _progress(self, state, now: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        """The step reached, and the seconds left at the pace of this attempt's steps so far."""
+        began, first_step = self._attempt_began
+        per_step = (now - began) / max(state.global_step - first_step, 1)
+        steps_left = max(state.max_steps - state.global_step, 0)
+        return {
+            "step": state.global_step,
+            "total_steps": state.max_steps,
+            "seconds_left": steps_left * per_step,
+        }
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -174,6 +197,13 @@ class JobReporter(TrainerCallback):
             for k, v in self.last_metrics.items()
             if k in ("train_loss", "train_mean_token_accuracy") or k.startswith(("valid_", "train_rewards/"))
         }
+        # Evaluation always covers the whole validation set: OpenAI names such a pass's figures full_valid_*.
+        if self.last_eval_step == step:
+            metrics |= {
+                "full_" + k: self.last_metrics[k]
+                for k in ("valid_loss", "valid_mean_token_accuracy")
+                if k in self.last_metrics
+            }
         try:
             with session_scope() as session:
                 recorded = lifecycle.record_checkpoint(
@@ -193,16 +223,30 @@ class JobReporter(TrainerCallback):
             for archive_key, _ in archives:
                 get_store().delete(archive_key)
 
-    def event(self, message: str, data: dict, type: str = "message", *, pausing_too: bool = False) -> None:
+    def event(
+        self,
+        message: str,
+        data: dict,
+        type: str = "message",
+        *,
+        pausing_too: bool = False,
+        progress: dict[str, Any] | None = None,
+    ) -> None:
         """Record an event while this attempt owns the job; lost, not fatal, while the database is away.
 
         `pausing_too` records it while the job is paused as well: a step's metrics, since the step a pause
-        stops at is trained and checkpointed, and the resumed run continues after it.
+        stops at is trained and checkpointed, and the resumed run continues after it. `progress` (the
+        arguments of `lifecycle.record_progress`) goes in the same transaction, after the event.
         """
+        log.info(message)  # into the run's log too, timed: followers of /logs see each step as it ends
         try:
             with session_scope() as session:
                 status = lifecycle.attempt_status(session, job_id=self.job_id, attempt=self.attempt)
                 if status == "running" or (pausing_too and status == "paused"):
                     job_service.add_event(session, job_id=self.job_id, message=message, type=type, data=data)
+                    if progress is not None:
+                        lifecycle.record_progress(
+                            session, job_id=self.job_id, attempt=self.attempt, **progress
+                        )
         except SQLAlchemyError:
             log.warning("could not record event %r", message, exc_info=True)
