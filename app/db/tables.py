@@ -71,6 +71,8 @@ class Job(Base):
     step: Mapped[int | None]
     total_steps: Mapped[int | None]
     estimated_finish: Mapped[datetime | None]
+    # OpenAI's `integrations` as the job was created with them (experiment trackers the run reports to).
+    integrations: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
