@@ -171,6 +171,10 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_with_the_same_losses(
     assert first_step == last + 1, "the global step continues from the checkpoint"
     assert stack.sql("SELECT count(*) FROM models WHERE job_id = :j", j=job_id)[0][0] == 1
     assert_same_losses(events, expected)
+    # The killed run's log kept every step it recorded: each line is in the store once it is printed.
+    killed_log = http.get(f"/v1/fine_tuning/jobs/{job_id}/logs", params={"attempt": 1}).text
+    recorded = [e["data"]["step"] for e in events[: events.index(resumed)] if is_training_step(e)]
+    assert recorded and all(f"Step {step}/" in killed_log for step in recorded), killed_log[-2000:]
 
 
 @pytest.mark.parametrize("to", ["worker", "process group"])
