@@ -174,3 +174,28 @@ def quantization_expected(peft: str, base_dir: Path) -> dict | None:
     base = AutoModel.from_pretrained(base_dir)
     linear = sum(isinstance(module, torch.nn.Linear) for module in base.modules())
     return {"bits": bits, "quantized_modules": linear, "module_class": layer.__name__}
+
+
+@contextmanager
+def fresh_database(url: str, suffix: str) -> Iterator[str]:
+    """An empty Postgres database next to `url`'s (`<name>_<suffix>`), created afresh (a leftover of an
+    interrupted run goes first) and dropped afterwards, connections and all; yields its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from app.db.session import get_engine
+
+    base = make_url(url)
+    name = f"{base.database}_{suffix}"
+    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    fresh = base.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield fresh
+    finally:
+        get_engine(fresh).dispose()  # code under test may have used the cached engine
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

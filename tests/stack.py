@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from tests.conftest import POSTGRES_URL, REDIS_URL
-from tests.helpers import all_events, api_process, is_training_step, training_processes
+from tests.helpers import all_events, api_process, fresh_database, is_training_step, training_processes
 
 # The tests' own Redis databases are 15 (shared services) and 14 (this stack); 0, the README's, is never
 # touched. Concurrent runs on one machine set both through the environment.
@@ -71,14 +71,12 @@ def run_cli(env: dict[str, str], *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    postgres = make_url(POSTGRES_URL)
-    name = f"{postgres.database}_chaos"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    chaos_url = postgres.set(database=name).render_as_string(hide_password=False)
+    with fresh_database(POSTGRES_URL, "chaos") as chaos_url:
+        yield from _stack(chaos_url)
+
+
+def _stack(chaos_url: str) -> Iterator[Stack]:
+    """An API, a reconciler and (as tests start them) workers of their own, on the database at `chaos_url`."""
     broker = CHAOS_REDIS_URL
     flushed = redis.Redis.from_url(broker)  # this stack's own database, emptied now and by tests
     shared = redis.Redis.from_url(REDIS_URL).connection_pool.connection_kwargs.get("db", 0)

@@ -7,11 +7,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, create_engine, inspect, make_url, text
+from sqlalchemy import Connection, create_engine, inspect, text
 
 from app.db import migrate
-from app.db.session import get_engine
 from app.db.tables import Base
+from tests.helpers import fresh_database
 
 
 def test_single_head() -> None:
@@ -41,20 +41,8 @@ def test_sqlite_upgrade_downgrade_round_trip(tmp_path: Path) -> None:
 @pytest.fixture
 def empty_postgres(database: str) -> Iterator[str]:
     """A fresh, empty database next to the test one (`<name>_alembic`), dropped afterwards."""
-    url = make_url(database)
-    name = f"{url.database}_alembic"
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    fresh = url.set(database=name).render_as_string(hide_password=False)
-    try:
+    with fresh_database(database, "alembic") as fresh:
         yield fresh
-    finally:
-        get_engine(fresh).dispose()  # migrations ran on the cached engine
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _enum_types(connection: Connection) -> set[str]:

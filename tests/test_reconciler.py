@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from sqlalchemy import create_engine, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
 from app.config import get_settings
@@ -26,7 +25,7 @@ from app.db.tables import Job, Model, TrainingFile, utcnow
 from app.jobs import service as job_service
 from app.jobs.schemas import JobCreate
 from app.storage import get_store
-from tests.helpers import chat_jsonl, job_body, job_messages, upload, wait_for_status
+from tests.helpers import chat_jsonl, fresh_database, job_body, job_messages, upload, wait_for_status
 
 
 def create_unsent_job(http: httpx.Client, **state: object) -> str:
@@ -141,14 +140,7 @@ def test_a_reconciler_whose_clock_is_ahead_never_requeues_a_live_job(http: httpx
 @pytest.fixture
 def unwatched_database(database: str, tiny_model: str) -> Iterator[str]:
     """A database of its own at head, with tiny-llama registered, that no reconciler or worker watches."""
-    url = make_url(database)
-    name = f"{url.database}_unwatched"
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    unwatched = url.set(database=name).render_as_string(hide_password=False)
-    try:
+    with fresh_database(database, "unwatched") as unwatched:
         migrate.upgrade(unwatched)
         with session_scope() as source, sessionmaker(get_engine(unwatched))() as target, target.begin():
             base = source.get(Model, tiny_model)
@@ -156,11 +148,6 @@ def unwatched_database(database: str, tiny_model: str) -> Iterator[str]:
             source.expunge(base)
             target.merge(base)
         yield unwatched
-    finally:
-        get_engine(unwatched).dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 SETTLE_SECONDS = 10  # how long a job's message may take to reach the broker's queue (app/reconciler.py)
