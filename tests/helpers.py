@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from app.db.tables import TrainingFile  # reads no settings: safe before conftest sets them
+
 TEST_HOME = Path(os.environ["TUNEFORGE_HOME"])
 
 
@@ -199,3 +201,18 @@ def fresh_database(url: str, suffix: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def chat_file_row(file_id: str, project: str, *, storage_key: str, examples: int = 8) -> TrainingFile:
+    """A chat training file's row, for tests that write the database directly (the bytes are theirs)."""
+    return TrainingFile(
+        id=file_id,
+        project=project,
+        filename="train.jsonl",
+        purpose="fine-tune",
+        bytes=1,
+        sha256="0" * 64,
+        format="chat",
+        example_count=examples,
+        storage_key=storage_key,
+    )

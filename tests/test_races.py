@@ -33,7 +33,7 @@ from app.jobs import service as job_service
 from app.jobs.schemas import JobCreate
 from app.models import service as model_service
 from app.storage import get_store
-from tests.helpers import chat_jsonl, job_body
+from tests.helpers import chat_file_row, chat_jsonl, job_body
 
 ROUNDS = 25
 PROJECT = "racer"
@@ -98,19 +98,7 @@ def new_file(sessions: sessionmaker[Session]) -> str:
     get_store().put_file(key, source)
     source.unlink()
     with sessions() as session, session.begin():
-        session.add(
-            TrainingFile(
-                id=file_id,
-                project=PROJECT,
-                filename="train.jsonl",
-                purpose="fine-tune",
-                bytes=1,
-                sha256="0" * 64,
-                format="chat",
-                example_count=4,
-                storage_key=key,
-            )
-        )
+        session.add(chat_file_row(file_id, PROJECT, storage_key=key, examples=4))
     return file_id
 
 

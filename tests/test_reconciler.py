@@ -21,11 +21,19 @@ from sqlalchemy.orm import sessionmaker
 from app.config import get_settings
 from app.db import migrate
 from app.db.session import get_engine, session_scope
-from app.db.tables import Job, Model, TrainingFile, utcnow
+from app.db.tables import Job, Model, utcnow
 from app.jobs import service as job_service
 from app.jobs.schemas import JobCreate
 from app.storage import get_store
-from tests.helpers import chat_jsonl, fresh_database, job_body, job_messages, upload, wait_for_status
+from tests.helpers import (
+    chat_file_row,
+    chat_jsonl,
+    fresh_database,
+    job_body,
+    job_messages,
+    upload,
+    wait_for_status,
+)
 
 
 def create_unsent_job(http: httpx.Client, **state: object) -> str:
@@ -182,17 +190,7 @@ def test_a_message_waiting_past_resend_after_seconds_is_sent_again(unwatched_dat
 
     sessions = sessionmaker(get_engine(unwatched_database))
     with sessions() as session, session.begin():
-        file = TrainingFile(
-            id="file-unwatched",
-            project="alpha",
-            filename="train.jsonl",
-            purpose="fine-tune",
-            bytes=1,
-            sha256="0" * 64,
-            format="chat",
-            example_count=8,
-            storage_key="files/file-unwatched.jsonl",
-        )
+        file = chat_file_row("file-unwatched", "alpha", storage_key="files/file-unwatched.jsonl")
         session.add(file)
         spec = JobCreate(**job_body(file.id))
         late, recent, elsewhere = (job_service.create_job(session, project="alpha", spec=spec) for _ in "abc")
