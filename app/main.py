@@ -29,6 +29,7 @@ from app.jobs.results import router as job_results_router
 from app.jobs.routes import router as jobs_router
 from app.models.routes import router as models_router
 from app.telemetry import install_metrics
+from app.webhooks.routes import router as webhooks_router
 
 
 def create_app() -> FastAPI:
@@ -57,6 +58,7 @@ def create_app() -> FastAPI:
     for router in (files_router, jobs_router, inference_router, models_router, estimate_router):
         app.include_router(router)
     app.include_router(job_results_router)
+    app.include_router(webhooks_router)
 
     @app.get("/livez", tags=["ops"])
     def livez() -> dict:

@@ -3,8 +3,9 @@
 It re-sends queued jobs whose message may be lost (a crash between commit and send; a flushed or
 restarted broker, found quickly as queued jobs while the broker's queue is empty), re-queues jobs whose
 worker stopped renewing its lease, and fails jobs out of attempts; it also deletes expired
-Idempotency-Keys. It runs as its own process rather than as a Celery beat task: a task would wait
-behind a training job on a busy worker, which is exactly when a dead worker's job needs re-queueing.
+Idempotency-Keys, and sends webhooks from the outbox in a thread (app/webhooks/delivery.py). It runs as
+its own process rather than as a Celery beat task: a task would wait behind a training job on a busy
+worker, which is exactly when a dead worker's job needs re-queueing.
 """
 
 import logging
@@ -15,6 +16,7 @@ from app.config import get_settings
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from app.queue import send_jobs, waiting_messages
+from app.webhooks import delivery as webhook_delivery
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def reconcile_once() -> list[str]:
 def run_forever() -> None:
     """Reconcile every `reconcile_seconds` until stopped; a failed pass is logged and retried."""
     interval = get_settings().reconcile_seconds
+    webhook_delivery.start_sender()
     while True:
         try:
             due = reconcile_once()

@@ -26,7 +26,12 @@ os.environ.update(
     TUNEFORGE_HEARTBEAT_SECONDS="1",
     TUNEFORGE_RECONCILE_SECONDS="1",
     TUNEFORGE_RATE_LIMIT_PER_MINUTE="0",  # tests poll hard; tests/test_rate_limit.py runs its own limited API
+    TUNEFORGE_WEBHOOKS_ALLOW_PRIVATE="1",  # test receivers listen on 127.0.0.1; test_webhooks checks it off
     HF_HUB_OFFLINE="1",
+    WANDB_MODE="offline",  # tests/test_tracking.py: W&B runs stay on disk, under WANDB_DIR
+    WANDB_DIR=str(TEST_HOME),
+    MLFLOW_TRACKING_URI=f"sqlite:///{TEST_HOME}/mlflow.db",  # the workers' MLflow store, as operators set it
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",  # test_tracking's unreachable MLflow server fails at once
 )
 
 from sqlalchemy import create_engine, text  # noqa: E402

@@ -25,6 +25,7 @@ from app import logs
 from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import Job, TrainingFile
+from app.files import service as file_service
 from app.jobs import lifecycle
 from app.jobs import service as job_service
 from app.jobs.schemas import hyperparameters_of
@@ -91,7 +92,9 @@ def publish(job_id: str, attempt: int, result: "RunResult") -> str | None:
     The archive is keyed by attempt and only the winning conditional update points the model at it, so an
     attempt that was superseded while it packed can never replace the adapter that is served. Returns the
     model id, or None when this attempt no longer owns the job (its archive is then removed).
+    A run that reported to TensorBoard ships its event files as a second results file, after the CSV.
     """
+    from worker.training import tracking
     from worker.training.callbacks import pack_folder
 
     key = f"adapters/{job_id}/attempt-{attempt}.tar.gz"
@@ -100,6 +103,9 @@ def publish(job_id: str, attempt: int, result: "RunResult") -> str | None:
         get_store().put_file(key, archive)
     finally:
         archive.unlink(missing_ok=True)
+    # The recipe's output folder is in the attempt's work folder, where TensorBoard wrote its events.
+    tensorboard = tracking.tensorboard_archive(result.output_dir.parent)
+    tensorboard_id = file_service.new_file_id()
     with session_scope() as session:
         model_id = lifecycle.succeed(
             session,
@@ -107,8 +113,18 @@ def publish(job_id: str, attempt: int, result: "RunResult") -> str | None:
             attempt=attempt,
             storage_key=key,
             trained_tokens=result.trained_tokens,
-            result_files=[],
+            result_files=[tensorboard_id] if tensorboard is not None else [],
         )
+        if model_id is not None and tensorboard is not None:
+            job = session.get(Job, job_id)
+            assert job is not None  # succeed has just marked it
+            file_service.add_results_file(
+                session,
+                project=job.project,
+                file_id=tensorboard_id,
+                filename=tracking.TENSORBOARD_RESULTS_NAME,
+                content=tensorboard,
+            )
     if model_id is None:
         get_store().delete(key)
     return model_id

@@ -135,3 +135,59 @@ class IdempotencyKey(Base):
     object_type: Mapped[str] = mapped_column(String(40))
     object_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # the reconciler purges by age
+
+
+class WebhookEndpoint(Base):
+    """A URL a project registered for job status events, with the secret its deliveries are signed with."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project: Mapped[str] = mapped_column(String(100), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    description: Mapped[str | None] = mapped_column(String(512))
+    # Standard Webhooks' `whsec_<base64>`; kept as is (not hashed) because every delivery is signed with it.
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one endpoint, written in the transaction of the status change it reports.
+
+    `endpoint_id` has no foreign key on purpose: a status change must never fail because the endpoint it
+    is about to write for was deleted at the same instant. The sender drops deliveries whose endpoint is
+    gone.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    # The `webhook-id` header: the same on every attempt, so a receiver can drop a repeat.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(String(40), index=True)
+    event_id: Mapped[str] = mapped_column(String(40))
+    type: Mapped[str] = mapped_column(String(60))
+    job_id: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[str] = mapped_column(Text)  # the exact body, signed and sent as is on every attempt
+    status: Mapped[str] = mapped_column(String(20))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt is due (the database's clock); NULL once delivered or given up.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(index=True)
+    created_at: Mapped[datetime]  # the event's time, by the database's clock
+    delivered_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    """One try at sending a delivery: when, how long it took, and the receiver's status code or the error."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)

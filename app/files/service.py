@@ -20,9 +20,12 @@ from app.files.validation import validate_training_file
 from app.storage import get_store
 
 PURPOSES = ("fine-tune",)  # what an upload may be
-# A file Tuneforge writes itself: a succeeded job's step metrics (CSV). Never uploaded, never trained on.
+# A file Tuneforge writes itself: a succeeded job's step metrics (CSV), and TensorBoard's event files when
+# the job reports to TensorBoard. Never uploaded, never trained on.
 RESULTS_PURPOSE = "fine-tune-results"
 MEDIA_TYPES = {"fine-tune": "application/jsonl", RESULTS_PURPOSE: "text/csv"}
+# A results file that is an archive (TensorBoard's event files) rather than the step metrics' CSV.
+ARCHIVE_SUFFIX, ARCHIVE_MEDIA_TYPE = ".tar.gz", "application/gzip"
 MAX_LIST_LIMIT = 10_000  # OpenAI's maximum and default for GET /v1/files
 CHUNK = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -44,6 +47,8 @@ def new_file_id() -> str:
 
 def media_type(row: TrainingFile) -> str:
     """The content type a file's bytes are served with."""
+    if row.purpose == RESULTS_PURPOSE and row.filename.endswith(ARCHIVE_SUFFIX):
+        return ARCHIVE_MEDIA_TYPE
     return MEDIA_TYPES.get(row.purpose, "application/octet-stream")
 
 
@@ -123,7 +128,7 @@ def add_results_file(
         bytes=len(content),
         sha256=hashlib.sha256(content).hexdigest(),
         format=None,
-        storage_key=f"files/{file_id}.csv",
+        storage_key=f"files/{file_id}{ARCHIVE_SUFFIX if filename.endswith(ARCHIVE_SUFFIX) else '.csv'}",
     )
     with tempfile.NamedTemporaryFile(prefix="tuneforge-results-") as spooled:
         spooled.write(content)

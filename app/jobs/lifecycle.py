@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from app import webhooks
 from app.db.session import after_commit
 from app.db.tables import Checkpoint, Job
 from app.db.time import db_now
@@ -38,6 +39,7 @@ def claim(session: Session, *, job_id: str, owner: str, lease_seconds: int) -> i
     attempt = result.scalar_one_or_none()
     if attempt is None:
         return None
+    webhooks.enqueue(session, job_id=job_id, type="fine_tuning.job.running")  # every attempt that starts
     session.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=db_now()))
     job_service.add_event(
         session, job_id=job_id, message=f"Fine-tuning job started (attempt {attempt}, {owner})."
@@ -109,6 +111,7 @@ def fail(session: Session, *, job_id: str, attempt: int, code: str, message: str
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
+    webhooks.enqueue(session, job_id=job_id, type="fine_tuning.job.failed")
     job_service.add_event(session, job_id=job_id, level="error", message=f"Job failed: {message}")
     return True
 
@@ -186,12 +189,13 @@ def succeed(
             fine_tuned_model=model_id,
             finished_at=db_now(),
             trained_tokens=trained_tokens,
-            result_files=[*result_files, results_file_id],
+            result_files=[results_file_id, *result_files],  # the CSV first, then the caller's
             lease_expires_at=None,
         )
     )
     if published.rowcount != 1:  # type: ignore[attr-defined]
         return None
+    webhooks.enqueue(session, job_id=job_id, type="fine_tuning.job.succeeded")
     file_service.add_results_file(
         session,
         project=job.project,
@@ -285,6 +289,8 @@ def reconcile(
             message = f"The worker of attempt {attempt} stopped renewing its lease; job re-queued."
         if done.rowcount == 1:  # type: ignore[attr-defined]
             job_service.add_event(session, job_id=job_id, level=level, message=message)
+            if attempt >= max_attempts:  # failed for good, rather than re-queued
+                webhooks.enqueue(session, job_id=job_id, type="fine_tuning.job.failed")
     on_empty_queue = func.coalesce(Job.queue, default_queue).in_(empty_queues)
     lost = and_(on_empty_queue, Job.sent_at < db_now(-settle_seconds))
     due = list(

@@ -276,6 +276,82 @@ class LegacyHyperparameters(BaseModel):
     learning_rate_multiplier: Multiplier | None = None
 
 
+IntegrationType = Literal["wandb", "mlflow", "tensorboard"]
+INTEGRATION_TYPES = get_args(IntegrationType)
+# Far above the names, tags and server addresses people give runs; the bounds keep a job row small.
+MAX_TRACKER_NAME, MAX_TRACKER_TAGS, MAX_TRACKER_URI = 128, 64, 2048
+TrackerName = Annotated[str, Field(min_length=1, max_length=MAX_TRACKER_NAME)]
+
+
+class WandbSettings(BaseModel):
+    """OpenAI's `wandb` block. The API key is the worker's (WANDB_API_KEY), never the request's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: TrackerName = Field(description="The W&B project the run is created in.")
+    name: TrackerName | None = Field(None, description="The run's display name; the job id if omitted.")
+    entity: TrackerName | None = Field(
+        None, description="The W&B team or user; the worker's API key's default entity if omitted."
+    )
+    tags: list[TrackerName] | None = Field(
+        None, max_length=MAX_TRACKER_TAGS, description="Tags attached to the run."
+    )
+
+
+class MlflowSettings(BaseModel):
+    """Tuneforge's `mlflow` block; credentials (MLFLOW_TRACKING_TOKEN, ...) are the worker's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tracking_uri: str | None = Field(
+        None,
+        max_length=MAX_TRACKER_URI,
+        description="An MLflow tracking server, http:// or https://; the worker's MLFLOW_TRACKING_URI if "
+        "omitted.",
+    )
+    experiment_name: TrackerName | None = Field(
+        None, description="The experiment the run goes in (created if missing); MLflow's default if omitted."
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_server(cls, value: str | None) -> str | None:
+        # A local store (file:, sqlite:) would have a request write wherever the worker can, its own
+        # database included: where a worker keeps runs on its disk is the operator's MLFLOW_TRACKING_URI.
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(
+                "must be an http:// or https:// MLflow server; local stores are set on the worker"
+            )
+        return value
+
+
+class Integration(BaseModel):
+    """One experiment tracker a job reports to: a `type` and that type's block (tensorboard has none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: IntegrationType = Field(
+        description="wandb (Weights & Biases), mlflow, or tensorboard (event files shipped as a results "
+        "file)."
+    )
+    wandb: WandbSettings | None = None
+    mlflow: MlflowSettings | None = None
+
+    @model_validator(mode="after")
+    def _its_own_block(self) -> "Integration":
+        for kind in ("wandb", "mlflow"):
+            if kind != self.type and getattr(self, kind) is not None:
+                raise ValueError(f"'{kind}' is given but type is '{self.type}'")
+        if self.type != "tensorboard" and getattr(self, self.type) is None:
+            raise ValueError(f"type '{self.type}' needs its '{self.type}' block")
+        return self
+
+    def as_stored(self) -> dict[str, Any]:
+        """The integration as kept on the job and echoed back: its type and its own block only."""
+        block = getattr(self, self.type, None)
+        return {"type": self.type} | ({self.type: block.model_dump()} if block is not None else {})
+
+
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -298,7 +374,11 @@ class JobCreate(BaseModel):
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs stored with the job.")
     hyperparameters: LegacyHyperparameters | None = Field(None, description="Deprecated; use method.")
     method: Method = Field(default_factory=Method, description="Task and hyperparameters.")
-    integrations: list[Any] | None = Field(None, description="Accepted for compatibility; unused.")
+    integrations: list[Integration] | None = Field(
+        None,
+        max_length=len(INTEGRATION_TYPES),
+        description="Experiment trackers the run reports to, each type at most once.",
+    )
 
     @field_validator("suffix")
     @classmethod
@@ -312,6 +392,19 @@ class JobCreate(BaseModel):
     def _metadata_size(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         if value and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
             raise ValueError("at most 16 pairs, keys up to 64 and values up to 512 characters")
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _each_type_once(cls, value: list[Integration] | None) -> list[Integration] | None:
+        types = [integration.type for integration in value or []]
+        for later, kind in enumerate(types):
+            if kind in types[:later]:
+                first = types.index(kind)
+                raise ValueError(
+                    f"integrations[{first}] and integrations[{later}] are both type '{kind}'; "
+                    "a run reports to each tracker once"
+                )
         return value
 
     @model_validator(mode="after")
@@ -356,7 +449,9 @@ class JobPublic(BaseModel):
     suffix: str | None = None
     user_provided_suffix: str | None = None
     metadata: dict[str, str] | None
-    integrations: list[Any] = Field(default_factory=list)
+    integrations: list[dict[str, Any]] = Field(
+        default_factory=list, description="The experiment trackers the job reports to, as given."
+    )
     estimated_finish: int | None = Field(
         None,
         description="While the job runs: when it should finish (Unix seconds), at the pace of its current "

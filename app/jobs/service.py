@@ -6,6 +6,7 @@ from typing import Any
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
+from app import webhooks
 from app.config import get_settings
 from app.db.session import lock_rows
 from app.db.tables import Checkpoint, Job, JobEvent, Model, TrainingFile
@@ -55,6 +56,7 @@ def to_public(job: Job) -> JobPublic:
         suffix=job.suffix,
         user_provided_suffix=job.suffix,
         metadata=job.metadata_,
+        integrations=job.integrations or [],
         # An estimate from a finished, paused or re-queued attempt's pace says nothing about the future.
         estimated_finish=_ts(job.estimated_finish) if job.status == "running" else None,
         progress=progress_of(job),
@@ -217,6 +219,7 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
         seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
         metadata_=spec.metadata,
         method=method.model_dump(mode="json"),
+        integrations=[integration.as_stored() for integration in spec.integrations or []] or None,
         status="queued",
         result_files=[],
         attempt=0,
@@ -304,6 +307,7 @@ def cancel_job(session: Session, *, project: str, job_id: str) -> Job:
         session, job, to="cancelled", where=ACTIVE_STATUSES, finished_at=db_now(), lease_expires_at=None
     ):
         add_event(session, job_id=job.id, message="Job cancelled by the user.")
+        webhooks.enqueue(session, job_id=job.id, type="fine_tuning.job.cancelled")
     return job
 
 
@@ -326,6 +330,7 @@ def pause_job(session: Session, *, project: str, job_id: str) -> Job:
         lease_expires_at=None,
     ):
         add_event(session, job_id=job.id, message="Job paused by the user.")
+        webhooks.enqueue(session, job_id=job.id, type="fine_tuning.job.paused")
     elif job.status != "paused":
         raise ApiError(
             400,

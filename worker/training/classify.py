@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from app.files.validation import load_examples
-from worker.training import sft
+from worker.training import sft, tracking
 from worker.training.callbacks import JobReporter
 from worker.training.data import split_rows
 from worker.training.memory import MemoryMeter
@@ -236,9 +236,10 @@ def run(spec: RunSpec) -> RunResult:
         f"{len(labels)} labels: {', '.join(labels[:10])}{' ...' if len(labels) > 10 else ''}.",
         {"examples": len(train), "tokens": tokens, "labels": labels},
     )
-    trainer = build_trainer(spec, tokenizer, model, labels, train, valid)
-    meter.training_starts()
-    metrics = fit(spec, trainer, reporter)
+    with tracking.tracked(spec, reporter) as spec:  # the same spec, reporting to the job's trackers
+        trainer = build_trainer(spec, tokenizer, model, labels, train, valid)
+        meter.training_starts()
+        metrics = fit(spec, trainer, reporter)
     metrics["peak_memory_mb"] = meter.peak_mb()
     accuracy = f", validation accuracy {metrics['valid_accuracy']:.4f}" if "valid_accuracy" in metrics else ""
     reporter.event(

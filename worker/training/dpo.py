@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from app.files.validation import load_examples
-from worker.training import sft
+from worker.training import sft, tracking
 from worker.training.callbacks import JobReporter
 from worker.training.data import split_rows
 from worker.training.memory import MemoryMeter
@@ -169,18 +169,21 @@ def run(spec: RunSpec) -> RunResult:
     tokenizer, model, train, valid = setup(spec, plan)
     reporter = JobReporter(job_id=spec.job_id, attempt=spec.attempt)
     quantization = sft.report_quantization(model, reporter)
-    trainer = build_trainer(spec, plan, tokenizer, model, train, valid, [reporter])
-    kept = len(trainer.train_dataset)
-    if not kept:
-        raise ValueError("every preference pair's prompt is longer than max_seq_length; raise max_seq_length")
-    tokens = pair_tokens(trainer.train_dataset)
-    reporter.event(
-        f"Training on {kept} preference pairs ({tokens} tokens, {len(train) - kept} dropped: prompt longer "
-        f"than max_seq_length).",
-        {"examples": kept, "tokens": tokens},
-    )
-    meter.training_starts()
-    metrics = fit(spec, trainer, valid, reporter)
+    with tracking.tracked(spec, reporter) as spec:  # the same spec, reporting to the job's trackers
+        trainer = build_trainer(spec, plan, tokenizer, model, train, valid, [reporter])
+        kept = len(trainer.train_dataset)
+        if not kept:
+            raise ValueError(
+                "every preference pair's prompt is longer than max_seq_length; raise max_seq_length"
+            )
+        tokens = pair_tokens(trainer.train_dataset)
+        reporter.event(
+            f"Training on {kept} preference pairs ({tokens} tokens, {len(train) - kept} dropped: prompt "
+            f"longer than max_seq_length).",
+            {"examples": kept, "tokens": tokens},
+        )
+        meter.training_starts()
+        metrics = fit(spec, trainer, valid, reporter)
     metrics["peak_memory_mb"] = meter.peak_mb()
     reporter.event(
         f"Training finished after {metrics['steps']} steps ({metrics['seconds_per_step']} s a step, "

@@ -6,7 +6,7 @@ Run by worker/train_job.py inside a child process; everything it needs arrives i
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
+from worker.training import tracking
 from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file, split_off
 from worker.training.memory import MemoryMeter
@@ -44,6 +45,7 @@ class RunSpec:
     validation_file_id: str | None
     workdir: Path
     resume_from: Path | None = None  # a checkpoint folder of an earlier attempt (worker/training/resume.py)
+    report_to: list[str] = field(default_factory=list)  # the trackers whose runs opened (tracking.py)
 
     @property
     def resume_argument(self) -> str | None:
@@ -158,7 +160,8 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
         eval_steps=every if has_validation and every else None,
         seed=spec.seed,
         data_seed=spec.seed,
-        report_to="none",
+        report_to=spec.report_to or "none",
+        run_name=spec.job_id,  # each tracker's run is named after the job
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -288,7 +291,8 @@ def run(spec: RunSpec) -> RunResult:
         {"examples": len(train.rows), "tokens": train.total_tokens},
     )
     meter.training_starts()
-    trainer, metrics = fit(spec, plan, tokenizer, model, train, valid, reporter)
+    with tracking.tracked(spec, reporter) as spec:  # the same spec, reporting to the job's trackers
+        trainer, metrics = fit(spec, plan, tokenizer, model, train, valid, reporter)
     metrics["peak_memory_mb"] = meter.peak_mb()
     reporter.event(
         f"Training finished after {metrics['steps']} steps ({metrics['seconds_per_step']} s a step, "
