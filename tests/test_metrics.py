@@ -209,11 +209,16 @@ def test_a_succeeded_job_lists_its_step_metrics_as_a_results_file(
     assert client.files.content(file_id).content == content.content
 
 
-@pytest.mark.parametrize("field", ["training_file", "validation_file"])
-def test_a_results_file_is_no_training_data(http: httpx.Client, held: HeldRun, field: str) -> None:
+@pytest.mark.parametrize(
+    ("route", "field"),
+    [("jobs", "training_file"), ("jobs", "validation_file"), ("estimate", "training_file")],
+)
+def test_a_results_file_is_no_training_data(
+    http: httpx.Client, held: HeldRun, route: str, field: str
+) -> None:
     [results_file] = held.job["result_files"]
     body = job_body(held.job["training_file"]) | {field: results_file}
-    response = http.post("/v1/fine_tuning/jobs", json=body)
+    response = http.post(f"/v1/fine_tuning/{route}", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["param"], error["code"]) == (field, "invalid_file_purpose")

@@ -16,8 +16,6 @@ from app.estimate.schemas import (
     MemoryBytes,
     MethodEstimate,
 )
-from app.files import service as file_service
-from app.files.validation import TASK_FORMATS
 from app.jobs import service as job_service
 from app.jobs.schemas import TASK_METHODS
 from app.models import service as model_service
@@ -81,18 +79,10 @@ def estimate(session: Session, *, project: str, body: EstimateCreate) -> Estimat
     job_service.check_spec_against_model(session, project, body)
     methods, candidates = _methods(session, project, body)
     base = model_service.get_model(session, project=project, model_id=body.model, param="model")
-    training = file_service.get_file(
-        session, project=project, file_id=body.training_file, param="training_file"
-    )
     task = body.method.type
-    if training.format not in TASK_FORMATS[task]:
-        raise ApiError(
-            400,
-            f"File '{training.id}' holds {training.format} examples; method.type '{task}' trains on "
-            f"{' or '.join(TASK_FORMATS[task])} files.",
-            param="training_file",
-            code="invalid_file_format",
-        )
+    training = job_service.training_data(
+        session, project=project, file_id=body.training_file, param="training_file", task=task
+    )
     hp: dict[str, Any] = body.method.hyperparameters.resolved().model_dump()
     num_labels = body.num_labels
     if task == "classification" and num_labels is None:

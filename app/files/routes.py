@@ -95,7 +95,10 @@ def retrieve_file(file_id: str, session: SessionDep, project: ProjectDep) -> Fil
 FILE_CONTENT: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The file's bytes.",
-        "content": {media: {"schema": {"type": "string"}} for media in file_service.MEDIA_TYPES.values()},
+        "content": {
+            media: {"schema": {"type": "string"}}
+            for media in (*file_service.MEDIA_TYPES.values(), file_service.ARCHIVE_MEDIA_TYPE)
+        },
     }
 }
 

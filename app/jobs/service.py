@@ -169,37 +169,44 @@ def check_spec_against_model(session: Session, project: str, spec: JobCreate) ->
             )
 
 
+def training_data(session: Session, *, project: str, file_id: str, param: str, task: str) -> TrainingFile:
+    """The project's file `file_id`, if it is fine-tuning data (not a job's results) in a format `task`
+    trains on; else a 400 naming `param`."""
+    file = file_service.get_file(session, project=project, file_id=file_id, param=param)
+    if file.purpose != "fine-tune":
+        raise ApiError(
+            400,
+            f"File '{file.id}' has purpose '{file.purpose}', not 'fine-tune'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    if file.format not in TASK_FORMATS[task]:
+        raise ApiError(
+            400,
+            f"File '{file.id}' holds {file.format} examples; method.type '{task}' trains on "
+            f"{' or '.join(TASK_FORMATS[task])} files.",
+            param=param,
+            code="invalid_file_format",
+        )
+    return file
+
+
 def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
     """Validate a job spec against its files and base model and write it as `queued`."""
     # Locked first, so a concurrent delete of either file runs wholly before or after this job's insert.
     lock_rows(session, TrainingFile.id, [f for f in (spec.training_file, spec.validation_file) if f])
     check_spec_against_model(session, project, spec)
-    training = file_service.get_file(
-        session, project=project, file_id=spec.training_file, param="training_file"
+    training_data(
+        session, project=project, file_id=spec.training_file, param="training_file", task=spec.method.type
     )
-    files = [("training_file", training)]
     if spec.validation_file:
-        validation = file_service.get_file(
-            session, project=project, file_id=spec.validation_file, param="validation_file"
+        training_data(
+            session,
+            project=project,
+            file_id=spec.validation_file,
+            param="validation_file",
+            task=spec.method.type,
         )
-        files.append(("validation_file", validation))
-    accepted = TASK_FORMATS[spec.method.type]
-    for param, file in files:
-        if file.purpose != "fine-tune":
-            raise ApiError(
-                400,
-                f"File '{file.id}' has purpose '{file.purpose}', not 'fine-tune'.",
-                param=param,
-                code="invalid_file_purpose",
-            )
-        if file.format not in accepted:
-            raise ApiError(
-                400,
-                f"File '{file.id}' holds {file.format} examples; method.type '{spec.method.type}' "
-                f"trains on {' or '.join(accepted)} files.",
-                param=param,
-                code="invalid_file_format",
-            )
     if spec.validation_file and spec.method.hyperparameters.validation_split:
         raise ApiError(
             400,
