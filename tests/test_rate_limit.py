@@ -21,7 +21,14 @@ from tests.conftest import make_key
 from tests.helpers import api_process
 
 # The routes that take no API key, and so no rate limit: probes and the API's own description.
-OPS_ROUTES = {("GET", "/livez"), ("GET", "/readyz"), ("GET", "/openapi.json"), ("GET", "/docs")}
+# Prometheus scrapes /metrics with TUNEFORGE_METRICS_TOKEN, not an API key (open when that is unset).
+OPS_ROUTES = {
+    ("GET", "/livez"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+}
 
 
 def limited_api(per_minute: int) -> Iterator[str]:

@@ -12,7 +12,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import webhooks
-from app.db.session import after_commit
+from app.db.session import after_commit, lock_rows
 from app.db.tables import Checkpoint, Job
 from app.db.time import db_now
 from app.files import service as file_service
@@ -62,8 +62,16 @@ def still_owned(session: Session, *, job_id: str, attempt: int) -> bool:
     return attempt_status(session, job_id=job_id, attempt=attempt) == "running"
 
 
-def attempt_status(session: Session, *, job_id: str, attempt: int) -> str | None:
-    """The job's status as attempt `attempt` sees it: None once a newer attempt has superseded it."""
+def attempt_status(session: Session, *, job_id: str, attempt: int, lock: bool = False) -> str | None:
+    """The job's status as attempt `attempt` sees it: None once a newer attempt has superseded it.
+
+    With `lock`, for an attempt about to write on the strength of the answer: the job's row stays locked
+    until the transaction ends, so a change to the job (the reconciler's fence, a cancel) commits either
+    before this read, which then sees it, or after this transaction's writes. Without the lock, a run
+    frozen between its read and its write would commit the write after the fence.
+    """
+    if lock:
+        lock_rows(session, Job.id, [job_id])
     job = session.get(Job, job_id)
     return job.status if job is not None and job.attempt == attempt else None
 
@@ -132,7 +140,7 @@ def record_checkpoint(
     Only the job's newest `keep` checkpoints stay: older rows go in this transaction, and their archives
     once it has committed (a rollback keeps both).
     """
-    if attempt_status(session, job_id=job_id, attempt=attempt) not in ("running", "paused"):
+    if attempt_status(session, job_id=job_id, attempt=attempt, lock=True) not in ("running", "paused"):
         return False
     session.add(
         Checkpoint(id=checkpoint_id, job_id=job_id, step=step, metrics=metrics, storage_key=storage_key)

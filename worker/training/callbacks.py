@@ -105,8 +105,12 @@ class JobReporter(TrainerCallback):
             message = f"Training stopped at step {step}."
         # The user should see where a cancelled, paused or preempted run stopped. An attempt that lost the
         # job (superseded, or re-queued when its lease ran out) is fenced off: it writes nothing.
-        if status in ("running", "paused", "cancelled"):
-            with session_scope() as session:
+        with session_scope() as session:
+            if lifecycle.attempt_status(session, job_id=self.job_id, attempt=self.attempt, lock=True) in (
+                "running",
+                "paused",
+                "cancelled",
+            ):
                 job_service.add_event(session, job_id=self.job_id, message=message, data={"step": step})
         return control
 
@@ -241,7 +245,9 @@ class JobReporter(TrainerCallback):
         log.info(message)  # into the run's log too, timed: followers of /logs see each step as it ends
         try:
             with session_scope() as session:
-                status = lifecycle.attempt_status(session, job_id=self.job_id, attempt=self.attempt)
+                status = lifecycle.attempt_status(
+                    session, job_id=self.job_id, attempt=self.attempt, lock=True
+                )
                 if status == "running" or (pausing_too and status == "paused"):
                     job_service.add_event(session, job_id=self.job_id, message=message, type=type, data=data)
                     if progress is not None:
