@@ -82,6 +82,8 @@ def configure(*, run_log: bool = False) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery"):  # one format for every line
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
+    # httpx logs each request at INFO, URL and all: webhook URLs may hold a receiver's token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class RequestContext:

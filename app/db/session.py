@@ -103,9 +103,14 @@ def _drop_after_commit(session: Session) -> None:
 
 @event.listens_for(JobEvent, "after_insert")
 def _notify_event_streams(_mapper: Mapper[JobEvent], connection: Connection, target: JobEvent) -> None:
+    notify_event_streams(connection, target.job_id)
+
+
+def notify_event_streams(connection: Connection, job_id: str) -> None:
     """Wake the streams following this job: Postgres delivers the notification when the transaction
-    commits, and drops it if it rolls back. SQLite has no notifications: its streams re-read instead."""
+    commits, and drops it if it rolls back. SQLite has no notifications: its streams re-read instead.
+    ORM inserts of events call this themselves; a Core insert must."""
     if connection.dialect.name == "postgresql":
         connection.execute(
-            text("SELECT pg_notify(:channel, :job_id)"), {"channel": EVENTS_CHANNEL, "job_id": target.job_id}
+            text("SELECT pg_notify(:channel, :job_id)"), {"channel": EVENTS_CHANNEL, "job_id": job_id}
         )

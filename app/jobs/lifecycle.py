@@ -8,12 +8,12 @@ come from the database's clock (`db_now`), so hosts whose clocks disagree still 
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import JSON, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import webhooks
-from app.db.session import after_commit, lock_rows
-from app.db.tables import Checkpoint, Job
+from app.db.session import after_commit, notify_event_streams
+from app.db.tables import Checkpoint, Job, JobEvent
 from app.db.time import db_now
 from app.files import service as file_service
 from app.jobs import results
@@ -62,16 +62,36 @@ def still_owned(session: Session, *, job_id: str, attempt: int) -> bool:
     return attempt_status(session, job_id=job_id, attempt=attempt) == "running"
 
 
-def attempt_status(session: Session, *, job_id: str, attempt: int, lock: bool = False) -> str | None:
-    """The job's status as attempt `attempt` sees it: None once a newer attempt has superseded it.
+def add_attempt_event(
+    session: Session,
+    *,
+    job_id: str,
+    attempt: int,
+    statuses: tuple[str, ...],
+    message: str,
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> bool:
+    """Append an event for attempt `attempt` only while it owns the job in one of `statuses`.
 
-    With `lock`, for an attempt about to write on the strength of the answer: the job's row stays locked
-    until the transaction ends, so a change to the job (the reconciler's fence, a cancel) commits either
-    before this read, which then sees it, or after this transaction's writes. Without the lock, a run
-    frozen between its read and its write would commit the write after the fence.
+    The check and the write are one INSERT ... SELECT: a run frozen between a read that it owns the job
+    and its write would otherwise commit the write after the reconciler's fence. No lock is held on the
+    job (only the foreign key's share lock, which no status change waits for), so a run that stalls
+    here never holds up a cancel or a fence. True if the event was written.
     """
-    if lock:
-        lock_rows(session, Job.id, [job_id])
+    owned = select(Job.id).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(statuses)).exists()
+    row = select(literal(job_id), literal(type), literal(message), literal(data, JSON)).where(owned)
+    statement = (
+        insert(JobEvent).from_select(["job_id", "type", "message", "data"], row).returning(JobEvent.seq)
+    )
+    if session.execute(statement).scalar_one_or_none() is None:
+        return False
+    notify_event_streams(session.connection(), job_id)
+    return True
+
+
+def attempt_status(session: Session, *, job_id: str, attempt: int) -> str | None:
+    """The job's status as attempt `attempt` sees it: None once a newer attempt has superseded it."""
     job = session.get(Job, job_id)
     return job.status if job is not None and job.attempt == attempt else None
 
@@ -140,7 +160,7 @@ def record_checkpoint(
     Only the job's newest `keep` checkpoints stay: older rows go in this transaction, and their archives
     once it has committed (a rollback keeps both).
     """
-    if attempt_status(session, job_id=job_id, attempt=attempt, lock=True) not in ("running", "paused"):
+    if attempt_status(session, job_id=job_id, attempt=attempt) not in ("running", "paused"):
         return False
     session.add(
         Checkpoint(id=checkpoint_id, job_id=job_id, step=step, metrics=metrics, storage_key=storage_key)

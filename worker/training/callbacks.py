@@ -27,7 +27,6 @@ from transformers import TrainerCallback
 from app.config import get_settings
 from app.db.session import session_scope
 from app.jobs import lifecycle
-from app.jobs import service as job_service
 from app.storage import get_store, resume_state_key
 
 log = logging.getLogger(__name__)
@@ -106,12 +105,14 @@ class JobReporter(TrainerCallback):
         # The user should see where a cancelled, paused or preempted run stopped. An attempt that lost the
         # job (superseded, or re-queued when its lease ran out) is fenced off: it writes nothing.
         with session_scope() as session:
-            if lifecycle.attempt_status(session, job_id=self.job_id, attempt=self.attempt, lock=True) in (
-                "running",
-                "paused",
-                "cancelled",
-            ):
-                job_service.add_event(session, job_id=self.job_id, message=message, data={"step": step})
+            lifecycle.add_attempt_event(
+                session,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                statuses=("running", "paused", "cancelled"),
+                message=message,
+                data={"step": step},
+            )
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -245,14 +246,16 @@ class JobReporter(TrainerCallback):
         log.info(message)  # into the run's log too, timed: followers of /logs see each step as it ends
         try:
             with session_scope() as session:
-                status = lifecycle.attempt_status(
-                    session, job_id=self.job_id, attempt=self.attempt, lock=True
+                written = lifecycle.add_attempt_event(
+                    session,
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    statuses=("running", "paused") if pausing_too else ("running",),
+                    message=message,
+                    type=type,
+                    data=data,
                 )
-                if status == "running" or (pausing_too and status == "paused"):
-                    job_service.add_event(session, job_id=self.job_id, message=message, type=type, data=data)
-                    if progress is not None:
-                        lifecycle.record_progress(
-                            session, job_id=self.job_id, attempt=self.attempt, **progress
-                        )
+                if written and progress is not None:
+                    lifecycle.record_progress(session, job_id=self.job_id, attempt=self.attempt, **progress)
         except SQLAlchemyError:
             log.warning("could not record event %r", message, exc_info=True)
