@@ -61,6 +61,20 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
+@contextmanager
+def statement_scope() -> Iterator[Session]:
+    """A session whose every statement commits on its own (autocommit), for a write that must hold no
+    lock past itself: a training process frozen (SIGSTOP, a paused VM) between an UPDATE of the job's row
+    and its COMMIT would otherwise hold the row, and with it every cancel, pause and fence, until it
+    thaws."""
+    connection = get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        with Session(bind=connection) as session:
+            yield session
+    finally:
+        connection.close()
+
+
 def lock_rows(session: Session, column: InstrumentedAttribute[Any], values: Iterable[Any]) -> set[Any]:
     """Write-lock the rows whose `column` is in `values` until the transaction ends; returns those found.
 

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from transformers import TrainerCallback
 
 from app.config import get_settings
-from app.db.session import session_scope
+from app.db.session import session_scope, statement_scope
 from app.jobs import lifecycle
 from app.storage import get_store, resume_state_key
 
@@ -241,7 +241,8 @@ class JobReporter(TrainerCallback):
 
         `pausing_too` records it while the job is paused as well: a step's metrics, since the step a pause
         stops at is trained and checkpointed, and the resumed run continues after it. `progress` (the
-        arguments of `lifecycle.record_progress`) goes in the same transaction, after the event.
+        arguments of `lifecycle.record_progress`) goes on the job's row once the event is written, in a
+        statement of its own (see app/db/session.py `statement_scope`).
         """
         log.info(message)  # into the run's log too, timed: followers of /logs see each step as it ends
         try:
@@ -255,7 +256,8 @@ class JobReporter(TrainerCallback):
                     type=type,
                     data=data,
                 )
-                if written and progress is not None:
+            if written and progress is not None:
+                with statement_scope() as session:
                     lifecycle.record_progress(session, job_id=self.job_id, attempt=self.attempt, **progress)
         except SQLAlchemyError:
             log.warning("could not record event %r", message, exc_info=True)
