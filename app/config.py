@@ -13,6 +13,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def gpu_present() -> bool:
+    """NVIDIA's or AMD's device nodes, looked up without importing torch (the API and the worker never do)."""
+    return any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/kfd"))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
 
@@ -119,6 +124,13 @@ class Settings(BaseSettings):
         "Enforced by each API process on its own.",
     )
     job_timeout_seconds: int = Field(24 * 3600, description="A training run longer than this is failed.")
+    worker_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="The device this deployment's workers train on: the API refuses a job spec they cannot "
+        "run (paged optimizers need CUDA) with a 400 instead of queueing it. auto: this host's own (cuda "
+        "when it has NVIDIA's or AMD's device nodes); set it where the API runs without the workers' GPU, "
+        "as the API container of docker-compose.yml does.",
+    )
     worker_memory_gb: float | None = Field(
         None,
         gt=0,
@@ -183,6 +195,12 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.resolved_home / 'tuneforge.db'}"
+
+    @property
+    def resolved_worker_device(self) -> Literal["cpu", "cuda"]:
+        if self.worker_device != "auto":
+            return self.worker_device
+        return "cuda" if gpu_present() else "cpu"
 
     @property
     def resolved_broker_url(self) -> str:

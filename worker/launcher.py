@@ -23,16 +23,11 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from app.config import get_settings
+from app.config import get_settings, gpu_present
 from worker.train_job import RECIPES
 
 # What the template process imports once (an import that fails there only costs the head start).
 PRELOAD = ["worker.template", "worker.train_job", *RECIPES.values()]
-
-
-def gpu_present() -> bool:
-    """NVIDIA's or AMD's device nodes, looked up without importing torch (the worker never does)."""
-    return any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/kfd"))
 
 
 @cache

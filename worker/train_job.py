@@ -140,6 +140,9 @@ RECIPES = {
 
 def run_recipe(spec: "RunSpec") -> "RunResult":
     """Resolve `peft: auto` on this worker, then run the task's recipe."""
+    from worker.training.optimizers import check_runs_here
+
+    check_runs_here(spec.hyperparameters)  # before the model loads: a paged optimizer on a CPU host fails
     if spec.hyperparameters["peft"] == "auto":
         from worker.training.auto import resolve_auto
 

@@ -6,10 +6,21 @@ without one (fp32 everywhere, no checkpointing). The activation coefficients wer
 autograd saves in a transformers 5 Llama forward (SDPA attention, which keeps no seq x seq matrix).
 """
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from app.estimate.counts import LORA_LIKE, Counts, count_parameters, ia3_targets, lora_targets, model_shape
+from app.estimate.counts import (
+    LORA_LIKE,
+    Counts,
+    Shape,
+    count_parameters,
+    factorization,
+    ia3_targets,
+    lora_targets,
+    model_shape,
+)
 
 Device = Literal["cuda", "cpu"]
 
@@ -19,7 +30,13 @@ HALF, FP32 = 2, 4
 # 256 of those absmaxes.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES = 1  # LLM.int8: a byte per weight, plus one fp32 scale per output row
-ADAM_STATES = 8  # AdamW's m and v, fp32
+ADAM_STATES = 8  # AdamW's m and v, fp32 (also bitsandbytes' 32-bit AdamW, paged or not)
+# bitsandbytes' 8-bit AdamW: m and v in a byte each, with an fp32 absmax per block of 256 values of each;
+# tensors smaller than 4096 values keep 32-bit states, and so do nn.Embedding weights under transformers'
+# Trainer (it registers them with bitsandbytes for 32-bit states).
+BNB_8BIT_STATES, BNB_BLOCK, BNB_MIN_8BIT_SIZE = 2, 256, 4096
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+ADAFACTOR_MOMENT = 4  # transformers' Adafactor: fp32 second moments, factored for matrices; no first moment
 MASTER_COPY = 4  # mixed precision keeps an fp32 copy of every trainable 16-bit weight
 BYTES_PER_TOKEN = 4  # training text: about 4 bytes of UTF-8 per token
 # TRL's fused LM head scores tokens in tiles of this many tokens x vocabulary entries (trl/kernels).
@@ -49,11 +66,19 @@ ASSUMPTIONS: list[dict[str, str]] = [
     },
     {
         "name": "optimizer_states",
-        "value": "AdamW m and v: 8 bytes per trainable parameter; + 4 (fp32 master copy) per "
-        "trainable 16-bit base weight on cuda",
-        "why": "The field's mixed-precision accounting: full fine-tuning costs 16 bytes/param (2+2+4+8). "
-        "torch's AdamW on a bf16-loaded model keeps its states in bf16, so the real figure is lower: "
-        "this errs on the safe side.",
+        "value": "per trainable parameter, by the job's optimizer: adamw and paged_adamw_32bit 8 bytes (m "
+        "and v, fp32); adamw_8bit and paged_adamw_8bit 2 + 8/256 (m and v a byte each, an fp32 absmax per "
+        "256-value block of each) in tensors of 4096+ values, 8 in smaller tensors and embedding tables; "
+        "adafactor 4 x (rows + columns) per matrix and 4 per value of a 1-D tensor; + 4 (fp32 master copy) "
+        "per trainable 16-bit base weight on cuda, whatever the optimizer",
+        "why": "The field's mixed-precision accounting: full fine-tuning with AdamW costs 16 bytes/param "
+        "(2+2+4+8); torch's AdamW on a bf16-loaded model keeps bf16 states, so the real figure is lower. "
+        "bitsandbytes keeps tensors under 4096 values in 32-bit states, and transformers' Trainer has it "
+        "keep nn.Embedding weights (prompt and prefix tables too) in 32 bits. Paged states take the same "
+        "bytes: CUDA moves them to host memory only when the GPU runs short. transformers' Adafactor, as "
+        "the Trainer builds it (beta1 None), keeps no first moment and factors the second moment of each "
+        "matrix into a row and a column vector. Left out: per-tensor step and RMS scalars, and "
+        "bitsandbytes' two 256-entry quantization maps (2 KiB).",
     },
     {
         "name": "activations",
@@ -176,7 +201,8 @@ def plan_method(
     # Base weights that train stay in the base's dtype; on cuda mixed precision adds an fp32 master copy.
     base_grad = HALF if device == "cuda" else FP32
     gradients = counts.trainable_base * base_grad + trainable_added * FP32
-    optimizer = counts.trainable * ADAM_STATES + (
+    tensors = trainable_tensors(profile, hp, counts, peft=peft, task=task, num_labels=num_labels)
+    optimizer = optimizer_state_bytes(tensors, hp.get("optimizer", "adamw")) + (
         counts.trainable_base * MASTER_COPY if device == "cuda" else 0
     )
     activations = _activation_bytes(
@@ -195,6 +221,128 @@ def plan_method(
         activations=activations,
         flops_per_token=float(flops),
     )
+
+
+@dataclass(frozen=True)
+class TrainableTensor:
+    """A tensor the optimizer updates, by shape; `keeps_32bit`: bitsandbytes keeps 32-bit states for it."""
+
+    shape: tuple[int, ...]
+    keeps_32bit: bool = False  # an nn.Embedding weight (transformers' Trainer registers those)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def optimizer_state_bytes(tensors: list[TrainableTensor], optimizer: str) -> int:
+    """Bytes of state `optimizer` keeps for these tensors (ASSUMPTIONS, optimizer_states)."""
+    return sum(_state_bytes(tensor, optimizer) for tensor in tensors)
+
+
+def _state_bytes(tensor: TrainableTensor, optimizer: str) -> int:
+    if optimizer == "adafactor":
+        if len(tensor.shape) < 2:
+            return ADAFACTOR_MOMENT * tensor.size
+        rows = math.prod(tensor.shape[:-1])  # one entry per row, and one per column of the last two dims
+        columns = math.prod(tensor.shape[:-2]) * tensor.shape[-1]
+        return ADAFACTOR_MOMENT * (rows + columns)
+    if optimizer in EIGHT_BIT_OPTIMIZERS and not tensor.keeps_32bit and tensor.size >= BNB_MIN_8BIT_SIZE:
+        return BNB_8BIT_STATES * tensor.size + 2 * FP32 * math.ceil(tensor.size / BNB_BLOCK)
+    return ADAM_STATES * tensor.size
+
+
+def trainable_tensors(
+    profile: dict[str, Any], hp: dict[str, Any], counts: Counts, *, peft: str, task: str, num_labels: int
+) -> list[TrainableTensor]:
+    """The tensors `peft` trains, shaped as the worker's build shapes them.
+
+    Parameters the profile cannot shape are planned as one 1-D tensor in 32-bit states, the most any of
+    the optimizers keeps for them, so that the sizes always add up to `counts.trainable`.
+    """
+    shape = model_shape(profile, task=task, num_labels=num_labels)
+    if peft == "full":
+        tensors = _base_tensors(profile, shape, lambda name: True)
+    elif peft == "freeze":
+        layers = profile["num_layers"]
+        top = tuple(f"{shape.block_prefix}.{i}." for i in range(layers - hp["n_trainable_layers"], layers))
+        tensors = _base_tensors(profile, shape, lambda name: name.startswith(top))
+        if hp["train_head"] or task == "classification":
+            tensors += _head_tensors(shape)
+    else:
+        tensors = _adapter_tensors(peft, profile, shape, hp)
+        if task == "classification":
+            tensors += _head_tensors(shape)  # the new head trains too, as a saved copy
+    unshaped = counts.trainable - sum(t.size for t in tensors)
+    if unshaped < 0:
+        return [TrainableTensor((counts.trainable,), keeps_32bit=True)]
+    return tensors + ([TrainableTensor((unshaped,), keeps_32bit=True)] if unshaped else [])
+
+
+def _base_tensors(
+    profile: dict[str, Any], shape: Shape, wanted: Callable[[str], bool]
+) -> list[TrainableTensor]:
+    """The model's own parameters that `wanted` names: Linear weights by their shape; of the others, those
+    a multiple of the hidden size are embedding tables, the rest vectors (norms)."""
+    hidden = profile["hidden_size"]
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{lin.name}.weight": (lin.out_features, lin.in_features) for lin in shape.linears
+    }
+    shapes |= {f"{lin.name}.bias": (lin.out_features,) for lin in shape.linears if lin.bias}
+    tensors = []
+    for name, size in shape.parameters.items():
+        if not wanted(name):
+            continue
+        if name in shapes:
+            tensors.append(TrainableTensor(shapes[name]))
+        elif size > hidden and size % hidden == 0:
+            tensors.append(TrainableTensor((size // hidden, hidden), keeps_32bit=True))
+        else:
+            tensors.append(TrainableTensor((size,)))
+    return tensors
+
+
+def _head_tensors(shape: Shape) -> list[TrainableTensor]:
+    """The output head's weights; a head tied to the input embedding trains as that embedding table."""
+    tensors = []
+    for lin in shape.linears:
+        if shape.head and (lin.name == shape.head or lin.name.startswith(shape.head + ".")):
+            tied = f"{lin.name}.weight" not in shape.parameters
+            tensors.append(TrainableTensor((lin.out_features, lin.in_features), keeps_32bit=tied))
+            tensors += [TrainableTensor((lin.out_features,))] if lin.bias else []
+    return tensors
+
+
+def _adapter_tensors(
+    peft: str, profile: dict[str, Any], shape: Shape, hp: dict[str, Any]
+) -> list[TrainableTensor]:
+    """The tensors a PEFT method adds, shaped as PEFT 0.21 builds them (counts.py counts the same ones)."""
+    r, tokens, hidden = hp["lora_r"], hp["num_virtual_tokens"], profile["hidden_size"]
+    tensors: list[tuple[int, ...]] = []
+    if peft in LORA_LIKE or peft in ("loha", "lokr"):
+        for t in lora_targets(profile, shape, hp):
+            if peft == "lokr":
+                (out_l, out_k), (in_m, in_n) = factorization(t.out_features), factorization(t.in_features)
+                full_w2 = not r < max(out_k, in_n) / 2
+                tensors += [(out_l, in_m)] + ([(out_k, in_n)] if full_w2 else [(out_k, r), (r, in_n)])
+            else:
+                pairs = 2 if peft == "loha" else 1  # LoHa: two low-rank pairs, Hadamard-multiplied
+                tensors += [(r, t.in_features), (t.out_features, r)] * pairs
+                tensors += [(t.out_features,)] if peft == "dora" else []  # DoRA's magnitude vector
+    elif peft == "ia3":
+        tensors = [(1, t.in_features) if ff else (t.out_features, 1) for t, ff in ia3_targets(profile, shape)]
+    elif peft == "p_tuning":  # the prompt table and a three-layer MLP with biases
+        return [TrainableTensor((tokens, hidden), keeps_32bit=True)] + [
+            TrainableTensor(s) for s in [(hidden, hidden), (hidden,)] * 3
+        ]
+    elif peft in ("prompt_tuning", "prefix_tuning"):  # one embedding table of virtual tokens
+        heads = profile["num_attention_heads"]
+        kv = profile.get("head_dim", hidden // heads) * profile["num_key_value_heads"]
+        width = hidden if peft == "prompt_tuning" else profile["num_layers"] * 2 * kv
+        return [TrainableTensor((tokens, width), keeps_32bit=True)]
+    elif peft == "llama_adapter":  # a (1, tokens, hidden) prompt and a 1-value gate per layer
+        tensors = [(1, tokens, hidden), (1,)] * profile["num_layers"]
+    return [TrainableTensor(s) for s in tensors]
 
 
 def training_tokens(*, file_bytes: int, examples: int, max_seq_length: int, n_epochs: int) -> int:

@@ -36,6 +36,10 @@ class EstimateCreate(JobCreate):
         description="classification: labels of the new head; default: counted in the training file.",
     )
 
+    def runs_on(self) -> tuple[str, str]:
+        """The device the plan is for, whatever the workers' is: one may plan a GPU run from a laptop."""
+        return self.device, f"device is '{self.device}'"
+
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[str] | str | None) -> list[str] | str | None:

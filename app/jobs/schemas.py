@@ -3,7 +3,17 @@
 import re
 from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from app.config import get_settings
 
 TASKS = ("supervised", "dpo", "classification")
 JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
@@ -47,6 +57,13 @@ BASE_LEARNING_RATES = {
     "ia3": 3e-3,
     **dict.fromkeys(("prefix_tuning", "prompt_tuning", "p_tuning", "llama_adapter"), 3e-3),
 }
+
+# The optimizers of the QLoRA recipe and their usual neighbours (worker/training/optimizers.py maps each to
+# transformers' `optim`). bitsandbytes pages its states between GPU and host memory with CUDA's unified
+# memory; without CUDA it would quietly run the unpaged optimizer instead, so the paged ones are refused.
+OptimizerChoice = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"]
+OPTIMIZERS = get_args(OptimizerChoice)
+CUDA_ONLY_OPTIMIZERS = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw"}  # -> the unpaged one
 
 Auto = Literal["auto"]
 # OpenAI's bounds, so a spec OpenAI refuses is refused here too.
@@ -122,6 +139,12 @@ class TrainingHyperparameters(BaseModel):
         description="Without a validation_file, hold out this fraction of the training file for valid_loss.",
     )
     packing: bool = Field(False, description="Pack several short examples into each max_seq_length row.")
+    padding_free: bool = Field(
+        True,
+        description="supervised: lay each batch's examples end to end instead of padding them (the same "
+        "loss, less work); the worker pads anyway where that is not exact (prompt-learning methods, models "
+        "whose attention cannot keep examples apart).",
+    )
     train_on_inputs: bool = Field(
         False, description="Train on every token, prompts included, not only on completions."
     )
@@ -129,6 +152,12 @@ class TrainingHyperparameters(BaseModel):
         1, ge=1, le=MAX_ACCUMULATION, description="Micro-batches summed per optimizer step."
     )
     warmup_ratio: float = Field(0.0, description="Fraction of steps spent warming up the learning rate.")
+    optimizer: OptimizerChoice = Field(
+        "adamw",
+        description="adamw (torch), adamw_8bit (bitsandbytes: 8-bit states), paged_adamw_8bit and "
+        "paged_adamw_32bit (bitsandbytes, states paged to host memory under pressure; CUDA only), or "
+        "adafactor (factored second moments, no first moment).",
+    )
     checkpoint_every_steps: int | None = Field(
         None,
         ge=1,
@@ -414,6 +443,35 @@ class JobCreate(BaseModel):
             given = self.hyperparameters.model_dump(exclude_none=True)
             self.method.hyperparameters = type(hp).model_validate(hp.model_dump() | given)
         return self
+
+    def runs_on(self) -> tuple[str, str]:
+        """The device the spec must run on, and how to name it: this deployment's workers' for a job."""
+        device = get_settings().resolved_worker_device
+        return device, f"this deployment's workers train on {device} (TUNEFORGE_WORKER_DEVICE)"
+
+    @model_validator(mode="after")
+    def _optimizer_runs_on_the_device(self) -> Self:
+        optimizer = self.method.hyperparameters.optimizer
+        if optimizer not in CUDA_ONLY_OPTIMIZERS:
+            return self
+        device, where = self.runs_on()
+        if device != "cuda":
+            message = (
+                f"optimizer '{optimizer}' pages its states with CUDA, and {where}; use "
+                f"'{CUDA_ONLY_OPTIMIZERS[optimizer]}', the same optimizer unpaged"
+            )
+            field = ("method", self.method.type, "hyperparameters", "optimizer")
+            raise _field_error(field, optimizer, message)
+        return self
+
+
+def _field_error(loc: tuple[str, ...], value: object, message: str) -> ValidationError:
+    """A validation error about the field at `loc`: a model validator's own errors name no field.
+
+    pydantic prefixes `loc` with where the model sits (FastAPI's "body"), so the 400 names the field.
+    """
+    details = {"type": "value_error", "loc": loc, "input": value, "ctx": {"error": ValueError(message)}}
+    return ValidationError.from_exception_data("JobCreate", [details])  # type: ignore[list-item]
 
 
 class JobError(BaseModel):

@@ -17,7 +17,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from worker.training import tracking
+from worker.training import fast_path, tracking
 from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file, split_off
 from worker.training.memory import MemoryMeter
@@ -141,6 +141,8 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, PreparedData, Prep
 
 def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]:
     """The TrainingArguments every task's recipe shares: schedule, checkpoints, evaluation, seed, device."""
+    from worker.training.optimizers import trainer_optim
+
     hp = spec.hyperparameters
     every = hp.get("checkpoint_every_steps")
     strategy = "steps" if every else "epoch"
@@ -151,6 +153,7 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
         per_device_eval_batch_size=hp["batch_size"],
         gradient_accumulation_steps=hp["gradient_accumulation_steps"],
         learning_rate=hp["learning_rate"],
+        optim=trainer_optim(hp),
         warmup_steps=hp["warmup_ratio"],  # transformers reads a value below 1 as a fraction of all steps
         lr_scheduler_type="linear",
         logging_steps=1,
@@ -169,13 +172,16 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
     )
 
 
-def trainer_config(spec: RunSpec, *, has_validation: bool) -> SFTConfig:
+def trainer_config(spec: RunSpec, *, has_validation: bool, padding_free: bool) -> SFTConfig:
     """SFTConfig from the job's resolved hyperparameters and the device."""
     hp = spec.hyperparameters
+    packing = hp.get("packing", False)
     return SFTConfig(
         **training_arguments(spec, has_validation=has_validation),
-        max_length=hp["max_seq_length"],
-        packing=hp.get("packing", False),
+        # prepare_file has truncated every example already; TRL needs the length only to pack rows.
+        max_length=hp["max_seq_length"] if packing or not padding_free else None,
+        packing=packing,
+        padding_free=padding_free,
         completion_only_loss=True,
     )
 
@@ -199,9 +205,11 @@ def fit(
 ) -> tuple[SFTTrainer, dict[str, Any]]:
     """Train with SFTTrainer; the reporter streams metrics and stops on cancel."""
     trainer_class = ModelLossTrainer if plan.model_loss else SFTTrainer
+    padding_free, why = fast_path.use_padding_free(spec.hyperparameters, model)
+    reporter.event(why, {"padding_free": padding_free})
     trainer = trainer_class(
         model=model,
-        args=trainer_config(spec, has_validation=valid is not None),
+        args=trainer_config(spec, has_validation=valid is not None, padding_free=padding_free),
         train_dataset=Dataset.from_list(train.rows),
         eval_dataset=Dataset.from_list(valid.rows) if valid else None,
         processing_class=tokenizer,
@@ -277,6 +285,7 @@ def save(spec: RunSpec, trainer: SFTTrainer, tokenizer: Any, info: dict[str, Any
 def run(spec: RunSpec) -> RunResult:
     """The whole recipe for one attempt of one job."""
     torch.manual_seed(spec.seed)
+    fast_path.score_only_trained_positions()
     config = AutoConfig.from_pretrained(spec.base_model_path, trust_remote_code=False)
     info = ModelInfo(linear_modules=spec.linear_modules, num_layers=config.num_hidden_layers)
     plan = plan_for(spec.hyperparameters, info)

@@ -1,0 +1,282 @@
+"""Tuneforge's training against the plain TRL script a user would write (bench/reference_sft.py).
+
+    .venv/bin/python bench/training.py parity          # per-step losses, training time, job overhead
+
+parity: the same model (SmolLM2-135M-Instruct), data (chatterbot chat examples), seed, batch, sequence
+length and method, trained by the reference script in a process of its own and by a Tuneforge job
+submitted through the API on the embedded default. Runs interleave (reference, job, reference, job...)
+because this machine's speed drifts; each ratio is taken within a round and printed as min / median /
+max over the rounds. Both sides use the reference's settings (padded batches), so the losses must agree.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TUNEFORGE_HOME", tempfile.mkdtemp(prefix="tuneforge-bench-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from httpx_sse import connect_sse  # noqa: E402
+
+from app.config import get_settings  # noqa: E402
+from app.db import migrate  # noqa: E402
+from app.db.session import session_scope  # noqa: E402
+from app.keys import service as key_service  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+LORA = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+LEARNING_RATES = {"lora": 2e-4, "full": 2e-5}
+
+
+def spread(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}x" for v in (min(values), statistics.median(values), max(values)))
+
+
+def chat_file(folder: Path, count: int) -> Path:
+    """`count` chat examples from chatterbot-corpus (the demo's own data)."""
+    from worker.demo_data import build_demo_data
+
+    return build_demo_data(folder, train_count=count).train_path
+
+
+class Stack:
+    """The API, a worker and the reconciler on the embedded default, driven over HTTP."""
+
+    def __init__(self, port: int) -> None:
+        from app.cli import models_import_gguf
+        from worker.training.base_models import smollm2_gguf_path
+
+        migrate.upgrade()
+        models_import_gguf(smollm2_gguf_path(), name=MODEL)
+        self.model_dir = get_settings().resolved_home / "models" / MODEL
+        with session_scope() as session:
+            token = key_service.create_key(session, project="bench")[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.client = httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+        )
+        self.processes: list = []
+
+    def __enter__(self) -> "Stack":
+        from app.cli import start_services, wait_ready
+
+        self.processes = start_services(self.port, log_dir=get_settings().resolved_home)
+        wait_ready(self.base_url, self.processes)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from app.cli import stop_services
+
+        self.client.close()
+        stop_services(self.processes)
+
+    def upload(self, path: Path) -> str:
+        with path.open("rb") as handle:
+            response = self.client.post(
+                "/v1/files", files={"file": (path.name, handle)}, data={"purpose": "fine-tune"}
+            )
+        response.raise_for_status()
+        return response.json()["id"]
+
+    def train(self, file_id: str, hyperparameters: dict, seed: int) -> dict:
+        """Submit a job, wait for its adapter to be downloadable; its losses, times and memory."""
+        body = {
+            "model": MODEL,
+            "training_file": file_id,
+            "seed": seed,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        }
+        submitted = time.perf_counter()
+        job = self.client.post("/v1/fine_tuning/jobs", json=body)
+        job.raise_for_status()
+        job_id = job.json()["id"]
+        # The event stream ends with the job's final status: no polling load beside the training run.
+        with connect_sse(self.client, "GET", f"/v1/fine_tuning/jobs/{job_id}/events?stream=true") as stream:
+            for _ in stream.iter_sse():
+                pass
+        status = self.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if status["status"] != "succeeded":
+            raise SystemExit(f"job {job_id} ended {status['status']}: {status['error']}")
+        model = status["fine_tuned_model"]
+        download = "adapter" if hyperparameters["peft"] != "full" else "content"
+        self.client.get(f"/v1/models/{model}/{download}").raise_for_status()
+        end_to_end = time.perf_counter() - submitted
+        events = self.client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
+        finished = next(e["data"] for e in events["data"] if e["message"].startswith("Training finished"))
+        rows = self.client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
+        return {
+            "losses": [row["train_loss"] for row in rows if row.get("train_loss") is not None],
+            "train_seconds": finished["runtime_seconds"],
+            "end_to_end_seconds": end_to_end,
+            "peak_mb": finished["peak_memory_mb"],
+            "tokens": status["trained_tokens"],
+        }
+
+
+def reference(model_dir: Path, train_path: Path, method: str, settings: dict, out: Path) -> dict:
+    """bench/reference_sft.py in a process of its own."""
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "reference_sft.py"),
+        str(model_dir),
+        str(train_path),
+        "--method",
+        method,
+        "--batch-size",
+        str(settings["batch_size"]),
+        "--max-length",
+        str(settings["max_seq_length"]),
+        "--epochs",
+        str(settings["n_epochs"]),
+        "--learning-rate",
+        str(LEARNING_RATES[method]),
+        "--seed",
+        str(settings["seed"]),
+        "--out",
+        str(out),
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def hyperparameters(method: str, settings: dict, **options: object) -> dict:
+    """The job's hyperparameters for the reference's settings."""
+    return {
+        "peft": method,
+        "batch_size": settings["batch_size"],
+        "max_seq_length": settings["max_seq_length"],
+        "n_epochs": settings["n_epochs"],
+        "learning_rate": LEARNING_RATES[method],
+        **(LORA if method == "lora" else {}),
+        **options,
+    }
+
+
+def largest_difference(reference_losses: list[float], job_losses: list[float]) -> float:
+    return max(abs(a - b) for a, b in zip(reference_losses, job_losses, strict=True))
+
+
+def compare(
+    stack: Stack, train_path: Path, method: str, settings: dict, variants: dict[str, dict], rounds: int
+) -> dict[str, list[tuple[dict, dict]]]:
+    """Rounds of: the reference, then a job for each variant (its extra hyperparameters), back to back."""
+    file_id = stack.upload(train_path)
+    results: dict[str, list[tuple[dict, dict]]] = {name: [] for name in variants}
+    for round_ in range(rounds):
+        out = train_path.parent / f"{method}-{round_}.json"
+        ref = reference(stack.model_dir, train_path, method, settings, out)
+        line = f"  {method} round {round_}: reference {ref['train_seconds']:.2f} s"
+        for name, options in variants.items():
+            job = stack.train(file_id, hyperparameters(method, settings, **options), settings["seed"])
+            results[name].append((ref, job))
+            line += (
+                f"; {name} {job['train_seconds']:.2f} s (end to end {job['end_to_end_seconds']:.2f} s, "
+                f"loss difference {largest_difference(ref['losses'], job['losses']):.1e})"
+            )
+        print(line, flush=True)
+    return results
+
+
+def parity(stack: Stack, args: argparse.Namespace) -> None:
+    """Training time and losses of a job against the reference, and what the job costs beside training."""
+    train_path = chat_file(get_settings().resolved_home / "parity", args.examples)
+    settings = {"batch_size": 4, "max_seq_length": 128, "n_epochs": 1, "seed": 42}
+    variants = {"job (defaults)": {}, "job (padding_free off)": {"padding_free": False}}
+    print(f"parity: {args.examples} chat examples, {settings}, {args.rounds} rounds", flush=True)
+    for method in args.methods.split(","):
+        results = compare(stack, train_path, method, settings, variants, args.rounds)
+        for name, pairs in results.items():
+            ratios = [job["train_seconds"] / ref["train_seconds"] for ref, job in pairs]
+            overheads = [job["end_to_end_seconds"] - job["train_seconds"] for _, job in pairs]
+            difference = max(largest_difference(ref["losses"], job["losses"]) for ref, job in pairs)
+            print(
+                f"{method}, {name}: training time / reference {spread(ratios)} (goal <= 1.05); "
+                f"overhead (submit to downloadable, minus training) {statistics.median(overheads):.2f} s "
+                f"median ({min(overheads):.2f}-{max(overheads):.2f}); largest loss difference "
+                f"{difference:.1e} over {len(pairs[0][1]['losses'])} steps (goal < 5e-5)",
+                flush=True,
+            )
+
+
+def long_tailed_file(folder: Path, count: int, seed: int = 0) -> Path:
+    """Chat examples whose answers have log-normally distributed lengths (median 24 words, a long tail).
+
+    The answers are chatterbot sentences strung together to the drawn length, so the text stays language.
+    """
+    from worker.demo_data import SYSTEM_PROMPT, load_pairs
+
+    rng = random.Random(seed)
+    pairs = [pair for category in load_pairs().values() for pair in category]
+    sentences = [answer for _, answer in pairs]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "long_tailed.jsonl"
+    with path.open("w") as handle:
+        for _ in range(count):
+            question = rng.choice(pairs)[0]
+            words = min(int(rng.lognormvariate(math.log(24), 1.0)) + 1, 400)
+            answer: list[str] = []
+            while len(answer) < words:
+                answer += rng.choice(sentences).split()
+            messages = [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": " ".join(answer[:words])},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def fast_path(stack: Stack, args: argparse.Namespace) -> None:
+    """Tokens per second of a job on its defaults against the reference's padded batches."""
+    work = get_settings().resolved_home / "fast_path"
+    mixes = {
+        "chatterbot Q/A": (chat_file(work / "chatterbot", args.examples * 2), 128),
+        "long-tailed mix": (long_tailed_file(work / "long_tailed", args.examples), 512),
+    }
+    for mix, (train_path, max_seq_length) in mixes.items():
+        settings = {"batch_size": 4, "max_seq_length": max_seq_length, "n_epochs": 1, "seed": 42}
+        print(f"fast path, {mix}: {settings}, {args.rounds} rounds", flush=True)
+        for method in args.methods.split(","):
+            pairs = compare(stack, train_path, method, settings, {"job": {}}, args.rounds)["job"]
+            tokens = {job["tokens"] for _, job in pairs} | {ref["tokens"] for ref, _ in pairs}
+            speedups = [
+                (job["tokens"] / job["train_seconds"]) / (ref["tokens"] / ref["train_seconds"])
+                for ref, job in pairs
+            ]
+            difference = max(largest_difference(ref["losses"], job["losses"]) for ref, job in pairs)
+            job_rate = statistics.median(job["tokens"] / job["train_seconds"] for _, job in pairs)
+            ref_rate = statistics.median(ref["tokens"] / ref["train_seconds"] for ref, _ in pairs)
+            print(
+                f"{mix}, {method}: {job_rate:.0f} tokens/s against the reference's {ref_rate:.0f}: "
+                f"{spread(speedups)} (goal >= 1.5x); tokens trained {sorted(tokens)}; largest per-step loss "
+                f"difference {difference:.1e} over {len(pairs[0][1]['losses'])} steps",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("benchmark", choices=["parity", "fast-path"])
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8791)
+    args = parser.parse_args()
+    with Stack(args.port) as stack:
+        {"parity": parity, "fast-path": fast_path}[args.benchmark](stack, args)
+
+
+if __name__ == "__main__":
+    main()
