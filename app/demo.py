@@ -22,6 +22,16 @@ from app.keys import service as key_service
 
 DEMO_MODEL = "smollm2-135m-instruct"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# The demo's LoRA job (bench/training.py measures its memory with these too).
+DEMO_HYPERPARAMETERS = {
+    "batch_size": 8,
+    "learning_rate_multiplier": 5,
+    "peft": "lora",
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "target_modules": "all-linear",
+    "max_seq_length": 256,
+}
 console = Console()
 
 
@@ -49,16 +59,7 @@ def _train(client: httpx.Client, train_path: Path, epochs: int) -> tuple[dict, b
     uploaded.raise_for_status()
     file_id = uploaded.json()["id"]
     console.print(f"Uploaded {train_path.name} as {file_id}")
-    hyperparameters = {
-        "n_epochs": epochs,
-        "batch_size": 8,
-        "learning_rate_multiplier": 5,
-        "peft": "lora",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "target_modules": "all-linear",
-        "max_seq_length": 256,
-    }
+    hyperparameters = DEMO_HYPERPARAMETERS | {"n_epochs": epochs}
     body = {
         "model": DEMO_MODEL,
         "training_file": file_id,

@@ -110,8 +110,7 @@ class Stack:
         if status["status"] != "succeeded":
             raise SystemExit(f"job {job_id} ended {status['status']}: {status['error']}")
         model = status["fine_tuned_model"]
-        download = "adapter" if hyperparameters["peft"] != "full" else "content"
-        self.client.get(f"/v1/models/{model}/{download}").raise_for_status()
+        self.client.get(f"/v1/models/{model}/adapter").raise_for_status()  # a full fine-tune's weights too
         end_to_end = time.perf_counter() - submitted
         events = self.client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
         finished = next(e["data"] for e in events["data"] if e["message"].startswith("Training finished"))
@@ -122,6 +121,7 @@ class Stack:
             "end_to_end_seconds": end_to_end,
             "peak_mb": finished["peak_memory_mb"],
             "tokens": status["trained_tokens"],
+            "step_seconds": finished["runtime_seconds"] / finished["steps"],
         }
 
 
@@ -210,8 +210,8 @@ def parity(stack: Stack, args: argparse.Namespace) -> None:
             )
 
 
-def long_tailed_file(folder: Path, count: int, seed: int = 0) -> Path:
-    """Chat examples whose answers have log-normally distributed lengths (median 24 words, a long tail).
+def long_tailed_file(folder: Path, count: int, seed: int = 0, median_words: int = 24) -> Path:
+    """Chat examples whose answers have log-normally distributed lengths (a median, and a long tail).
 
     The answers are chatterbot sentences strung together to the drawn length, so the text stays language.
     """
@@ -225,7 +225,7 @@ def long_tailed_file(folder: Path, count: int, seed: int = 0) -> Path:
     with path.open("w") as handle:
         for _ in range(count):
             question = rng.choice(pairs)[0]
-            words = min(int(rng.lognormvariate(math.log(24), 1.0)) + 1, 400)
+            words = min(int(rng.lognormvariate(math.log(median_words), 1.0)) + 1, 20 * median_words)
             answer: list[str] = []
             while len(answer) < words:
                 answer += rng.choice(sentences).split()
@@ -266,17 +266,72 @@ def fast_path(stack: Stack, args: argparse.Namespace) -> None:
             )
 
 
+def step_time(stack: Stack, args: argparse.Namespace) -> None:
+    """Seconds per step of LoRA against full fine-tuning of the same model on the same batches."""
+    train_path = chat_file(get_settings().resolved_home / "step_time", args.examples)
+    file_id = stack.upload(train_path)
+    settings = {"batch_size": 4, "max_seq_length": 128, "n_epochs": 1, "seed": 42}
+    print(f"step time: {args.examples} chat examples, {settings}, {args.rounds} rounds", flush=True)
+    ratios = []
+    for round_ in range(args.rounds):
+        lora = stack.train(file_id, hyperparameters("lora", settings), settings["seed"])
+        full = stack.train(file_id, hyperparameters("full", settings), settings["seed"])
+        ratios.append(lora["step_seconds"] / full["step_seconds"])
+        print(
+            f"  round {round_}: LoRA {lora['step_seconds']:.3f} s a step, full {full['step_seconds']:.3f} s "
+            f"(x{ratios[-1]:.2f})",
+            flush=True,
+        )
+    print(f"LoRA / full step time {spread(ratios)} (goal <= 0.75)", flush=True)
+
+
+def memory(stack: Stack, args: argparse.Namespace) -> None:
+    """Measured peak memory against the estimate's plan, and the demo's own job against the model's size."""
+    from app.demo import DEMO_HYPERPARAMETERS
+    from worker.demo_data import build_demo_data
+
+    work = get_settings().resolved_home / "memory"
+    # Every row runs past max_seq_length, so each batch is batch_size x max_seq_length tokens, as planned.
+    long_rows = long_tailed_file(work / "long", 24, median_words=2000)
+    settings = {"batch_size": 4, "max_seq_length": 256, "n_epochs": 1, "seed": 42}
+    file_id = stack.upload(long_rows)
+    print(f"memory against the plan: {settings}, rows of max_seq_length tokens", flush=True)
+    for method in args.methods.split(","):
+        hp = hyperparameters("lora" if method == "qlora" else method, settings) | {"peft": method}
+        body = {"model": MODEL, "training_file": file_id, "device": "cpu"}
+        body["method"] = {"type": "supervised", "supervised": {"hyperparameters": hp}}
+        estimate = stack.client.post("/v1/fine_tuning/estimate", json=body)
+        estimate.raise_for_status()
+        planned = estimate.json()["estimates"][0]["bytes"]["total"] / 2**20
+        job = stack.train(file_id, hp, settings["seed"])
+        print(
+            f"{method}: measured peak {job['peak_mb']:.0f} MiB, plan {planned:.0f} MiB: measured / plan "
+            f"{job['peak_mb'] / planned:.2f} (goal 0.85-1.15)",
+            flush=True,
+        )
+    demo = build_demo_data(work / "demo", train_count=200).train_path
+    job = stack.train(stack.upload(demo), DEMO_HYPERPARAMETERS | {"n_epochs": 1}, 0)
+    model_mb = sum(f.stat().st_size for f in stack.model_dir.glob("*.safetensors")) / 2**20
+    print(
+        f"the demo's LoRA job: peak {job['peak_mb']:.0f} MiB, {job['peak_mb'] / model_mb:.2f}x the model's "
+        f"{model_mb:.0f} MiB of fp32 weights (goal <= 2.5x); last step's loss {job['losses'][-1]:.4f}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark", choices=["parity", "fast-path"])
+    parser.add_argument("benchmark", choices=list(BENCHMARKS))
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8791)
     args = parser.parse_args()
     with Stack(args.port) as stack:
-        {"parity": parity, "fast-path": fast_path}[args.benchmark](stack, args)
+        BENCHMARKS[args.benchmark](stack, args)
 
+
+BENCHMARKS = {"parity": parity, "fast-path": fast_path, "step-time": step_time, "memory": memory}
 
 if __name__ == "__main__":
     main()

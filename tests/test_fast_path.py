@@ -1,9 +1,10 @@
 """Supervised fine-tuning's fast path (worker/training/fast_path.py) is exact and is the default.
 
-A job on its defaults trains padding-free and gives, step for step, the losses of the same job on padded
-batches; the methods that add virtual tokens to each example fall back to padded batches; a model whose
-attention would let packed examples see each other is caught before it trains; and TRL's fused head
-projects only the positions that carry loss.
+A job on its defaults trains padding-free, attention running on each example's own span, and gives,
+step for step, the losses of the same job on padded batches; the methods that add virtual tokens to each
+example fall back to padded batches; a model whose attention would let packed examples see each other is
+caught before it trains; and TRL's fused head projects only the positions that carry loss, through
+narrow vocabulary tiles on a CPU.
 """
 
 import json
@@ -11,7 +12,7 @@ import json
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from tests.helpers import TEST_HOME, all_events, job_body, upload, wait_for_status
@@ -46,6 +47,7 @@ def test_the_default_path_is_padding_free_with_the_padded_losses(http: httpx.Cli
     fast, fast_batches = train(http, training_id)
     padded, padded_batches = train(http, training_id, padding_free=False)
     assert fast_batches["data"]["padding_free"] is True, fast_batches
+    assert "attention per example" in fast_batches["message"]  # no row-long mask (fast_path.packed_sdpa)
     assert padded_batches["data"]["padding_free"] is False, padded_batches
     assert len(fast) == len(padded) == 6
     # The same examples in the same batches: the losses differ only by float rounding.
@@ -107,3 +109,26 @@ def test_only_positions_that_carry_loss_go_through_the_lm_head(tiny_model: str) 
             logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
         )
     assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def largest_allocation(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """Bytes of the largest tensor a fused-head forward and backward allocate, from torch's memory profile."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        model(input_ids=ids, labels=labels, fused_lm_head=True).loss.backward()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+def test_a_cpu_run_scores_the_vocabulary_in_narrow_tiles() -> None:
+    config = LlamaConfig(
+        vocab_size=65536, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config)
+    for table in (model.model.embed_tokens, model.lm_head):  # frozen, as under LoRA: no vocab x hidden grads
+        table.requires_grad_(False)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    assert fast_path.narrow_cpu_vocab_tiles()
+    # A tile is tokens x vocabulary entries of fp32: 63 scored positions here.
+    assert largest_allocation(model, ids, ids.clone()) <= 63 * fast_path.CPU_VOCAB_TILE * 4

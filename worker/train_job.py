@@ -140,9 +140,11 @@ RECIPES = {
 
 def run_recipe(spec: "RunSpec") -> "RunResult":
     """Resolve `peft: auto` on this worker, then run the task's recipe."""
+    from worker.training import fast_path
     from worker.training.optimizers import check_runs_here
 
     check_runs_here(spec.hyperparameters)  # before the model loads: a paged optimizer on a CPU host fails
+    fast_path.tune_fused_lm_head()  # SFT's and DPO's loss head
     if spec.hyperparameters["peft"] == "auto":
         from worker.training.auto import resolve_auto
 

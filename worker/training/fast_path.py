@@ -4,14 +4,20 @@ Both parts are exact (the same loss and gradients as TRL's padded batches, to fl
 the batches the same examples in the same order; bench/training.py measures them.
 
 - Padding-free batches (TRL's `padding_free`): the examples of a batch are laid end to end in one row,
-  their positions restarting at 0, and transformers' attention masks each example off from the others
-  by those positions. A padded batch computes every example at the length of its longest one. Only
-  where `packs_exactly` shows the loaded model keeps packed examples apart; never for the methods that
-  add virtual tokens to each example (they would be added once per row).
+  their positions restarting at 0. A padded batch computes every example at the length of its longest
+  one. Attention runs on each example's own span (`packed_sdpa`), not on the whole row under a
+  block-diagonal mask: that mask costs row length squared in time and, since SDPA keeps a float copy
+  per layer for backward, in memory (120 MiB for 1024 tokens on SmolLM2-135M, 2 GiB for 8 x 512).
+  Only where `packs_exactly` shows the loaded model keeps packed examples apart; never for the methods
+  that add virtual tokens to each example (they would be added once per row).
 - Only the positions whose next token carries loss go through the LM head. TRL's fused head does that
   on CUDA, but on other devices it scores every position, prompt and padding included, to keep tile
   shapes fixed for compilers such as Neuron's. A CPU compiles nothing, and the head over a 49k-token
   vocabulary was a third of a LoRA step on SmolLM2-135M (a torch profile of bench/training.py's runs).
+- On a CPU the fused head works through the vocabulary in narrower tiles. TRL's 32768-entry tiles are
+  sized for a GPU kernel; on a CPU each tile's softmax makes several temporaries of tokens x 32768
+  floats, which were the largest part of a LoRA run's peak on SmolLM2-135M (951 MiB of 2609 in a torch
+  memory profile at 4 x 256 tokens; the peak fell from 3116 to 1957 MiB with 4096-entry tiles).
 """
 
 import logging
@@ -23,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Methods that prepend learned tokens or states to every example: a packed row is one "example" to them.
 PER_EXAMPLE_PROMPTS = ("prefix_tuning", "prompt_tuning", "p_tuning", "llama_adapter")
+CPU_VOCAB_TILE = 4096  # vocabulary entries per tile of the fused LM head on a CPU
 
 
 def score_only_trained_positions() -> bool:
@@ -46,6 +53,80 @@ def score_only_trained_positions() -> bool:
 
     compact_everywhere.scores_only_trained_positions = True  # type: ignore[attr-defined]
     trl_utils._use_triton = compact_everywhere
+    return True
+
+
+def narrow_cpu_vocab_tiles() -> bool:
+    """Have TRL's fused LM head work through the vocabulary CPU_VOCAB_TILE entries at a time.
+
+    The result is the same to float rounding: the tiles' log-sum-exp is combined across tiles either way.
+    Call it only in a process that trains on a CPU (the setting is TRL's, for the whole process).
+    Returns False, changing nothing, where this TRL has no such setting.
+    """
+    from trl.trainer import utils as trl_utils
+
+    if not hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        log.warning("this TRL has no fused-head tile setting; its default tiles are used")
+        return False
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_VOCAB_TILE
+    return True
+
+
+def tune_fused_lm_head() -> None:
+    """Both changes to TRL's fused LM head, for this training process (CPU tiles only without a GPU)."""
+    score_only_trained_positions()
+    if not torch.cuda.is_available():
+        narrow_cpu_vocab_tiles()
+
+
+PACKED_SDPA = "tuneforge_packed_sdpa"
+
+
+def example_spans(length: int, kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
+    """The (start, end) of each example in a packed row, from TRL's sequence starts or the positions."""
+    starts = kwargs.get("cu_seq_lens_q")
+    if starts is not None:
+        bounds = [int(b) for b in starts.tolist()]
+    else:
+        positions = kwargs.get("position_ids")
+        if positions is None or positions.shape[0] != 1:
+            return None
+        bounds = [int(b) for b in (positions[0] == 0).nonzero().flatten().tolist()] + [length]
+    if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != length:  # one example: nothing to split
+        return None
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def packed_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+    """transformers' SDPA attention, run on each example of a packed row by itself (causal, no mask).
+
+    Anything else (a padded batch, one example) goes to SDPA as it is.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    spans = example_spans(query.shape[2], kwargs) if query.shape[0] == 1 else None
+    if spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
+    outputs = [
+        sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True, **kwargs
+        )[0]
+        for a, b in spans
+    ]
+    return torch.cat(outputs, dim=1), None  # (batch, tokens, heads, head_dim), as SDPA returns it
+
+
+def use_packed_attention(model: Any) -> bool:
+    """Switch an SDPA model to `packed_sdpa`; False (and nothing changed) for other attentions."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if model.config._attn_implementation != "sdpa":
+        return False
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # padded batches (evaluation) keep their mask
+    model.set_attn_implementation(PACKED_SDPA)
     return True
 
 
@@ -81,6 +162,11 @@ def use_padding_free(hp: dict[str, Any], model: Any) -> tuple[bool, str]:
         return False, "Padded batches: padding_free is off."
     if hp["peft"] in PER_EXAMPLE_PROMPTS:
         return False, f"Padded batches: {hp['peft']} adds its virtual tokens to each example."
+    attention = model.config._attn_implementation
+    packed_attention = use_packed_attention(model)
     if not packs_exactly(model, model.config.get_text_config().vocab_size):
+        if packed_attention:
+            model.set_attn_implementation(attention)
         return False, "Padded batches: this model's attention does not keep examples laid end to end apart."
-    return True, "Padding-free batches: each batch's examples laid end to end, no padding computed."
+    how = "attention per example" if packed_attention else f"{attention} attention under a packed mask"
+    return True, f"Padding-free batches: each batch's examples laid end to end, no padding computed ({how})."

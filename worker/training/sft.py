@@ -285,7 +285,6 @@ def save(spec: RunSpec, trainer: SFTTrainer, tokenizer: Any, info: dict[str, Any
 def run(spec: RunSpec) -> RunResult:
     """The whole recipe for one attempt of one job."""
     torch.manual_seed(spec.seed)
-    fast_path.score_only_trained_positions()
     config = AutoConfig.from_pretrained(spec.base_model_path, trust_remote_code=False)
     info = ModelInfo(linear_modules=spec.linear_modules, num_layers=config.num_hidden_layers)
     plan = plan_for(spec.hyperparameters, info)
