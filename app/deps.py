@@ -1,20 +1,67 @@
 """Request dependencies: a transaction per request; the caller's project from its API key, rate-limited."""
 
-from collections.abc import Callable, Iterator
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Query, Request
+from sqlalchemy import QueuePool
 from sqlalchemy.orm import Session
 
 from app import logs, ratelimit
-from app.db.session import session_scope
+from app.db.session import get_engine, session_scope
 from app.errors import ApiError
 from app.keys import service as key_service
 
+_SESSION_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore | None] = (
+    weakref.WeakKeyDictionary()
+)
 
-def get_session() -> Iterator[Session]:
-    with session_scope() as session:
-        yield session
+
+def _session_slots() -> asyncio.Semaphore | None:
+    """This event loop's slots for request sessions: one fewer than the pool's connections (None: no cap).
+
+    A request's session keeps its connection from its first query (the key check) until the request's
+    transaction ends, and in between FastAPI hands the route, and then the check of its response, each to
+    a worker thread. With more such requests in flight than the pool has connections, every worker thread
+    could be waiting for a connection that a request waiting for a worker thread holds, and nothing would
+    move until the pool's timeout failed them all. With at most one fewer such requests than connections,
+    a thread that waits for a connection always gets one; the others wait here, holding neither.
+    """
+    loop = asyncio.get_running_loop()
+    if loop not in _SESSION_SLOTS:
+        pool, slots = get_engine().pool, None
+        if isinstance(pool, QueuePool) and pool._max_overflow >= 0:  # else no connection is waited for
+            slots = asyncio.Semaphore(max(1, pool.size() + pool._max_overflow - 1))
+        _SESSION_SLOTS[loop] = slots
+    return _SESSION_SLOTS[loop]
+
+
+async def get_session() -> AsyncIterator[Session]:
+    """The request's transaction: committed when the route has returned, rolled back if it raised.
+
+    Async, so that opening the session (no I/O: it connects at its first query, in the worker thread that
+    runs that query) costs no trip through the thread pool. Ending it does I/O, so it runs in a thread
+    with a limit of its own, as FastAPI ends a sync dependency: a commit that would give a connection back
+    never waits for a pool thread.
+    """
+    async with _session_slots() or contextlib.nullcontext():
+        scope = session_scope()
+        session = scope.__enter__()
+        try:
+            yield session
+        except BaseException as exc:
+            if not await _in_own_thread(scope.__exit__, type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            await _in_own_thread(scope.__exit__, None, None, None)
+
+
+async def _in_own_thread(function: Callable[..., bool | None], *args: object) -> bool | None:
+    return await anyio.to_thread.run_sync(function, *args, limiter=anyio.CapacityLimiter(1))
 
 
 # scope="function": the transaction commits before the response is sent, so a client that acts on a

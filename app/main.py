@@ -1,5 +1,6 @@
 """The FastAPI application: `uvicorn app.main:app`."""
 
+import gc
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -38,6 +39,10 @@ def create_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure()  # here, not at import: only a serving process sets up its logging
+        # What imports and startup built lives as long as the process: out of the cyclic collector's sight,
+        # a full collection (a busy API runs them often) walks only what requests made since. At 64
+        # connections this took ~8% off the CPU time of a request and ~45% off its p99 (bench/api.py).
+        gc.freeze()
         async with inference_service.open_client() as client:
             app.state.inference_client = client
             yield

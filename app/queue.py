@@ -10,6 +10,10 @@ from app.config import Settings, get_settings
 from app.jobs import lifecycle
 
 RUN_JOB = "tuneforge.run_job"
+# How often an idle worker on the embedded broker (kombu's filesystem transport) looks for a message. The
+# transport cannot wake a worker, so a job waits up to this long to be taken; kombu's 1 s default was
+# most of the time from POST to `running` (bench/api.py). A look is one listing of the queue's folder.
+FILESYSTEM_POLL_SECONDS = 0.1
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +35,7 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "polling_interval": FILESYSTEM_POLL_SECONDS,
         }
     celery.conf.update(
         task_serializer="json",

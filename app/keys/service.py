@@ -3,7 +3,7 @@
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from app.db.tables import ApiKey, utcnow
@@ -24,10 +24,17 @@ def create_key(session: Session, *, project: str) -> tuple[ApiKey, str]:
     return key, token
 
 
+# Every authenticated request runs this, so it is built once (SQLAlchemy caches its SQL and cache key
+# then) and runs as a plain statement on the session's connection: it reads one column, and needs none of
+# the ORM's object loading. Read at every request, so a revoked key stops working at once.
+_LIVE_KEY_PROJECT = select(ApiKey.project).where(
+    ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+)
+
+
 def project_for_token(session: Session, *, token: str) -> str | None:
     """The project a live key belongs to, or None for an unknown or revoked key."""
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == _hash(token), ApiKey.revoked_at.is_(None)))
-    return key.project if key else None
+    return session.connection().execute(_LIVE_KEY_PROJECT, {"key_hash": _hash(token)}).scalar_one_or_none()
 
 
 def revoke_key(session: Session, *, key_id: str) -> bool:

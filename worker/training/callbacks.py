@@ -54,8 +54,11 @@ def pack_folder(folder: Path, names: list[str] | None = None, *, compress: bool 
     """
     fd, tmp = tempfile.mkstemp(suffix=".tar.gz" if compress else ".tar", prefix="tuneforge-pack-")
     os.close(fd)  # tarfile opens (and, unlike a passed file object, closes and flushes) the path itself
+    # gzip's fastest level: SmolLM2-135M's 513 MiB of weights took 71.5 s at tarfile's default (9) and
+    # 7.3 s at 1, for an archive 6% larger (268 MiB against 253); a full fine-tune packs one per checkpoint.
+    options = {"compresslevel": 1} if compress else {}
     try:
-        with tarfile.open(tmp, "w:gz" if compress else "w") as archive:
+        with tarfile.open(tmp, "w:gz" if compress else "w", **options) as archive:  # type: ignore[call-overload]
             for path in sorted(folder.iterdir()):
                 if path.is_file() and (names is None or path.name in names):
                     archive.add(path, arcname=path.name)
