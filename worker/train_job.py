@@ -144,11 +144,11 @@ def run_recipe(spec: "RunSpec") -> "RunResult":
     from worker.training.optimizers import check_runs_here
 
     check_runs_here(spec.hyperparameters)  # before the model loads: a paged optimizer on a CPU host fails
-    fast_path.tune_fused_lm_head()  # SFT's and DPO's loss head
     if spec.hyperparameters["peft"] == "auto":
         from worker.training.auto import resolve_auto
 
         spec = resolve_auto(spec)
+    fast_path.tune_fused_lm_head(spec.hyperparameters)  # SFT's and DPO's loss head
     recipe = importlib.import_module(RECIPES[spec.method["type"]])
     return recipe.run(spec)
 

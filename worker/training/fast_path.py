@@ -1,13 +1,15 @@
-"""Supervised fine-tuning's default fast path: no work on padding, and none on tokens without loss.
+"""The default fast path of training: no work on padding, and none on tokens without loss.
 
-Both parts are exact (the same loss and gradients as TRL's padded batches, to float rounding) and keep
-the batches the same examples in the same order; bench/training.py measures them.
+Every part is exact (the same loss and gradients as TRL's padded batches, to float rounding) and keeps
+the batches the same examples in the same order; bench/training.py measures them. Padding-free batches
+are supervised fine-tuning's; the LM head's changes serve every recipe on TRL's fused head (SFT, DPO).
 
 - Padding-free batches (TRL's `padding_free`): the examples of a batch are laid end to end in one row,
   their positions restarting at 0. A padded batch computes every example at the length of its longest
   one. Attention runs on each example's own span (`packed_sdpa`), not on the whole row under a
   block-diagonal mask: that mask costs row length squared in time and, since SDPA keeps a float copy
-  per layer for backward, in memory (120 MiB for 1024 tokens on SmolLM2-135M, 2 GiB for 8 x 512).
+  per layer for backward, in memory (120 MiB measured for 1024 tokens on SmolLM2-135M; by the same
+  count, 1.9 GiB for 8 x 512).
   Only where `packs_exactly` shows the loaded model keeps packed examples apart; never for the methods
   that add virtual tokens to each example (they would be added once per row).
 - Only the positions whose next token carries loss go through the LM head. TRL's fused head does that
@@ -72,10 +74,19 @@ def narrow_cpu_vocab_tiles() -> bool:
     return True
 
 
-def tune_fused_lm_head() -> None:
-    """Both changes to TRL's fused LM head, for this training process (CPU tiles only without a GPU)."""
+def head_trains(hp: dict[str, Any]) -> bool:
+    """Whether the run trains the output head's weights (full fine-tuning, freeze with train_head)."""
+    return hp["peft"] == "full" or (hp["peft"] == "freeze" and hp.get("train_head", True))
+
+
+def tune_fused_lm_head(hp: dict[str, Any]) -> None:
+    """The changes to TRL's fused LM head, for this training process.
+
+    Narrow tiles only on a CPU, and only where the head is frozen: a full fine-tune of SmolLM2-135M took
+    about twice as long a step with them (bench/training.py parity), so it keeps TRL's tiles.
+    """
     score_only_trained_positions()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not head_trains(hp):
         narrow_cpu_vocab_tiles()
 
 
