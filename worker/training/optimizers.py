@@ -45,6 +45,5 @@ def check_runs_here(hp: dict[str, Any]) -> None:
 
 
 def trainer_optim(hp: dict[str, Any]) -> str:
-    """TrainingArguments' `optim` for the job's optimizer, once this device is known to run it."""
-    check_runs_here(hp)
+    """TrainingArguments' `optim` for the job's optimizer (run_recipe has checked this device runs it)."""
     return TRAINER_OPTIM[optimizer_of(hp)]

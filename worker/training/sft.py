@@ -22,6 +22,7 @@ from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file, split_off
 from worker.training.memory import MemoryMeter
 from worker.training.methods import MethodPlan, ModelInfo, freeze_all_but_top, plan_for, quantization_of
+from worker.training.optimizers import trainer_optim
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tuneforge")
 
@@ -141,8 +142,6 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, PreparedData, Prep
 
 def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]:
     """The TrainingArguments every task's recipe shares: schedule, checkpoints, evaluation, seed, device."""
-    from worker.training.optimizers import trainer_optim
-
     hp = spec.hyperparameters
     every = hp.get("checkpoint_every_steps")
     strategy = "steps" if every else "epoch"
