@@ -103,6 +103,7 @@ def main() -> None:
         "train_seconds": seconds,
         "tokens": tokens,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
     }
     Path(args.out).write_text(json.dumps(result))
 

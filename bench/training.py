@@ -54,13 +54,17 @@ def chat_file(folder: Path, count: int) -> Path:
 class Stack:
     """The API, a worker and the reconciler on the embedded default, driven over HTTP."""
 
-    def __init__(self, port: int) -> None:
-        from app.cli import models_import_gguf
+    def __init__(self, port: int, base: Path | None = None) -> None:
+        from app.cli import models_import_gguf, register_folder
         from worker.training.base_models import smollm2_gguf_path
 
         migrate.upgrade()
-        models_import_gguf(smollm2_gguf_path(), name=MODEL)
-        self.model_dir = get_settings().resolved_home / "models" / MODEL
+        if base:  # a model folder of its own (bench/random_base.py on a GPU machine), under MODEL's name
+            register_folder(MODEL, base)
+            self.model_dir = base
+        else:
+            models_import_gguf(smollm2_gguf_path(), name=MODEL)
+            self.model_dir = get_settings().resolved_home / "models" / MODEL
         with session_scope() as session:
             token = key_service.create_key(session, project="bench")[1]
         self.base_url = f"http://127.0.0.1:{port}"
@@ -90,6 +94,14 @@ class Stack:
             )
         response.raise_for_status()
         return response.json()["id"]
+
+    def plan_mb(self, file_id: str, hyperparameters: dict, device: str) -> float:
+        """The estimate's total for this job on `device`, in MiB."""
+        body = {"model": MODEL, "training_file": file_id, "device": device}
+        body["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+        estimate = self.client.post("/v1/fine_tuning/estimate", json=body)
+        estimate.raise_for_status()
+        return estimate.json()["estimates"][0]["bytes"]["total"] / 2**20
 
     def train(self, file_id: str, hyperparameters: dict, seed: int) -> dict:
         """Submit a job, wait for its adapter to be downloadable; its losses, times and memory."""
@@ -310,11 +322,7 @@ def memory(stack: Stack, args: argparse.Namespace) -> None:
     print(f"memory against the plan: {settings}, rows of max_seq_length tokens", flush=True)
     for method in args.methods.split(","):
         hp = hyperparameters("lora" if method == "qlora" else method, settings) | {"peft": method}
-        body = {"model": MODEL, "training_file": file_id, "device": "cpu"}
-        body["method"] = {"type": "supervised", "supervised": {"hyperparameters": hp}}
-        estimate = stack.client.post("/v1/fine_tuning/estimate", json=body)
-        estimate.raise_for_status()
-        planned = estimate.json()["estimates"][0]["bytes"]["total"] / 2**20
+        planned = stack.plan_mb(file_id, hp, "cpu")
         job = stack.train(file_id, hp, settings["seed"])
         print(
             f"{method}: measured peak {job['peak_mb']:.0f} MiB, plan {planned:.0f} MiB: measured / plan "
@@ -331,6 +339,81 @@ def memory(stack: Stack, args: argparse.Namespace) -> None:
     )
 
 
+# NVIDIA's datasheet figure for dense bf16 on an H100 or H200 SXM; utilisation is quoted against it.
+BF16_PEAK_FLOPS = 989e12
+
+
+def parameter_count(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    count = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(path, "pt") as weights:
+            for name in weights.keys():
+                count += math.prod(weights.get_slice(name).get_shape())
+    return count
+
+
+def gpu(stack: Stack, args: argparse.Namespace) -> None:
+    """On a GPU: tokens/s and model FLOPs utilisation of jobs against the reference, peak memory against the
+    plan, Liger kernels, QLoRA against LoRA and the paged optimizers; both sides bf16 with SDPA."""
+    import torch
+
+    device = torch.cuda.get_device_name()
+    params = parameter_count(stack.model_dir)
+    train_path = long_tailed_file(get_settings().resolved_home / "gpu", args.examples, median_words=96)
+    settings = {"batch_size": 8, "max_seq_length": 1024, "n_epochs": 1, "seed": 42}
+    file_id = stack.upload(train_path)
+    print(f"gpu: {device}, {params / 1e6:.0f}M parameters, long-tailed mix, {settings}", flush=True)
+    # Model FLOPs per trained token: forward 2N, backward 2N for the activations' gradients, and 2N more
+    # for the weights' gradients where all weights train (Kaplan et al.); attention left out.
+    flops_per_token = {"lora": 4 * params, "qlora": 4 * params, "full": 6 * params}
+
+    def utilisation(rate: float, method: str) -> str:
+        share = rate * flops_per_token[method] / BF16_PEAK_FLOPS
+        return f"{share:.1%} of {BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s"
+
+    def report(method: str, name: str, run: dict, hp: dict) -> float:
+        rate = run["tokens"] / run["train_seconds"]
+        peak, planned = run["peak_mb"], stack.plan_mb(file_id, hp, "cuda")
+        print(
+            f"  {method}, {name}: {rate:.0f} tokens/s, utilisation {utilisation(rate, method)}; peak "
+            f"{peak:.0f} MiB, plan {planned:.0f} MiB (measured / plan {peak / planned:.2f})",
+            flush=True,
+        )
+        return rate
+
+    paged_8bit = {"optimizer": "paged_adamw_8bit"}
+    variants = {
+        "lora": {
+            "job": {},
+            "job, Liger kernels": {"liger_kernels": True},
+            "job, paged_adamw_8bit": paged_8bit,
+            "job, paged_adamw_32bit": {"optimizer": "paged_adamw_32bit"},
+        },
+        "full": {"job": {}},
+        "qlora": {"job": {}, "job, paged_adamw_8bit": paged_8bit},  # no reference: the script is LoRA or full
+    }
+    for method in args.methods.split(","):
+        if method == "qlora":
+            for name, options in variants[method].items():
+                hp = hyperparameters("lora", settings, peft="qlora", **options)
+                report(method, name, stack.train(file_id, hp, settings["seed"]), hp)
+            continue
+        pairs = compare(stack, train_path, method, settings, variants[method], args.rounds)
+        ref = pairs["job"][0][0]
+        ref_rate = ref["tokens"] / ref["train_seconds"]
+        print(
+            f"  {method}, reference: {ref_rate:.0f} tokens/s, utilisation {utilisation(ref_rate, method)}; "
+            f"peak {ref['peak_gpu_mb']:.0f} MiB",
+            flush=True,
+        )
+        for name, runs in pairs.items():
+            hp = hyperparameters(method, settings, **variants[method][name])
+            rate = report(method, name, runs[0][1], hp)
+            print(f"  {method}, {name}: tokens/s against the reference {rate / ref_rate:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("benchmark", choices=list(BENCHMARKS))
@@ -338,12 +421,13 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument("--base", type=Path, help="a model folder to train instead of SmolLM2-135M-Instruct")
     args = parser.parse_args()
-    with Stack(args.port) as stack:
+    with Stack(args.port, args.base) as stack:
         BENCHMARKS[args.benchmark](stack, args)
 
 
-BENCHMARKS = {"parity": parity, "fast-path": fast_path, "step-time": step_time, "memory": memory}
+BENCHMARKS = {"parity": parity, "fast-path": fast_path, "step-time": step_time, "memory": memory, "gpu": gpu}
 
 if __name__ == "__main__":
     main()

@@ -144,6 +144,7 @@ def run_recipe(spec: "RunSpec") -> "RunResult":
     from worker.training.optimizers import check_runs_here
 
     check_runs_here(spec.hyperparameters)  # before the model loads: a paged optimizer on a CPU host fails
+    fast_path.check_liger_runs_here(spec.hyperparameters)
     if spec.hyperparameters["peft"] == "auto":
         from worker.training.auto import resolve_auto
 

@@ -208,6 +208,12 @@ class TrainingHyperparameters(BaseModel):
 class SupervisedHyperparameters(TrainingHyperparameters):
     """Hyperparameters of a supervised (SFT) job."""
 
+    liger_kernels: bool = Field(
+        False,
+        description="Liger's Triton kernels for the layers' RMSNorm, rotary embeddings and SwiGLU (CUDA "
+        "only; the worker needs the liger-kernel package, which the GPU image installs).",
+    )
+
 
 class DpoHyperparameters(TrainingHyperparameters):
     """Hyperparameters of a DPO job: `beta` weighs the preference margin against staying near the base."""
@@ -462,6 +468,15 @@ class JobCreate(BaseModel):
             )
             field = ("method", self.method.type, "hyperparameters", "optimizer")
             raise _field_error(field, optimizer, message)
+        return self
+
+    @model_validator(mode="after")
+    def _liger_kernels_run_on_the_device(self) -> Self:
+        device, where = self.runs_on()
+        if getattr(self.method.hyperparameters, "liger_kernels", False) and device != "cuda":
+            message = f"liger_kernels are Triton kernels for CUDA, and {where}; leave liger_kernels off"
+            field = ("method", self.method.type, "hyperparameters", "liger_kernels")
+            raise _field_error(field, True, message)
         return self
 
 

@@ -181,3 +181,22 @@ def use_padding_free(hp: dict[str, Any], model: Any) -> tuple[bool, str]:
         return False, "Padded batches: this model's attention does not keep examples laid end to end apart."
     how = "attention per example" if packed_attention else f"{attention} attention under a packed mask"
     return True, f"Padding-free batches: each batch's examples laid end to end, no padding computed ({how})."
+
+
+class LigerUnavailable(RuntimeError):
+    """The job asks for Liger kernels and this worker cannot run them."""
+
+
+def check_liger_runs_here(hp: dict[str, Any]) -> None:
+    """Raise LigerUnavailable if the job asks for Liger's kernels and this worker lacks CUDA or the package.
+
+    The API refuses them for a CPU deployment; a job that reaches a worker without them anyway fails rather
+    than train without the kernels it asked for."""
+    import importlib.util
+
+    if not hp.get("liger_kernels"):
+        return
+    if not torch.cuda.is_available():
+        raise LigerUnavailable("liger_kernels are Triton kernels for CUDA and this worker has no GPU")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise LigerUnavailable("liger_kernels: the liger-kernel package is not installed on this worker")

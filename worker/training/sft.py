@@ -182,6 +182,8 @@ def trainer_config(spec: RunSpec, *, has_validation: bool, padding_free: bool) -
         packing=packing,
         padding_free=padding_free,
         completion_only_loss=True,
+        # Liger's kernels for the layers only: TRL keeps its own fused head for the loss.
+        use_liger_kernel=hp.get("liger_kernels", False),
     )
 
 
