@@ -190,15 +190,17 @@ def compare(
     for round_ in range(rounds):
         out = train_path.parent / f"{method}-{round_}.json"
         ref = reference(stack.model_dir, train_path, method, settings, out)
-        line = f"  {method} round {round_}: reference {ref['train_seconds']:.2f} s"
+        print(f"  {method} round {round_}: reference {ref['train_seconds']:.2f} s", flush=True)
         for name, options in variants.items():
             job = stack.train(file_id, hyperparameters(method, settings, **options), settings["seed"])
             results[name].append((ref, job))
-            line += (
-                f"; {name} {job['train_seconds']:.2f} s (end to end {job['end_to_end_seconds']:.2f} s, "
-                f"loss difference {largest_difference(ref['losses'], job['losses']):.1e})"
+            # Each run as it ends: a benchmark stopped at a time limit has still printed what it measured.
+            print(
+                f"  {method} round {round_}: {name} {job['train_seconds']:.2f} s (end to end "
+                f"{job['end_to_end_seconds']:.2f} s, {job['tokens']} tokens, peak {job['peak_mb']:.0f} MiB, "
+                f"loss difference {largest_difference(ref['losses'], job['losses']):.1e})",
+                flush=True,
             )
-        print(line, flush=True)
     return results
 
 

@@ -1,6 +1,7 @@
 """The `optimizer` hyperparameter: each choice trains through the API and the real worker with the optimizer
 it names, the estimate counts its states as the real optimizer keeps them, and a device that cannot run a
-paged optimizer refuses it: the API with a 400 naming the field, a CPU worker by failing the job.
+paged optimizer (or Liger's kernels) refuses it: the API with a 400 naming the field, a CPU worker by failing
+the job.
 
 Which optimizer ran is read from the job's last checkpoint: Trainer saves the optimizer's state there, and
 each optimizer keeps states of its own kind (torch's AdamW `exp_avg`, bitsandbytes' `state1` in uint8 for
@@ -96,7 +97,9 @@ def api_for_workers_on(device: str, log_name: str):  # type: ignore[no-untyped-d
     return api_process(os.environ | {"TUNEFORGE_WORKER_DEVICE": device}, log_name)
 
 
-def test_a_cpu_deployment_refuses_paged_optimizers_naming_the_field(api_key: str, training_id: str) -> None:
+def test_a_cpu_deployment_refuses_paged_optimizers_and_liger_naming_the_field(
+    api_key: str, training_id: str
+) -> None:
     with api_for_workers_on("cpu", "api-cpu-workers.log") as (url, _):
         headers = {"Authorization": f"Bearer {api_key}"}
         for optimizer, unpaged in CUDA_ONLY_OPTIMIZERS.items():
@@ -112,24 +115,31 @@ def test_a_cpu_deployment_refuses_paged_optimizers_naming_the_field(api_key: str
             f"{url}/v1/fine_tuning/jobs", json=job_body(training_id) | {"method": dpo}, headers=headers
         )
         assert response.json()["error"]["param"] == "method.dpo.hyperparameters.optimizer"
+        # Liger's kernels are Triton kernels for CUDA.
+        response = httpx.post(
+            f"{url}/v1/fine_tuning/jobs", json=job_body(training_id, liger_kernels=True), headers=headers
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "method.supervised.hyperparameters.liger_kernels"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker runs paged optimizers")
-def test_a_cpu_worker_fails_a_paged_job_naming_the_optimizer(
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU worker runs paged optimizers and Liger")
+def test_a_cpu_worker_fails_paged_and_liger_jobs_naming_the_choice(
     api_key: str, http: httpx.Client, training_id: str
 ) -> None:
-    # An API that believes its workers have GPUs queues it; a CPU worker taking it must not run it unpaged.
+    # An API that believes its workers have GPUs queues them; a CPU worker taking one must not run it without
+    # what it asked for (unpaged, or without the kernels).
+    bodies = [full_job(training_id, "paged_adamw_8bit"), job_body(training_id, liger_kernels=True)]
     with api_for_workers_on("cuda", "api-gpu-workers.log") as (url, _):
-        response = httpx.post(
-            f"{url}/v1/fine_tuning/jobs",
-            json=full_job(training_id, "paged_adamw_8bit"),
-            headers={"Authorization": f"Bearer {api_key}"},
-        )
-    assert response.status_code == 200, response.text
-    job = wait_for_status(http, response.json()["id"], {"succeeded", "failed"})
-    assert job["status"] == "failed", job
-    assert "optimizer 'paged_adamw_8bit'" in job["error"]["message"], job["error"]
-    assert "'adamw_8bit'" in job["error"]["message"]
+        headers = {"Authorization": f"Bearer {api_key}"}
+        responses = [httpx.post(f"{url}/v1/fine_tuning/jobs", json=body, headers=headers) for body in bodies]
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    paged, liger = (wait_for_status(http, r.json()["id"], {"succeeded", "failed"}) for r in responses)
+    assert paged["status"] == "failed", paged
+    assert "optimizer 'paged_adamw_8bit'" in paged["error"]["message"], paged["error"]
+    assert "'adamw_8bit'" in paged["error"]["message"]
+    assert liger["status"] == "failed", liger
+    assert "liger_kernels" in liger["error"]["message"] and "no GPU" in liger["error"]["message"], liger
 
 
 def test_the_estimate_refuses_paged_optimizers_on_cpu_only(http: httpx.Client, training_id: str) -> None:
