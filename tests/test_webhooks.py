@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select, update
 from standardwebhooks import Webhook
 
-from app.config import get_settings
+from app.config import get_settings, gpu_present
 from app.db.session import session_scope
 from app.db.tables import WebhookDelivery
 from app.db.time import db_now
@@ -214,6 +214,10 @@ def test_status_changes_arrive_signed_and_once_each_after_two_failures(
         assert listed[webhook_id]["status"] == "delivered" and listed[webhook_id]["next_attempt_at"] is None
         assert [a["status_code"] for a in listed[webhook_id]["attempts"]] == [500, 500, 200]
         assert [a["number"] for a in listed[webhook_id]["attempts"]] == [1, 2, 3]
+        # never sent before it was due: each wait at least the doubled base less its 25% jitter
+        sent_at = [a["created_at"] for a in listed[webhook_id]["attempts"]]
+        base = get_settings().webhook_retry_base_seconds
+        assert sent_at[1] - sent_at[0] >= 0.75 * base and sent_at[2] - sent_at[1] >= 1.5 * base, sent_at
     events = {(r.event["data"]["id"], r.event["type"]): r.event for r in requests}
     running, succeeded = (
         events[trained, "fine_tuning.job.running"],
@@ -226,6 +230,35 @@ def test_status_changes_arrive_signed_and_once_each_after_two_failures(
     sdk = openai.OpenAI(api_key="unused", base_url=f"{server}/v1")
     unwrapped = sdk.webhooks.unwrap(accepted.body, accepted.headers, secret=endpoint["secret"])
     assert unwrapped.type == "fine_tuning.job.succeeded" and unwrapped.data.id == trained
+
+
+@pytest.mark.skipif(gpu_present(), reason="it fails by asking a worker without a GPU for Liger kernels")
+def test_a_job_that_fails_is_delivered_as_failed(
+    http: httpx.Client, receiver: Receiver, endpoint: dict
+) -> None:
+    training = upload(http, chat_jsonl(8))
+    # An API that believes its workers have GPUs queues a job the CPU worker then fails.
+    with api_process(os.environ | {"TUNEFORGE_WORKER_DEVICE": "cuda"}, "api-webhooks-cuda.log") as (url, _):
+        response = httpx.post(
+            f"{url}/v1/fine_tuning/jobs",
+            json=job_body(training["id"], liger_kernels=True),
+            headers={"Authorization": http.headers["Authorization"]},
+        )
+    job_id = response.json()["id"]
+    assert wait_for_status(http, job_id, {"succeeded", "failed"})["status"] == "failed"
+    wanted = {(job_id, "fine_tuning.job.running"), (job_id, "fine_tuning.job.failed")}
+    requests = [r for r in receiver.wait_for("/alpha", wanted, timeout=60) if r.event["data"]["id"] == job_id]
+    accepted = sorted(r.event["type"] for r in requests if r.answered == 200)
+    assert accepted == ["fine_tuning.job.failed", "fine_tuning.job.running"], accepted
+
+
+def test_retry_waits_double_from_the_base_up_to_an_hour() -> None:
+    base = get_settings().webhook_retry_base_seconds
+    for number in range(1, 8):
+        waits = [delivery.retry_wait(number) for _ in range(50)]
+        due = base * 2 ** (number - 1)
+        assert due * 0.75 <= min(waits) and max(waits) <= due * 1.25, (number, waits)
+    assert max(delivery.retry_wait(40) for _ in range(50)) <= 3600 * 1.25
 
 
 def test_endpoints_are_validated_and_private_to_their_project(
@@ -335,5 +368,13 @@ def test_a_delivery_still_failing_a_day_after_its_event_is_given_up(
         time.sleep(0.2)
     assert given_up["status"] == "failed" and given_up["next_attempt_at"] is None, given_up
     assert [a["status_code"] for a in given_up["attempts"]] == [500]  # its first and last attempt
-    time.sleep(2 * get_settings().webhook_retry_base_seconds)
+    # Positive evidence that senders ran on past the moment its retry would have come: a later event, which
+    # the receiver fails first, is retried after the same base delay and accepted; the given-up one is
+    # still at its one request.
+    with session_scope() as session:
+        later = job_service.create_job(session, project="alpha", spec=JobCreate(**job_body(training["id"])))
+        job_service.cancel_job(session, project="alpha", job_id=later.id)
+    receiver.wait_for("/alpha", {(later.id, "fine_tuning.job.cancelled")}, timeout=30)
+    later_tries = [r for r in receiver.at("/alpha") if r.event["data"]["id"] == later.id]
+    assert [r.answered for r in later_tries][0] == 500, "the later event must have been retried"
     assert len([r for r in receiver.at("/alpha") if r.event["data"]["id"] == job.id]) == 1
