@@ -11,6 +11,7 @@ import io
 import tarfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from rich.console import Console
@@ -19,6 +20,9 @@ from rich.table import Table
 from app.config import get_settings
 from app.db.session import session_scope
 from app.keys import service as key_service
+
+if TYPE_CHECKING:
+    from worker.demo_data import DemoData
 
 DEMO_MODEL = "smollm2-135m-instruct"
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -32,6 +36,7 @@ DEMO_HYPERPARAMETERS = {
     "target_modules": "all-linear",
     "max_seq_length": 256,
 }
+VALIDATION_EXAMPLES = 40  # chatterbot chats beside the training file: the held-out loss before and after
 console = Console()
 
 
@@ -51,18 +56,23 @@ def _follow(client: httpx.Client, job_id: str) -> dict:
         time.sleep(1)
 
 
-def _train(client: httpx.Client, train_path: Path, epochs: int) -> tuple[dict, bytes]:
-    with train_path.open("rb") as handle:
-        uploaded = client.post(
-            "/v1/files", files={"file": (train_path.name, handle)}, data={"purpose": "fine-tune"}
-        )
+def _upload(client: httpx.Client, path: Path) -> str:
+    with path.open("rb") as handle:
+        files = {"file": (path.name, handle)}
+        uploaded = client.post("/v1/files", files=files, data={"purpose": "fine-tune"})
     uploaded.raise_for_status()
     file_id = uploaded.json()["id"]
-    console.print(f"Uploaded {train_path.name} as {file_id}")
+    console.print(f"Uploaded {path.name} as {file_id}")
+    return file_id
+
+
+def _train(client: httpx.Client, data: "DemoData", epochs: int) -> tuple[dict, bytes]:
+    assert data.validation_path is not None
     hyperparameters = DEMO_HYPERPARAMETERS | {"n_epochs": epochs}
     body = {
         "model": DEMO_MODEL,
-        "training_file": file_id,
+        "training_file": _upload(client, data.train_path),
+        "validation_file": _upload(client, data.validation_path),
         "suffix": "chatterbot",
         "seed": 0,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
@@ -75,6 +85,13 @@ def _train(client: httpx.Client, train_path: Path, epochs: int) -> tuple[dict, b
     adapter = client.get(f"/v1/models/{job['fine_tuned_model']}/adapter")
     adapter.raise_for_status()
     return job, adapter.content
+
+
+def _heldout_losses(client: httpx.Client, job_id: str) -> tuple[float, float]:
+    """The validation loss before the first step (the base model's) and after the last one."""
+    rows = client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics").json()["data"]
+    losses = [row["valid_loss"] for row in rows if row["valid_loss"] is not None]
+    return losses[0], losses[-1]
 
 
 def _answers(client: httpx.Client, model: str, questions: list[str], system: str) -> list[str]:
@@ -102,8 +119,11 @@ def run_demo(port: int, epochs: int) -> None:
     console.rule("1. Base model: SmolLM2-135M-Instruct from GGUF")
     models_import_gguf(smollm2_gguf_path(), name=DEMO_MODEL)
     console.rule("2. Training data from chatterbot-corpus")
-    data = build_demo_data(home / "demo", train_count=200)
-    console.print(f"{sum(1 for _ in data.train_path.open())} chat examples, {len(data.heldout)} held out")
+    data = build_demo_data(home / "demo", train_count=200, validation_count=VALIDATION_EXAMPLES)
+    console.print(
+        f"{sum(1 for _ in data.train_path.open())} chat examples, {VALIDATION_EXAMPLES} for validation, "
+        f"{len(data.heldout)} questions held out"
+    )
     with session_scope() as session:
         token = key_service.create_key(session, project="demo")[1]
 
@@ -116,7 +136,8 @@ def run_demo(port: int, epochs: int) -> None:
         with httpx.Client(
             base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
         ) as client:
-            job, archive = _train(client, data.train_path, epochs)
+            job, archive = _train(client, data, epochs)
+            before_loss, after_loss = _heldout_losses(client, job["id"])
             console.rule("4. Held-out questions via POST /v1/chat/completions: base vs fine-tuned (greedy)")
             before = _answers(client, DEMO_MODEL, questions, SYSTEM_PROMPT)
             after = _answers(client, job["fine_tuned_model"], questions, SYSTEM_PROMPT)
@@ -134,6 +155,10 @@ def run_demo(port: int, epochs: int) -> None:
     for (question, reference), base_answer, tuned_answer in zip(data.heldout, before, after, strict=True):
         table.add_row(question, reference, base_answer, tuned_answer)
     console.print(table)
+    console.print(
+        f"Validation loss on {VALIDATION_EXAMPLES} chats the job never trained on: base model "
+        f"{before_loss:.3f}, fine-tuned {after_loss:.3f} ({after_loss - before_loss:+.3f})."
+    )
     console.print(
         f"Demo finished in {time.monotonic() - started:.0f} s; trained tokens {job['trained_tokens']}."
     )

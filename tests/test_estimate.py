@@ -272,6 +272,73 @@ def long_chats(count: int) -> bytes:
     return "\n".join(json.dumps(row) for row in rows).encode()
 
 
+SAVED_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4}
+SAVED_SHAPE |= {"num_key_value_heads": 2}
+
+
+def saved_values_per_token_and_block(
+    *, trains: bool, per_example: bool, lora: LoraConfig | None = None, rows: int = 8, seq: int = 64
+) -> float:
+    """fp32 values autograd keeps per token in one block: what a forward saves for backward (each storage
+    once, weights left out) with 3 blocks less with 1, halved. Frozen blocks pass gradients on to the
+    embeddings, as they pass them on to adapters and lower blocks in a real run."""
+    from worker.training import fast_path
+
+    def saved(layers: int) -> int:
+        torch.manual_seed(0)
+        config = LlamaConfig(**SAVED_SHAPE, num_hidden_layers=layers, head_dim=64, vocab_size=256)
+        model = AutoModelForCausalLM.from_config(config)
+        model.requires_grad_(trains)
+        model.model.embed_tokens.weight.requires_grad_(True)
+        if per_example:  # padding-free: the rows end to end in one, positions restarting
+            fast_path.use_packed_attention(model)
+            ids, position_ids = torch.randint(0, 256, (1, rows * seq)), torch.arange(seq).repeat(rows)[None]
+            inputs = {"input_ids": ids, "position_ids": position_ids}
+        else:  # padded rows under a mask
+            mask = torch.ones(rows, seq, dtype=torch.long)
+            mask[:, -seq // 4 :] = 0
+            inputs = {"input_ids": torch.randint(0, 256, (rows, seq)), "attention_mask": mask}
+        if lora:
+            model = get_peft_model(model, lora).get_base_model()
+        storages: dict[int, int] = {}
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model.model(**inputs)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(size for pointer, size in storages.items() if pointer not in weights)
+
+    return (saved(3) - saved(1)) / 2 / (rows * seq) / 4
+
+
+@pytest.mark.parametrize("per_example", [True, False], ids=["padding-free", "padded"])
+@pytest.mark.parametrize("trains", [True, False], ids=["trainable", "frozen"])
+def test_activation_model_is_what_autograd_saves_per_block(trains: bool, per_example: bool) -> None:
+    h, inner, kv = 256, 512, 2 * 64
+    planned = planner.block_values(h, kv, inner, seq=64, trains=trains, per_example=per_example)
+    measured = saved_values_per_token_and_block(trains=trains, per_example=per_example)
+    assert abs(measured - planned) <= 0.01 * planned, (measured, planned)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"], ids=["q-v", "all-linear"])
+def test_activation_model_of_lora_is_what_autograd_saves(
+    targets: list[str] | str, dropout: float, tmp_path: Path
+) -> None:
+    h, inner, kv, r = 256, 512, 2 * 64, 8
+    lora = LoraConfig(r=r, lora_alpha=16, lora_dropout=dropout, target_modules=targets)
+    measured = saved_values_per_token_and_block(trains=False, per_example=True, lora=lora)
+    profile = inspect_model(save_llama(tmp_path, **SAVED_SHAPE, num_hidden_layers=3, head_dim=64))
+    shape = planner.model_shape(profile, task="supervised", num_labels=None)
+    adapted = planner.lora_targets(profile, shape, {"target_modules": targets})
+    per_block = planner.lora_values(adapted, r=r, dropout=dropout > 0) / profile["num_layers"]
+    planned = planner.block_values(h, kv, inner, seq=64, trains=False, per_example=True) + per_block
+    assert abs(measured - planned) <= 0.01 * planned, (measured, planned)
+
+
 # Measured on CPU (fp32, no checkpointing), 3 steps of 4 x 256 tokens on a 25M-parameter Llama: full
 # peaked at 799-802 MiB (plan 883: -10%), LoRA at 691-733 MiB (plan 590: +17 to +24%). The worker's meter
 # reads the peak resident set above the one before loading, so it sees what the plan models only roughly:

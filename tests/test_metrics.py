@@ -24,7 +24,9 @@ from app.jobs.results import COLUMNS, wants_csv
 from app.jobs.schemas import JobCreate
 from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
 
-STEPS, VALIDATED = 6, [2, 4, 6]  # 24 examples at batch 4; validation and a checkpoint every 2 steps
+STEPS = 6  # 24 examples at batch 4; validation and a checkpoint every 2 steps
+CHECKPOINTED = [2, 4, 6]
+VALIDATED = [0, *CHECKPOINTED]  # step 0: the base model's validation loss, before the first step
 
 
 @dataclass
@@ -114,7 +116,7 @@ def test_validation_passes_are_metrics_events_and_checkpoints_use_openais_names(
     assert all({"valid_loss", "valid_mean_token_accuracy"} <= v.keys() for v in validations)
 
     checkpoints = http.get(f"/v1/fine_tuning/jobs/{held.job['id']}/checkpoints").json()["data"]
-    assert sorted(c["step_number"] for c in checkpoints) == VALIDATED
+    assert sorted(c["step_number"] for c in checkpoints) == CHECKPOINTED
     valid = {v["step"]: v for v in validations}
     for checkpoint in checkpoints:
         metrics, step = checkpoint["metrics"], checkpoint["step_number"]
@@ -132,9 +134,10 @@ def test_metrics_route_is_the_whole_series_one_row_a_step(http: httpx.Client, he
     }
     assert columns == [*COLUMNS, *sorted(recorded_names - {*COLUMNS, "total_steps"})]
     assert series["object"] == "list" and len(columns) > len(COLUMNS)
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in rows] == list(range(0, STEPS + 1))
     valid = {v["step"]: v for v in validation_passes(held.events)}
-    for row, trained in zip(rows, training_steps(held.events), strict=True):
+    assert rows[0] == {column: valid[0].get(column) for column in columns}  # validated, not trained
+    for row, trained in zip(rows[1:], training_steps(held.events), strict=True):
         recorded = trained | valid.get(trained["step"], {})
         assert row == {column: recorded.get(column) for column in columns}
     assert [row["step"] for row in rows if row["valid_loss"] is not None] == VALIDATED

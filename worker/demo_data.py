@@ -30,6 +30,7 @@ HELDOUT_CATEGORIES = ("botprofile", "trivia", "humor", "ai", "gossip", "movies",
 class DemoData:
     train_path: Path
     heldout: list[tuple[str, str]]  # (question, reference answer) pairs NOT in the training file
+    validation_path: Path | None = None  # chat examples in neither the training file nor `heldout`
 
 
 def corpus_dir() -> Path:
@@ -120,9 +121,15 @@ def _pick_heldout(
 
 
 def build_demo_data(
-    out_dir: Path, *, heldout_count: int = 5, seed: int = 0, train_count: int = DEFAULT_TRAIN_COUNT
+    out_dir: Path,
+    *,
+    heldout_count: int = 5,
+    seed: int = 0,
+    train_count: int = DEFAULT_TRAIN_COUNT,
+    validation_count: int = 0,
 ) -> DemoData:
-    """Write train.jsonl (about train_count chat examples) into out_dir and return it with held-out pairs."""
+    """Write train.jsonl (about train_count chat examples) into out_dir and return it with held-out pairs;
+    with validation_count, also valid.jsonl: that many further examples, from the same categories."""
     rng = random.Random(seed)
     pairs = load_pairs()
     heldout = _pick_heldout(pairs, heldout_count, rng)
@@ -140,11 +147,26 @@ def build_demo_data(
             if pool and len(chosen) < train_count:
                 chosen.append(pool.pop())
     rng.shuffle(chosen)
+    # Drawn after the training examples, from what they left, so the training file is the same either way.
+    trained = {_normalise(q) for q, _ in chosen}
+    validation: list[tuple[str, str]] = []
+    while len(validation) < validation_count and any(pools):
+        for pool in pools:
+            if pool and len(validation) < validation_count:
+                pair = pool.pop()
+                if _normalise(pair[0]) not in trained:  # a question asked in two categories stays out
+                    validation.append(pair)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_path = out_dir / "train.jsonl"
-    with train_path.open("w", encoding="utf-8") as f:
-        for question, answer in chosen:
+    _write_chats(train_path, chosen)
+    validation_path = _write_chats(out_dir / "valid.jsonl", validation) if validation_count else None
+    return DemoData(train_path=train_path, heldout=heldout, validation_path=validation_path)
+
+
+def _write_chats(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for question, answer in pairs:
             f.write(json.dumps(_chat_example(question, answer), ensure_ascii=False) + "\n")
-    return DemoData(train_path=train_path, heldout=heldout)
+    return path

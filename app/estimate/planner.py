@@ -14,6 +14,7 @@ from typing import Any, Literal
 from app.estimate.counts import (
     LORA_LIKE,
     Counts,
+    Linear,
     Shape,
     count_parameters,
     factorization,
@@ -46,9 +47,12 @@ UTILIZATION = {"cuda": 0.4, "cpu": 0.3}
 # Methods trained on the model's own loss (full logits), like the worker's ModelLossTrainer.
 MODEL_LOSS = ("llama_adapter",)
 AUTO_ORDER = ("full", "lora", "qlora")
-# On a CPU, glibc's heap keeps the activation memory freed by one step's backward fragmented, and the next
-# step's activations land partly in fresh pages: measured peaks run about 1.5x the saved activations.
-CPU_HEAP_SLACK = 0.5
+# The fused head's temporaries, in vocabulary tiles: TRL's tile, and the worker's narrower one on a CPU when
+# the head is frozen (worker/training/fast_path.py); about 8 tile-sized buffers live at once (logits,
+# softmax, log-probabilities and their gradients), measured with torch's profiler on SmolLM2-135M.
+CPU_FROZEN_HEAD_VOCAB, LIVE_HEAD_TILES = 4096, 8
+# Methods whose examples each get virtual tokens: the worker pads their batches (fast_path.py).
+PER_EXAMPLE_PROMPTS = ("prefix_tuning", "prompt_tuning", "p_tuning")
 
 ASSUMPTIONS: list[dict[str, str]] = [
     {
@@ -82,19 +86,19 @@ ASSUMPTIONS: list[dict[str, str]] = [
     },
     {
         "name": "activations",
-        "value": "per token and layer: trainable block 8h + 3kv + 4i values, frozen block 4h + 3kv + 3i, "
-        "blocks below the first trainable one 0; LoRA with dropout adds 1.5*in + 2r per adapted Linear, "
-        "DoRA also 2*out, IA3 its vector's size; cuda checkpoints each block (its input kept, one block "
-        "recomputed at a time); the LM head: a fused tile of min(tokens, 4096) x min(vocab, 32768) plus "
-        "its input, or full logits (tokens x vocab x (dtype + 8 bytes)) for llama_adapter",
-        "why": "h hidden, kv key/value width, i MLP width, r LoRA rank; fitted to what autograd saves in a "
-        "Llama forward, at batch_size x max_seq_length tokens (prompt tuning adds its virtual tokens).",
-    },
-    {
-        "name": "cpu_heap",
-        "value": "cpu: activations x 1.5",
-        "why": "glibc's heap leaves the memory one step's backward frees fragmented; the next step's "
-        "activations land partly in fresh pages (measured on 3-step runs of a 25M-parameter Llama).",
+        "value": "per token and layer: trainable block 9h + 2kv + 4i values, frozen block 4h + 2kv + 3i, "
+        "blocks below the first trainable one 0; batches attended under a mask (all but padding-free "
+        "supervised ones) add max_seq_length, and 2h - 2kv in frozen blocks; LoRA adds r per adapted "
+        "Linear and each distinct input it reads (q/k/v share one, gate/up one), or with dropout 2*in + r "
+        "per adapted Linear; DoRA also 2*out, "
+        "IA3 its vector's size; cuda checkpoints each block (its input kept, one block recomputed at a "
+        "time); the LM head: fused tiles of min(tokens, 4096) x min(vocab, tile) (8 live on cpu, with "
+        "4096-entry tiles where the head is frozen; 1 of 32768 entries on cuda) plus its input, or full "
+        "logits (tokens x vocab x (dtype + 8 bytes)) for llama_adapter",
+        "why": "h hidden, kv key/value width, i MLP width, r LoRA rank; counted with autograd's saved-tensor "
+        "hooks in Llama blocks of two shapes and torch's profiler for the head, at batch_size x "
+        "max_seq_length tokens (prompt tuning adds its virtual tokens). On a CPU the run's resident peak "
+        "was within 1% of its tensors' peak, so nothing is added for the heap.",
     },
     {
         "name": "time",
@@ -139,6 +143,41 @@ def _weight_bytes(counts: Counts, peft: str, device: Device) -> int:
     return int(base * dense_bytes + packed + counts.added * FP32)
 
 
+def block_values(h: int, kv: int, inner: int, *, seq: int, trains: bool, per_example: bool) -> int:
+    """Values autograd keeps per token in one Llama block (tests/test_estimate.py counts them with
+    saved-tensor hooks). Frozen weights: the norms' inputs, rotated q and k, v, the attention output and
+    the MLP's three intermediates (4h + 2kv + 3i). Trainable weights keep each Linear's input too
+    (9h + 2kv + 4i). A batch attended under a mask (padded) keeps the mask's row of seq values, and a frozen
+    block also the keys and values repeated to every head (+2h - 2kv); padding-free batches attend each
+    example on its own (worker/training/fast_path.py)."""
+    if trains:
+        return 9 * h + 2 * kv + 4 * inner + (0 if per_example else seq)
+    return 4 * h + 2 * kv + 3 * inner + (0 if per_example else 2 * h - 2 * kv + seq)
+
+
+# Linear layers that read the same input: an adapter on each keeps that input once.
+SHARED_INPUTS = {
+    "q_proj": "attention",
+    "k_proj": "attention",
+    "v_proj": "attention",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+}
+
+
+def lora_values(targets: list[Linear], *, r: int, dropout: bool) -> int:
+    """Values LoRA adds per token over the whole model (counted like block_values): each adapter keeps its
+    rank-r intermediate, and its input for its own gradient, once per input that several adapters read;
+    with dropout each adapter keeps its dropped input and the mask instead (2 x in)."""
+    if dropout:
+        return sum(2 * t.in_features + r for t in targets)
+    inputs = {}
+    for t in targets:
+        parent, _, leaf = t.name.rpartition(".")
+        inputs[(parent, SHARED_INPUTS.get(leaf, leaf))] = t.in_features
+    return sum(inputs.values()) + r * len(targets)
+
+
 def _activation_bytes(
     profile: dict[str, Any], hp: dict[str, Any], counts: Counts, *, peft: str, task: str, device: Device
 ) -> int:
@@ -148,20 +187,23 @@ def _activation_bytes(
     inner = profile.get("intermediate_size") or 4 * h
     seq = hp["max_seq_length"] + (hp["num_virtual_tokens"] if peft in ("prompt_tuning", "p_tuning") else 0)
     tokens = hp["batch_size"] * seq
-    trainable_block, frozen_block = 8 * h + 3 * kv + 4 * inner, 4 * h + 3 * kv + 3 * inner
+    per_example = task == "supervised" and hp.get("padding_free", True) and not hp.get("packing", False)
+    per_example = per_example and peft not in PER_EXAMPLE_PROMPTS
+    trainable_block = float(block_values(h, kv, inner, seq=seq, trains=True, per_example=per_example))
+    frozen_block = float(block_values(h, kv, inner, seq=seq, trains=False, per_example=per_example))
+    blocks: list[float]
     if peft == "full":
         blocks = [trainable_block] * layers
     elif peft == "freeze":
         top = hp["n_trainable_layers"]
-        blocks = [0] * (layers - top) + [trainable_block] * top  # nothing below needs a gradient
+        blocks = [0.0] * (layers - top) + [trainable_block] * top  # nothing below needs a gradient
     else:
         blocks = [frozen_block] * layers
     extra = 0.0  # per token, over all layers; spread evenly over the blocks that hold activations
     shape = model_shape(profile, task=task, num_labels=hp.get("num_labels") or 2)
     if peft in LORA_LIKE:
         targets = lora_targets(profile, shape, hp)
-        dropout = hp.get("lora_dropout", 0) > 0
-        extra = sum((1.5 * t.in_features if dropout else 0) + 2 * hp["lora_r"] for t in targets)
+        extra = lora_values(targets, r=hp["lora_r"], dropout=hp.get("lora_dropout", 0) > 0)
         if peft == "dora":
             extra += sum(2 * t.out_features for t in targets)
     elif peft == "ia3":
@@ -180,10 +222,13 @@ def _activation_bytes(
         head = tokens * h * act
     elif peft in MODEL_LOSS:
         head = int(tokens * vocab * (act + 8))
+    elif device == "cpu":
+        head_trains = peft == "full" or (peft == "freeze" and hp.get("train_head", False))
+        tile = FUSED_VOCAB if head_trains else CPU_FROZEN_HEAD_VOCAB
+        head = (LIVE_HEAD_TILES * min(tokens, FUSED_TOKENS) * min(vocab, tile) + tokens * h) * act
     else:
         head = (min(tokens, FUSED_TOKENS) * min(vocab, FUSED_VOCAB) + tokens * h) * act
-    slack = 1 + CPU_HEAP_SLACK if device == "cpu" else 1
-    return int((body + head) * slack)
+    return int(body + head)
 
 
 def plan_method(

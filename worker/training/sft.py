@@ -160,6 +160,9 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
         save_steps=every or 500,
         eval_strategy=strategy if has_validation else "no",
         eval_steps=every if has_validation and every else None,
+        # The base model's validation loss, as step 0: the baseline a user reads the run's gain against. A
+        # resumed attempt has it from the attempt that began the run.
+        eval_on_start=has_validation and spec.resume_from is None,
         seed=spec.seed,
         data_seed=spec.seed,
         report_to=spec.report_to or "none",
