@@ -125,9 +125,14 @@ def test_jobs_events_and_checkpoints(http: httpx.Client, finished_job: dict) -> 
     job_id = finished_job["id"]
     check(FineTuningJob, http.get(f"/v1/fine_tuning/jobs/{job_id}").json())
     page = http.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()
-    # Other tests' classification and paused jobs use Tuneforge's extensions, outside the SDK's literals.
+    # Other tests' classification and paused jobs, and integrations other than W&B, use Tuneforge's
+    # extensions, outside the SDK's literals.
     page["data"] = [
-        job for job in page["data"] if job["method"]["type"] != "classification" and job["status"] != "paused"
+        job
+        for job in page["data"]
+        if job["method"]["type"] != "classification"
+        and job["status"] != "paused"
+        and all(i["type"] == "wandb" for i in job.get("integrations") or [])
     ]
     assert job_id in {job["id"] for job in page["data"]}
     check(SyncCursorPage[FineTuningJob], page)
