@@ -27,14 +27,19 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 
 class StepLog(TrainerCallback):
-    """Each step's loss, as Trainer logs it."""
+    """Each step's loss, as Trainer logs it, and the seconds from the start of training to the last one."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.began = self.last = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.began = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
         if logs and "loss" in logs:
             self.losses.append(logs["loss"])
+            self.last = time.perf_counter()
 
 
 def peak_rss_mb() -> float:
@@ -101,6 +106,7 @@ def main() -> None:
     result = {
         "losses": steps.losses,
         "train_seconds": seconds,
+        "steps_seconds": steps.last - steps.began,
         "tokens": tokens,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,

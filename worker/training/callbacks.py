@@ -80,10 +80,16 @@ class JobReporter(TrainerCallback):
         self.last_eval_step = -1
         self._last_log = (time.monotonic(), 0)
         self._attempt_began = (time.monotonic(), 0)  # when, and at which step (a resumed one), it began
+        self._last_step_logged = time.monotonic()
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self._attempt_began = (time.monotonic(), state.global_step)  # Trainer has restored a resumed step
         return control
+
+    def seconds_to_last_step(self) -> float:
+        """From the start of this attempt's training to its last step's log: its steps, without what Trainer
+        does after the last one (the checkpoint it saves there)."""
+        return max(self._last_step_logged - self._attempt_began[0], 0.0)
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         try:
@@ -142,6 +148,7 @@ class JobReporter(TrainerCallback):
         now, tokens = time.monotonic(), state.num_input_tokens_seen
         then, tokens_before = self._last_log
         self._last_log = (now, tokens)
+        self._last_step_logged = now
         data = {
             "step": state.global_step,
             "total_steps": state.max_steps,

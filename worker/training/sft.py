@@ -233,6 +233,7 @@ def fit(
         "steps": output.global_step,
         "runtime_seconds": round(time.monotonic() - started, 2),
         "seconds_per_step": round((time.monotonic() - started) / spec.steps_run(output.global_step), 3),
+        "steps_seconds": round(reporter.seconds_to_last_step(), 2),
         "trainable_parameters": trainable,
         "total_parameters": total,
     }
