@@ -109,6 +109,25 @@ def test_build_demo_data(tmp_path: Path) -> None:
         assert question not in data.train_path.read_text(encoding="utf-8")
 
 
+def test_demo_validation_chats_are_in_neither_the_training_file_nor_the_held_out_questions(
+    tmp_path: Path,
+) -> None:
+    def questions(path: Path) -> list[str]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["messages"][1]["content"].strip().casefold() for line in lines]
+
+    data = build_demo_data(tmp_path / "with", train_count=200, validation_count=40)
+    assert data.validation_path is not None
+    validation = questions(data.validation_path)
+    assert len(validation) == 40
+    assert not set(validation) & set(questions(data.train_path))
+    assert not set(validation) & {q.strip().casefold() for q, _ in data.heldout}
+    # The training file is the same as without a validation split.
+    without = build_demo_data(tmp_path / "without", train_count=200)
+    assert without.validation_path is None
+    assert without.train_path.read_bytes() == data.train_path.read_bytes()
+
+
 def test_build_demo_data_is_deterministic(tmp_path: Path) -> None:
     a = build_demo_data(tmp_path / "a", seed=3)
     b = build_demo_data(tmp_path / "b", seed=3)
