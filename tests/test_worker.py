@@ -218,10 +218,12 @@ def test_cancel_running_and_queued_jobs(http: httpx.Client) -> None:
     assert queued["status"] == "cancelled" and queued["finished_at"]
 
     # The cancel commits while the run is held writing one step's metrics, so that step is the one in
-    # flight (it is recorded: the run checked it still owned the job before it began to write).
+    # flight (it is recorded: the run checked it still owned the job before it began to write). The lock can
+    # catch the run at the step's event or just after it, at the progress it then writes on the job's row.
+    writing_a_step = ("INSERT INTO job_events", "UPDATE jobs SET step=")
     with row_locked(running_id) as (holder, waiting):
         wait_until(
-            lambda: any(query.startswith("INSERT INTO job_events") for _, query in waiting()),
+            lambda: any(query.startswith(writing_a_step) for _, query in waiting()),
             "the run writing a step's metrics",
         )
         assert job_service.cancel_job(holder, project="alpha", job_id=running_id).status == "cancelled"

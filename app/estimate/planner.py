@@ -51,12 +51,11 @@ AUTO_ORDER = ("full", "lora", "qlora")
 # the head is frozen (worker/training/fast_path.py); about 8 tile-sized buffers live at once (logits,
 # softmax, log-probabilities and their gradients), measured with torch's profiler on SmolLM2-135M.
 CPU_FROZEN_HEAD_VOCAB, LIVE_HEAD_TILES = 4096, 8
-# What glibc's heap keeps on a CPU beside the live tensors, as a share of the activations, where the base is
-# frozen: each step frees its activations, and the next step's land partly in fresh pages. A torch memory
-# profile put the tensors' peak within 1% of the plan while the resident peak ran 0.57 to 0.59 x the
-# activations above it (SmolLM2-135M and a 25M Llama, LoRA and QLoRA); with MALLOC_TRIM_THRESHOLD_=0 the
-# gap closed at 1.6x the step time. A full fine-tune's gradients and optimizer states take the memory its
-# activations free, and the plan already counts every gradient beside every activation.
+# What glibc's heap keeps on a CPU beside the live tensors: each step frees its activations, and the next
+# step's land partly in fresh pages. A torch memory profile put a LoRA run's tensors' peak within 1% of the
+# plan while the resident peak ran 0.57 to 0.59 x the activations above it (SmolLM2-135M and a 25M Llama,
+# LoRA and QLoRA); with MALLOC_TRIM_THRESHOLD_=0 the gap closed at 1.6x the step time. Gradients and
+# optimizer states, allocated as the activations are freed, take that memory first.
 CPU_HEAP_RETAINED = 0.58
 # Methods whose examples each get virtual tokens: the worker pads their batches (fast_path.py).
 PER_EXAMPLE_PROMPTS = ("prefix_tuning", "prompt_tuning", "p_tuning")
@@ -108,10 +107,10 @@ ASSUMPTIONS: list[dict[str, str]] = [
     },
     {
         "name": "cpu_heap",
-        "value": "cpu, frozen-base methods: activations x 1.58",
+        "value": "cpu: + 0.58 x (activations - gradients - optimizer states), when positive",
         "why": "glibc keeps the activations one step frees and the next step's land partly in fresh pages: "
-        "the resident peak ran 0.57-0.59 x the activations above the tensors' peak (which matched the plan "
-        "within 1%). A full or freeze fine-tune's gradients and optimizer states reuse that memory.",
+        "a LoRA run's resident peak ran 0.57-0.59 x the activations above the tensors' peak (which matched "
+        "the plan within 1%). Gradients and optimizer states, allocated as activations are freed, reuse it.",
     },
     {
         "name": "time",
@@ -241,8 +240,7 @@ def _activation_bytes(
         head = (LIVE_HEAD_TILES * min(tokens, FUSED_TOKENS) * min(vocab, tile) + tokens * h) * act
     else:
         head = (min(tokens, FUSED_TOKENS) * min(vocab, FUSED_VOCAB) + tokens * h) * act
-    retained = CPU_HEAP_RETAINED * (body + head) if device == "cpu" and peft not in ("full", "freeze") else 0
-    return int(body + head + retained)
+    return int(body + head)
 
 
 def plan_method(
@@ -267,6 +265,8 @@ def plan_method(
     activations = _activation_bytes(
         profile, hp | {"num_labels": num_labels}, counts, peft=peft, task=task, device=device
     )
+    if device == "cpu":  # what glibc keeps of them, where gradients and optimizer states do not take it
+        activations += int(CPU_HEAP_RETAINED * max(0, activations - gradients - optimizer))
     base = counts.total - counts.added
     flops = 6 * base if peft == "full" else 4 * base + 2 * counts.trainable
     if device == "cuda":
