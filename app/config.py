@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     stream_ping_seconds: float = Field(
         15.0,
         gt=0,
-        description="How often an idle event or log stream sends a keep-alive comment, so proxies keep the "
-        "connection open.",
+        description="How often an idle event stream sends a keep-alive comment, so proxies keep the "
+        "connection open (a followed log is plain text, with no comments to send).",
     )
     max_upload_mb: int = Field(512, description="Largest accepted upload.")
     max_json_body_kb: int = Field(
