@@ -3,11 +3,13 @@
 The same checks run on the embedded default (SQLite, streams re-read) in tests/test_embedded.py.
 """
 
+import os
+
 import httpx
 from httpx_sse import connect_sse
 
 from tests.conftest import POSTGRES_URL
-from tests.helpers import all_events
+from tests.helpers import all_events, api_process, chat_jsonl, job_body, upload
 from tests.streaming import check_watched, event_delays, percentiles, watch, watched_job
 
 
@@ -64,3 +66,26 @@ def test_streams_and_logs_refuse_what_they_cannot_serve(
     log = http.get(logs)
     assert log.status_code == 200 and "Step 1/" in log.text and "training loss=" in log.text
     assert http.get(logs, params={"follow": "true"}, timeout=30).text == log.text  # over: it ends at once
+
+
+def test_an_idle_stream_sends_keep_alive_comments(api_key: str, http: httpx.Client) -> None:
+    """A paused job's stream stays open with nothing to send: proxies see a comment every ping interval."""
+    training = upload(http, chat_jsonl(8))
+    job_id = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])).json()["id"]
+    assert http.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    try:
+        with api_process(os.environ | {"TUNEFORGE_STREAM_PING_SECONDS": "0.2"}, "api-ping.log") as (url, _):
+            headers = {"Authorization": f"Bearer {api_key}"}
+            stream_url = f"{url}/v1/fine_tuning/jobs/{job_id}/events"
+            # No byte for 5 s fails the read: at sse-starlette's default (15 s) no comment would come in time.
+            params, timeout = {"stream": "true"}, httpx.Timeout(5.0)
+            with httpx.stream("GET", stream_url, params=params, headers=headers, timeout=timeout) as response:
+                comments = []
+                for line in response.iter_lines():
+                    if line.startswith(":"):  # an SSE comment: no event, only bytes on the wire
+                        comments.append(line)
+                        if len(comments) == 3:
+                            break
+    finally:
+        http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert len(comments) == 3, comments
