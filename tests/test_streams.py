@@ -8,6 +8,9 @@ import os
 import httpx
 from httpx_sse import connect_sse
 
+from app.db.session import session_scope
+from app.jobs import service as job_service
+from app.jobs.schemas import JobCreate
 from tests.conftest import POSTGRES_URL
 from tests.helpers import all_events, api_process, chat_jsonl, job_body, upload
 from tests.streaming import check_watched, event_delays, percentiles, watch, watched_job
@@ -71,8 +74,10 @@ def test_streams_and_logs_refuse_what_they_cannot_serve(
 def test_an_idle_stream_sends_keep_alive_comments(api_key: str, http: httpx.Client) -> None:
     """A paused job's stream stays open with nothing to send: proxies see a comment every ping interval."""
     training = upload(http, chat_jsonl(8))
-    job_id = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])).json()["id"]
-    assert http.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    with session_scope() as session:  # paused as it is created: never queued for the suite's worker to take
+        job = job_service.create_job(session, project="alpha", spec=JobCreate(**job_body(training["id"])))
+        job_id = job_service.pause_job(session, project="alpha", job_id=job.id).id
+    assert http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "paused"
     try:
         with api_process(os.environ | {"TUNEFORGE_STREAM_PING_SECONDS": "0.2"}, "api-ping.log") as (url, _):
             headers = {"Authorization": f"Bearer {api_key}"}
