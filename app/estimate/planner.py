@@ -47,9 +47,10 @@ UTILIZATION = {"cuda": 0.4, "cpu": 0.3}
 # Methods trained on the model's own loss (full logits), like the worker's ModelLossTrainer.
 MODEL_LOSS = ("llama_adapter",)
 AUTO_ORDER = ("full", "lora", "qlora")
-# The fused head's temporaries, in vocabulary tiles: TRL's tile, and the worker's narrower one on a CPU when
-# the head is frozen (worker/training/fast_path.py); about 8 tile-sized buffers live at once (logits,
-# softmax, log-probabilities and their gradients), measured with torch's profiler on SmolLM2-135M.
+# The fused head's temporaries, in vocabulary tiles: TRL's tile, and the narrower one the worker uses on a
+# CPU when the head is frozen (worker/training/fast_path.py reads it here); about 8 tile-sized buffers live
+# at once (logits, softmax, log-probabilities and their gradients), measured with torch's profiler on
+# SmolLM2-135M.
 CPU_FROZEN_HEAD_VOCAB, LIVE_HEAD_TILES = 4096, 8
 # What glibc's heap keeps on a CPU beside the live tensors: each step frees its activations, and the next
 # step's land partly in fresh pages. A torch memory profile put a LoRA run's tensors' peak within 1% of the
@@ -57,8 +58,9 @@ CPU_FROZEN_HEAD_VOCAB, LIVE_HEAD_TILES = 4096, 8
 # LoRA and QLoRA); with MALLOC_TRIM_THRESHOLD_=0 the gap closed at 1.6x the step time. Gradients and
 # optimizer states, allocated as the activations are freed, take that memory first.
 CPU_HEAP_RETAINED = 0.58
-# Methods whose examples each get virtual tokens: the worker pads their batches (fast_path.py).
-PER_EXAMPLE_PROMPTS = ("prefix_tuning", "prompt_tuning", "p_tuning")
+# Methods that prepend learned tokens or states to every example: a packed row would be one "example" to
+# them, so the worker pads their batches (fast_path.py reads this).
+PER_EXAMPLE_PROMPTS = ("prefix_tuning", "prompt_tuning", "p_tuning", "llama_adapter")
 
 ASSUMPTIONS: list[dict[str, str]] = [
     {
@@ -155,6 +157,11 @@ def _weight_bytes(counts: Counts, peft: str, device: Device) -> int:
     return int(base * dense_bytes + packed + counts.added * FP32)
 
 
+def head_trains(peft: str, hp: dict[str, Any]) -> bool:
+    """Whether the run trains the output head's weights (full fine-tuning, freeze with train_head)."""
+    return peft == "full" or (peft == "freeze" and hp.get("train_head", True))
+
+
 def block_values(h: int, kv: int, inner: int, *, seq: int, trains: bool, per_example: bool) -> int:
     """Values autograd keeps per token in one Llama block (tests/test_estimate.py counts them with
     saved-tensor hooks). Frozen weights: the norms' inputs, rotated q and k, v, the attention output and
@@ -235,8 +242,7 @@ def _activation_bytes(
     elif peft in MODEL_LOSS:
         head = int(tokens * vocab * (act + 8))
     elif device == "cpu":
-        head_trains = peft == "full" or (peft == "freeze" and hp.get("train_head", False))
-        tile = FUSED_VOCAB if head_trains else CPU_FROZEN_HEAD_VOCAB
+        tile = FUSED_VOCAB if head_trains(peft, hp) else CPU_FROZEN_HEAD_VOCAB
         head = (LIVE_HEAD_TILES * min(tokens, FUSED_TOKENS) * min(vocab, tile) + tokens * h) * act
     else:
         head = (min(tokens, FUSED_TOKENS) * min(vocab, FUSED_VOCAB) + tokens * h) * act

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+# The estimate plans memory by the same facts, so they are kept where it reads them.
+from app.estimate.planner import CPU_FROZEN_HEAD_VOCAB as CPU_VOCAB_TILE
+from app.estimate.planner import PER_EXAMPLE_PROMPTS, head_trains
 
-# Methods that prepend learned tokens or states to every example: a packed row is one "example" to them.
-PER_EXAMPLE_PROMPTS = ("prefix_tuning", "prompt_tuning", "p_tuning", "llama_adapter")
-CPU_VOCAB_TILE = 4096  # vocabulary entries per tile of the fused LM head on a CPU
+log = logging.getLogger(__name__)
 
 
 def score_only_trained_positions() -> bool:
@@ -74,11 +74,6 @@ def narrow_cpu_vocab_tiles() -> bool:
     return True
 
 
-def head_trains(hp: dict[str, Any]) -> bool:
-    """Whether the run trains the output head's weights (full fine-tuning, freeze with train_head)."""
-    return hp["peft"] == "full" or (hp["peft"] == "freeze" and hp.get("train_head", True))
-
-
 def tune_fused_lm_head(hp: dict[str, Any]) -> None:
     """The changes to TRL's fused LM head, for this training process.
 
@@ -86,7 +81,7 @@ def tune_fused_lm_head(hp: dict[str, Any]) -> None:
     about twice as long a step with them (bench/training.py parity), so it keeps TRL's tiles.
     """
     score_only_trained_positions()
-    if not torch.cuda.is_available() and not head_trains(hp):
+    if not torch.cuda.is_available() and not head_trains(hp["peft"], hp):
         narrow_cpu_vocab_tiles()
 
 
