@@ -6,11 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
 from app import idempotency, queue
 from app.config import get_settings
-from app.deps import ProjectDep, SessionDep, page_limit
+from app.deps import ProjectDep, SessionDep, as_project, page_limit
 from app.errors import ApiError
 from app.idempotency import IdempotencyKeyDep
 from app.jobs import service as job_service
@@ -89,8 +90,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, operation_id="retrieveFineTuningJob")
-def retrieve_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobPublic:
-    return job_service.to_public(job_service.get_job(session, project=project, job_id=job_id))
+async def retrieve_job(job_id: str, request: Request) -> JobPublic:
+    """The status clients poll: async, so that it makes one trip through the thread pool (deps.as_project)."""
+
+    def read(session: Session, project: str) -> JobPublic:
+        return job_service.to_public(job_service.get_job(session, project=project, job_id=job_id))
+
+    return await as_project(request, read)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, operation_id="cancelFineTuningJob")
