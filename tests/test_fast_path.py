@@ -54,6 +54,28 @@ def test_the_default_path_is_padding_free_with_the_padded_losses(http: httpx.Cli
     assert fast == pytest.approx(padded, rel=1e-4, abs=1e-5)
 
 
+def test_gradient_checkpointing_recomputes_the_same_steps(http: httpx.Client) -> None:
+    """On a CPU the default leaves it off; asked for, the run checkpoints each block, with the same losses."""
+    training_id = upload(http, uneven_chat_jsonl(12))["id"]
+    runs = {}
+    for asked in ("auto", True):
+        body = job_body(training_id, batch_size=4, gradient_checkpointing=asked)
+        job = wait_for_status(
+            http, http.post("/v1/fine_tuning/jobs", json=body).json()["id"], {"succeeded", "failed"}
+        )
+        assert job["status"] == "succeeded", job["error"]
+        # `auto` is resolved as the job is created, to what this (CPU) deployment's workers do.
+        assert job["method"]["supervised"]["hyperparameters"]["gradient_checkpointing"] is (asked is True)
+        rows = http.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics").json()["data"]
+        finished = next(
+            e for e in all_events(http, job["id"]) if e["message"].startswith("Training finished")
+        )
+        runs[asked] = [row["train_loss"] for row in rows], finished["data"]["gradient_checkpointing"]
+    assert runs["auto"][1] is False and runs[True][1] is True
+    assert len(runs[True][0]) == 3
+    assert runs[True][0] == pytest.approx(runs["auto"][0], rel=1e-5, abs=1e-6)
+
+
 def test_prompt_tuning_trains_on_padded_batches(http: httpx.Client) -> None:
     training_id = upload(http, uneven_chat_jsonl(8))["id"]
     _, batches = train(http, training_id, peft="prompt_tuning")

@@ -2,8 +2,9 @@
 
 Every constant below is stated in ASSUMPTIONS, which the estimate returns as is. Device "cuda" is what the
 worker does on a GPU (bf16 weights, mixed-precision AdamW, gradient checkpointing); "cpu" is what it does
-without one (fp32 everywhere, no checkpointing). The activation coefficients were fitted to the tensors
-autograd saves in a transformers 5 Llama forward (SDPA attention, which keeps no seq x seq matrix).
+without one (fp32 everywhere, no checkpointing unless the job's `gradient_checkpointing` asks for it).
+The activation coefficients were fitted to the tensors autograd saves in a transformers 5 Llama forward
+(SDPA attention, which keeps no seq x seq matrix).
 """
 
 import math
@@ -99,10 +100,11 @@ ASSUMPTIONS: list[dict[str, str]] = [
         "supervised ones) add max_seq_length, and 2h - 2kv in frozen blocks; LoRA adds r per adapted "
         "Linear and each distinct input it reads (q/k/v share one, gate/up one), or with dropout 2*in + r "
         "per adapted Linear; DoRA also 2*out, "
-        "IA3 its vector's size; cuda checkpoints each block (its input kept, one block recomputed at a "
-        "time); the LM head: fused tiles of min(tokens, 4096) x min(vocab, tile) (8 live on cpu, with "
-        "4096-entry tiles where the head is frozen; 1 of 32768 entries on cuda) plus its input, or full "
-        "logits (tokens x vocab x (dtype + 8 bytes)) for llama_adapter",
+        "IA3 its vector's size; with gradient_checkpointing (auto: on cuda only) each block's input is "
+        "kept and one block recomputed at a time; the LM head: fused tiles of min(tokens, 4096) x "
+        "min(vocab, tile) (8 live on cpu, with 4096-entry tiles where the head is frozen; 1 of 32768 "
+        "entries on cuda) plus its input, or full logits (tokens x vocab x (dtype + 8 bytes)) for "
+        "llama_adapter",
         "why": "h hidden, kv key/value width, i MLP width, r LoRA rank; counted with autograd's saved-tensor "
         "hooks in Llama blocks of two shapes and torch's profiler for the head, at batch_size x "
         "max_seq_length tokens (prompt tuning adds its virtual tokens).",
@@ -197,6 +199,12 @@ def lora_values(targets: list[Linear], *, r: int, dropout: bool) -> int:
     return sum(inputs.values()) + r * len(targets)
 
 
+def checkpoints_blocks(hp: dict[str, Any], device: Device) -> bool:
+    """Whether the worker checkpoints each block: the job's `gradient_checkpointing`, `auto` on a GPU only."""
+    chosen = hp.get("gradient_checkpointing", "auto")
+    return device == "cuda" if chosen == "auto" else bool(chosen)
+
+
 def _activation_bytes(
     profile: dict[str, Any], hp: dict[str, Any], counts: Counts, *, peft: str, task: str, device: Device
 ) -> int:
@@ -231,7 +239,7 @@ def _activation_bytes(
         extra = layers * (2 * profile["num_attention_heads"] * hp["num_virtual_tokens"] + 2 * h)
     active = sum(1 for b in blocks if b)
     blocks = [b + extra / active if b else 0 for b in blocks]
-    if device == "cuda":
+    if checkpoints_blocks(hp, device):
         kept = h * active + max(blocks)  # each block's input, and one block recomputed at a time
     else:
         kept = sum(blocks)
@@ -275,7 +283,7 @@ def plan_method(
         activations += int(CPU_HEAP_RETAINED * max(0, activations - gradients - optimizer))
     base = counts.total - counts.added
     flops = 6 * base if peft == "full" else 4 * base + 2 * counts.trainable
-    if device == "cuda":
+    if checkpoints_blocks(hp, device):
         flops += 2 * base  # gradient checkpointing runs each block's forward twice
     return Plan(
         peft=peft,

@@ -148,6 +148,12 @@ class TrainingHyperparameters(BaseModel):
     train_on_inputs: bool = Field(
         False, description="Train on every token, prompts included, not only on completions."
     )
+    gradient_checkpointing: bool | Auto = Field(
+        "auto",
+        description="Keep only each block's input through the forward pass and recompute the rest in the "
+        "backward: less activation memory for one more forward pass a step. auto means on where the workers "
+        "train on a GPU, off on a CPU (TUNEFORGE_WORKER_DEVICE), and is resolved when the job is created.",
+    )
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=MAX_ACCUMULATION, description="Micro-batches summed per optimizer step."
     )
@@ -186,10 +192,12 @@ class TrainingHyperparameters(BaseModel):
             raise ValueError("must be a non-empty list of module names or 'all-linear'")
         return value
 
-    def resolved(self) -> Self:
+    def resolved(self, device: Literal["cpu", "cuda"] | None = None) -> Self:
         """A copy with every 'auto' replaced by the value that will be used.
 
         With `peft: auto` the learning rate stays unset until the worker has picked the method.
+        `gradient_checkpointing: auto` is what the workers' `device` does (on cuda only); without a device
+        (an estimate, planned for a device of its own) it stays auto.
         """
         multiplier = 1.0 if self.learning_rate_multiplier == "auto" else float(self.learning_rate_multiplier)
         learning_rate = self.learning_rate
@@ -202,6 +210,11 @@ class TrainingHyperparameters(BaseModel):
                 "learning_rate_multiplier": multiplier,
                 "learning_rate": learning_rate,
             }
+            | (
+                {"gradient_checkpointing": device == "cuda"}
+                if device and self.gradient_checkpointing == "auto"
+                else {}
+            )
         )
 
 
@@ -227,8 +240,8 @@ class DpoHyperparameters(TrainingHyperparameters):
             raise ValueError(f"must be a number in (0, {MAX_BETA}] or 'auto'")
         return value
 
-    def resolved(self) -> Self:
-        resolved = super().resolved()
+    def resolved(self, device: Literal["cpu", "cuda"] | None = None) -> Self:
+        resolved = super().resolved(device)
         return resolved.model_copy(update={"beta": 0.1 if self.beta == "auto" else float(self.beta)})
 
 

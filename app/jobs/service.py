@@ -215,7 +215,7 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
             code="invalid_value",
         )
     method = spec.method.model_copy(deep=True)
-    method.hyperparameters = method.hyperparameters.resolved()
+    method.hyperparameters = method.hyperparameters.resolved(get_settings().resolved_worker_device)
     job = Job(
         id="ftjob-" + secrets.token_hex(12),
         project=project,

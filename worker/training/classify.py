@@ -99,8 +99,9 @@ def load_model(spec: RunSpec, plan: MethodPlan, labels: list[str], pad_token_id:
         quantization_config=plan.quantization,
     )
     if plan.quantization is not None:
-        gradient_checkpointing = sft.device_defaults()["gradient_checkpointing"]
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=sft.checkpoints_blocks(spec.hyperparameters)
+        )
     if plan.trainable_layers is not None:
         freeze_all_but_top(model, layers=plan.trainable_layers, train_head=False)
         # The head is new and random: frozen, it would be useless, so it trains whatever train_head says.
@@ -138,7 +139,9 @@ def setup(spec: RunSpec, plan: MethodPlan) -> tuple[Any, Any, list[str], Dataset
 
 def trainer_config(spec: RunSpec, *, has_validation: bool) -> TrainingArguments:
     """TrainingArguments from the job's resolved hyperparameters and the device; checkpoints as in SFT."""
-    return TrainingArguments(**sft.training_arguments(spec, has_validation=has_validation))
+    arguments = sft.training_arguments(spec, has_validation=has_validation)
+    # evaluate_base has scored the base model already, as base_valid_*: a second pass would repeat it.
+    return TrainingArguments(**arguments | {"eval_on_start": False})
 
 
 def build_trainer(

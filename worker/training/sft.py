@@ -17,6 +17,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
+from app.estimate import planner
 from worker.training import fast_path, tracking
 from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file, split_off
@@ -75,6 +76,11 @@ def device_defaults() -> dict[str, Any]:
     return {"bf16": False, "gradient_checkpointing": False}
 
 
+def checkpoints_blocks(hp: dict[str, Any]) -> bool:
+    """The job's `gradient_checkpointing` on this device, as the estimate plans it."""
+    return planner.checkpoints_blocks(hp, "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(spec: RunSpec, plan: MethodPlan) -> Any:
     """The base model from its local folder (safetensors only), quantized and frozen as the method says."""
     dtype = torch.bfloat16 if device_defaults()["bf16"] else torch.float32
@@ -88,8 +94,9 @@ def load_model(spec: RunSpec, plan: MethodPlan) -> Any:
     if plan.quantization is not None:
         if not torch.cuda.is_available():
             release_checkpoint_file(model)
-        gradient_checkpointing = device_defaults()["gradient_checkpointing"]
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpoints_blocks(spec.hyperparameters)
+        )
     if plan.trainable_layers is not None:
         freeze_all_but_top(model, layers=plan.trainable_layers, train_head=plan.train_head)
     return model
@@ -170,7 +177,7 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
-        **device_defaults(),
+        **device_defaults() | {"gradient_checkpointing": checkpoints_blocks(hp)},
     )
 
 
@@ -236,6 +243,8 @@ def fit(
         "steps_seconds": round(reporter.seconds_to_last_step(), 2),
         "trainable_parameters": trainable,
         "total_parameters": total,
+        # As the run did it (the Trainer turns it on as training starts), not as it was asked for.
+        "gradient_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
     }
     if valid is not None and not reporter.stopped:
         if reporter.last_eval_step != output.global_step:
