@@ -33,15 +33,15 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest -q --durations=25
 
-# Training speed and memory against a plain TRL script, and the API's speed (figures in BENCHMARKS.md).
+# Training speed and memory against a plain TRL script, and the API's speed: the figures in BENCHMARKS.md,
+# in under 20 minutes on 2 cores.
 bench: setup
 	# wrk drives bench/api.py's GET load (Debian's package). Skipped when present.
 	command -v wrk >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk)
-	$(PY) bench/training.py parity
-	$(PY) bench/training.py fast-path
-	$(PY) bench/training.py step-time
-	$(PY) bench/training.py memory
-	$(PY) bench/api.py
+	$(PY) bench/training.py parity --methods lora,full --rounds 2 --examples 32
+	$(PY) bench/training.py fast-path --methods lora --rounds 2 --examples 32
+	$(PY) bench/training.py memory --methods lora,qlora,full
+	$(PY) bench/api.py --rounds 3
 
 up: setup
 	$(VENV)/bin/tuneforge models make-tiny

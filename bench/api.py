@@ -47,6 +47,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from common import spread
+
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/tuneforge_bench"
 REDIS = "redis://127.0.0.1:6379/13"
@@ -404,10 +406,6 @@ def _rate(result: dict) -> float:
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def spread(values: list[float]) -> str:
-    return " / ".join(f"{v:.2f}x" for v in (min(values), statistics.median(values), max(values)))
 
 
 def _print_get(

@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from common import supervised_spec
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -103,21 +104,8 @@ def main() -> None:
     profile = inspect_model(folder)
     hp = SupervisedHyperparameters(peft="lora", batch_size=4, max_seq_length=128).resolved().model_dump()
     data = build_demo_data(home / "data")
-    spec = RunSpec(
-        job_id="bench",
-        attempt=1,
-        base_model=args.model,
-        base_model_path=folder,
-        linear_modules=profile["linear_modules"],
-        profile=profile,
-        hyperparameters=hp,
-        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
-        seed=0,
-        training_file=data.train_path,
-        training_file_id="file-bench",
-        validation_file=None,
-        validation_file_id=None,
-        workdir=home / "work",
+    spec = supervised_spec(
+        folder, profile, hp, training_file=data.train_path, workdir=home / "work", base_model=args.model
     )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = prepare_file(tokenizer, data.train_path, max_seq_length=hp["max_seq_length"]).rows

@@ -24,6 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import supervised_spec  # noqa: E402
+
 from app.estimate import planner  # noqa: E402
 from app.jobs.schemas import CUDA_ONLY_OPTIMIZERS, OPTIMIZERS, SupervisedHyperparameters  # noqa: E402
 
@@ -66,26 +68,12 @@ def train(folder: Path, profile: dict, hp: dict, rows: list[dict], steps: int, w
 
     from worker.training.memory import MemoryMeter
     from worker.training.methods import ModelInfo, plan_for
-    from worker.training.sft import RunSpec, load_model, training_arguments
+    from worker.training.sft import load_model, training_arguments
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    spec = RunSpec(
-        job_id="bench",
-        attempt=1,
-        base_model=folder.name,
-        base_model_path=folder,
-        linear_modules=profile["linear_modules"],
-        profile=profile,
-        hyperparameters=hp,
-        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
-        seed=0,
-        training_file=folder,  # unused: the rows are tokenized already
-        training_file_id="file-bench",
-        validation_file=None,
-        validation_file_id=None,
-        workdir=workdir,
-    )
+    # training_file is unused: the rows are tokenized already
+    spec = supervised_spec(folder, profile, hp, training_file=folder, workdir=workdir)
     plan = plan_for(hp, ModelInfo(profile["linear_modules"], profile["num_layers"]))
     meter = MemoryMeter()
     meter.start(quantized=True)  # bitsandbytes imported first: its libraries are not the run's memory
