@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/cpu_precision.py [--model smollm2|small-llama] [--steps 4] [--rounds 2]
 
-Without a GPU the worker trains in fp32 with no gradient checkpointing (`device_defaults` in
-worker/training/sft.py). This runs the same LoRA training under each setting in turn, `--rounds` times
-interleaved, with the recipe's own data preparation, method plan and training arguments (only the two
-device settings, and the model's dtype that follows bf16, differ). It prints the median seconds per step
-of each setting, the first step of every run left out as warm-up, and its ratio to the CPU default.
+Without a GPU the worker trains in fp32 with no gradient checkpointing (`device_defaults` and
+`checkpoints_blocks` in worker/training/sft.py). This runs the same LoRA training under each setting in
+turn, `--rounds` times interleaved, with the recipe's own data preparation, method plan and training
+arguments (only the two device settings, and the model's dtype that follows bf16, differ). It prints the
+median seconds per step of each setting, the first step of every run left out as warm-up, and its ratio
+to the CPU default.
 """
 
 import argparse

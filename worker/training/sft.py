@@ -69,15 +69,14 @@ class RunResult:
 
 
 def device_defaults() -> dict[str, Any]:
-    """bf16 and gradient checkpointing pay off on a GPU; on a CPU they slow training down (1.24x per step
-    for SmolLM2-135M on a CPU with native bf16: bench/cpu_precision.py)."""
-    if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": True}
-    return {"bf16": False, "gradient_checkpointing": False}
+    """bf16 pays off on a GPU; on a CPU it slows training down (1.24x per step for SmolLM2-135M on a CPU
+    with native bf16: bench/cpu_precision.py). Gradient checkpointing is the job's: checkpoints_blocks."""
+    return {"bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
 
 
 def checkpoints_blocks(hp: dict[str, Any]) -> bool:
-    """The job's `gradient_checkpointing` on this device, as the estimate plans it."""
+    """The job's `gradient_checkpointing` on this device, as the estimate plans it (`auto`, left by a job
+    created before the API resolved it, is on with a GPU only)."""
     return planner.checkpoints_blocks(hp, "cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -177,7 +176,8 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
-        **device_defaults() | {"gradient_checkpointing": checkpoints_blocks(hp)},
+        gradient_checkpointing=checkpoints_blocks(hp),
+        **device_defaults(),
     )
 
 
