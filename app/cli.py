@@ -25,6 +25,7 @@ from app.db import migrate
 from app.db.session import session_scope
 from app.keys import service as key_service
 from app.models import service as model_service
+from app.storage import get_store
 
 cli = typer.Typer(no_args_is_help=True, help="Tuneforge: self-hosted, OpenAI-compatible fine-tuning.")
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
@@ -76,9 +77,15 @@ def register_folder(name: str, folder: Path) -> None:
 
     profile = inspect_model(folder)
     migrate.upgrade()
+    # In an object store, the folder goes up once and every host fetches it from there; else it is read
+    # where it is.
+    storage_key = get_store().put_model_folder(name, folder)
     with session_scope() as session:
-        model_service.register_base_model(session, name=name, path=folder.resolve(), profile=profile)
-    typer.echo(f"registered base model {name} ({profile['architecture']}) at {folder}")
+        model_service.register_base_model(
+            session, name=name, path=folder.resolve(), profile=profile, storage_key=storage_key
+        )
+    where = f"uploaded to {storage_key}" if storage_key else f"at {folder}"
+    typer.echo(f"registered base model {name} ({profile['architecture']}) {where}")
 
 
 @models_cli.command("make-tiny")

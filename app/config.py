@@ -28,6 +28,23 @@ class Settings(BaseSettings):
         None, description="Where files and adapters are kept; default home/artifacts."
     )
     model_dir: Path | None = Field(None, description="Where base model folders live; default home/models.")
+    artifact_url: str = Field(
+        "",
+        description="s3://bucket/prefix: keep training files, checkpoints, adapters, logs and base models in "
+        "an S3-compatible object store (AWS S3, MinIO, ...) that every host reaches, each host caching what "
+        "it reads under home/cache. Empty: the local folder artifact_dir, for one host.",
+    )
+    s3_endpoint_url: str = Field(
+        "", description="The object store's endpoint, e.g. http://minio:9000; empty: AWS."
+    )
+    s3_region: str = Field("us-east-1", description="The object store's region.")
+    s3_access_key_id: str = Field(
+        "", description="Credentials for the object store; empty: boto3's own chain (AWS_* variables, roles)."
+    )
+    s3_secret_access_key: str = Field("", description="Secret of s3_access_key_id.")
+    s3_part_mb: int = Field(
+        64, ge=5, description="Objects larger than this (MiB) upload in parts of this size, several at once."
+    )
     queue: str = Field("tuneforge", description="Celery queue the API sends jobs to and workers consume.")
     lease_seconds: int = Field(
         60, description="How long a worker's claim on a job lasts without a heartbeat."

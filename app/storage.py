@@ -6,6 +6,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -16,9 +17,22 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-.]+)*$")
 
 
 class ArtifactStore(Protocol):
+    """What the rest of Tuneforge asks of a store: the local folder below, or app/object_store.py's S3."""
+
     def put_file(self, key: str, source: Path) -> None: ...
     def local_path(self, key: str) -> Path: ...
+    def appendable(self, key: str) -> Path: ...
+    def sync(self, key: str) -> None: ...
+    def read_from(self, key: str, offset: int) -> bytes: ...
     def delete(self, key: str) -> None: ...
+    def put_model_folder(self, name: str, folder: Path) -> str | None: ...
+    def model_folder(self, key: str) -> Path: ...
+
+
+def check_key(key: str) -> None:
+    """Keys are built by Tuneforge from ids in the database; refuse anything else outright."""
+    if not _SAFE_KEY.match(key) or ".." in key:
+        raise ValueError(f"unsafe artifact key: {key!r}")
 
 
 class LocalArtifactStore:
@@ -28,9 +42,7 @@ class LocalArtifactStore:
         self.root = root
 
     def _path(self, key: str) -> Path:
-        # Keys are built by Tuneforge from ids in the database; refuse anything else outright.
-        if not _SAFE_KEY.match(key) or ".." in key:
-            raise ValueError(f"unsafe artifact key: {key!r}")
+        check_key(key)
         return self.root / key
 
     def put_file(self, key: str, source: Path) -> None:
@@ -64,8 +76,26 @@ class LocalArtifactStore:
         _make_folders(path.parent)
         return path
 
+    def sync(self, key: str) -> None:
+        """Nothing to do: an appendable file is the stored one."""
+
+    def read_from(self, key: str, offset: int) -> bytes:
+        """The artifact's bytes from `offset` on; empty when there are none (yet)."""
+        try:
+            with self._path(key).open("rb") as stream:
+                stream.seek(offset)
+                return stream.read()
+        except FileNotFoundError:
+            return b""
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def put_model_folder(self, name: str, folder: Path) -> None:
+        """Nothing to upload: on one host a base model is read from the folder it was registered from."""
+
+    def model_folder(self, key: str) -> Path:
+        raise NotImplementedError("the local store keeps no base models; their rows name their folder")
 
 
 def _fsync(path: Path) -> None:
@@ -102,9 +132,20 @@ def resume_state_key(checkpoint_key: str) -> str:
     return checkpoint_key.removesuffix(".tar.gz") + ".state.tar"
 
 
-def get_store() -> LocalArtifactStore:
-    """The configured artifact store."""
-    return LocalArtifactStore(get_settings().resolved_artifact_dir)
+@lru_cache
+def get_store() -> ArtifactStore:
+    """The configured artifact store: the local folder, or the object store at TUNEFORGE_ARTIFACT_URL."""
+    settings = get_settings()
+    if not settings.artifact_url:
+        return LocalArtifactStore(settings.resolved_artifact_dir)
+    from app.object_store import S3ArtifactStore, s3_client
+
+    client = s3_client(
+        settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id, settings.s3_secret_access_key
+    )
+    return S3ArtifactStore(
+        settings.artifact_url, home=settings.resolved_home, client=client, part_mb=settings.s3_part_mb
+    )
 
 
 def cache_folder(area: str, model_id: str) -> Path:

@@ -82,6 +82,7 @@ def run_job(job_id: str) -> None:
         returncode = _watch(TrainingProcess(job_id, attempt, log_path), job_id=job_id, attempt=attempt)
     finally:
         _remove_workdir(workdir)
+        _sync_log(job_id, attempt)
     tail = _log_tail(log_path)
     log.info("attempt %d of job %s ended (exit code %s)", attempt, job_id, returncode)
     if returncode in (0, None):
@@ -101,6 +102,15 @@ def run_job(job_id: str) -> None:
         session.commit()
         if requeued:
             send_jobs(session, [job_id])  # if this send is lost, the reconciler sends it
+
+
+def _sync_log(job_id: str, attempt: int) -> None:
+    """Put the run's log in an object store as it grows (every heartbeat, and at the end): readers on
+    other hosts see it up to the last heartbeat. The local store needs nothing: the log is written there."""
+    try:
+        get_store().sync(log_key(job_id, attempt))
+    except Exception:  # the store is away for now: the next heartbeat uploads what this one could not
+        log.warning("could not upload the log of job %s", job_id, exc_info=True)
 
 
 def _failure(returncode: int, tail: list[str]) -> tuple[str, str]:
@@ -178,6 +188,7 @@ def _watch(child: TrainingProcess, *, job_id: str, attempt: int) -> int | None:
         returncode = _wait(child, settings.heartbeat_seconds, until_shutdown=preempt_deadline is None)
         if returncode is not None:
             return returncode
+        _sync_log(job_id, attempt)
         now = time.monotonic()
         if SHUTDOWN.is_set() and preempt_deadline is None:
             log.info("worker shutting down: asking job %s to checkpoint and stop", job_id)

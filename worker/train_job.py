@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app import logs
@@ -56,6 +55,11 @@ def load_spec(job_id: str, attempt: int) -> "RunSpec":
         job = session.get(Job, job_id)
         assert job is not None
         base = model_service.get_base_model(session, model_id=job.model)
+    # Outside the transaction: from an object store, a base model's first fetch on a host can take minutes.
+    base_model_path = model_service.base_model_folder(base)
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
         training = session.get(TrainingFile, job.training_file)
         validation = session.get(TrainingFile, job.validation_file) if job.validation_file else None
         if training is None:
@@ -71,7 +75,7 @@ def load_spec(job_id: str, attempt: int) -> "RunSpec":
             job_id=job.id,
             attempt=attempt,
             base_model=base.id,
-            base_model_path=Path(base.path or ""),
+            base_model_path=base_model_path,
             linear_modules=list(base.linear_modules or []),
             profile=base.profile or {},
             hyperparameters=hyperparameters_of(job.method),

@@ -169,14 +169,14 @@ def job_logs(
             code="invalid_value",
         )
     attempt = attempt or max(job.attempt, 1)
-    path = get_store().local_path(log_key(job_id, attempt))
+    key = log_key(job_id, attempt)
     if follow:
         return StreamingResponse(
-            streams.follow_log(job_id, attempt, path),
+            streams.follow_log(job_id, attempt, key),
             media_type="text/plain; charset=utf-8",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
-    return PlainTextResponse(path.read_bytes() if path.is_file() else b"")
+    return PlainTextResponse(get_store().read_from(key, 0))
 
 
 @router.get(

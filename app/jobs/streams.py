@@ -14,7 +14,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import psycopg
 from fastapi.concurrency import run_in_threadpool
@@ -26,6 +25,7 @@ from app.config import get_settings
 from app.db.session import EVENTS_CHANNEL, session_scope
 from app.db.tables import Job, JobEvent
 from app.jobs import service as job_service
+from app.storage import get_store
 
 log = logging.getLogger(__name__)
 
@@ -147,20 +147,11 @@ def _attempt_over(job_id: str, attempt: int) -> bool:
         return job.attempt > attempt or job.status not in ("queued", "running", "paused")
 
 
-def _read_from(path: Path, offset: int) -> bytes:
-    try:
-        with path.open("rb") as file:
-            file.seek(offset)
-            return file.read(1 << 16)
-    except FileNotFoundError:  # the attempt has not started yet
-        return b""
-
-
-async def follow_log(job_id: str, attempt: int, path: Path) -> AsyncIterator[bytes]:
+async def follow_log(job_id: str, attempt: int, key: str) -> AsyncIterator[bytes]:
     """The attempt's log from its start, then each new line as the run writes it, until it is over."""
     offset, quiet_since, checked = 0, time.monotonic(), 0.0
     while True:
-        chunk = await run_in_threadpool(_read_from, path, offset)
+        chunk = await run_in_threadpool(get_store().read_from, key, offset)
         now = time.monotonic()
         if chunk:
             offset, quiet_since = offset + len(chunk), now

@@ -42,18 +42,28 @@ def to_public(row: Model) -> ModelPublic:
     )
 
 
-def register_base_model(session: Session, *, name: str, path: Path, profile: dict[str, Any]) -> Model:
-    """Register (or re-register) a local model folder under `name`, with its profile (see inspect_model)."""
+def register_base_model(
+    session: Session, *, name: str, path: Path, profile: dict[str, Any], storage_key: str | None = None
+) -> Model:
+    """Register (or re-register) a model folder under `name`, with its profile (see inspect_model); with
+    `storage_key`, the folder's copy in the object store, which every host reads instead of `path`."""
     row = session.get(Model, name)
     if row is not None and row.kind != BASE:
         raise ApiError(409, f"'{name}' is a fine-tuned model id; pick another name.", param="name")
     if row is None:
         row = Model(id=name, kind=BASE)
         session.add(row)
-    row.path, row.profile = str(path), profile
+    row.path, row.profile, row.storage_key = str(path), profile, storage_key
     row.architecture, row.linear_modules = profile["architecture"], sorted(profile["linear_modules"])
     session.flush()
     return row
+
+
+def base_model_folder(row: Model) -> Path:
+    """Where this host reads base model `row`: its folder, or this host's copy of it from the object store."""
+    if row.storage_key:
+        return get_store().model_folder(row.storage_key)
+    return Path(row.path or "")
 
 
 def add_fine_tuned_model(

@@ -21,9 +21,14 @@ def resolve(model_id: str, *, project: str | None) -> Target:
     with session_scope() as session:
         row = job_service.get_servable_model(session, project=project or "", model_id=model_id)
         if row.kind == model_service.BASE:
-            return Target(model_id=row.id, base_id=row.id, base_path=Path(row.path or ""))
-        base = model_service.get_base_model(session, model_id=row.base_model or "")
-        base_path, storage_key = Path(base.path or ""), row.storage_key or ""
+            base = row
+        else:
+            base = model_service.get_base_model(session, model_id=row.base_model or "")
+            storage_key = row.storage_key or ""
+    # Outside the transaction: from an object store, the first fetch of a model on a host takes a while.
+    base_path = model_service.base_model_folder(base)
+    if base is row:
+        return Target(model_id=row.id, base_id=row.id, base_path=base_path)
     archive = get_store().local_path(storage_key)
     return Target(
         model_id=model_id, base_id=base.id, base_path=base_path, adapter_path=extracted(model_id, archive)
