@@ -35,6 +35,18 @@ class ArtifactCorrupt(OSError):
     """A downloaded object's bytes do not match the sha256 recorded when it was uploaded."""
 
 
+class StoreUnavailable(ApiError):
+    """The object store could not be reached, or refused a request: a 503 for API callers."""
+
+    def __init__(self, where: str, doing: str, error: Exception) -> None:
+        super().__init__(
+            503,
+            f"The artifact store at {where} failed while {doing}: {error}. Nothing was stored; retry later.",
+            type="server_error",
+            code="artifact_store_unavailable",
+        )
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
@@ -63,11 +75,22 @@ class S3ArtifactStore:
             raise ValueError(f"TUNEFORGE_ARTIFACT_URL must look like s3://bucket/prefix, not {url!r}")
         self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
         self.client = client
+        self.where = f"{client.meta.endpoint_url}/{self.bucket}"
         self.cache = home / "cache" / "artifacts"
         self.spool = home / "spool"  # logs being written here, uploaded as they grow (see `sync`)
         self.transfer = TransferConfig(
             multipart_threshold=part_mb << 20, multipart_chunksize=part_mb << 20, max_concurrency=4
         )
+
+    @contextlib.contextmanager
+    def _talking(self, doing: str) -> Iterator[None]:
+        """boto3's errors as StoreUnavailable, with the store and the request named."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError) as error:
+            raise StoreUnavailable(self.where, doing, error) from error
 
     def _name(self, key: str) -> str:
         from app.storage import check_key
@@ -79,13 +102,15 @@ class S3ArtifactStore:
 
     def put_file(self, key: str, source: Path) -> None:
         """Upload `source` under `key` with its sha256; the object appears whole, or not at all."""
-        self.client.upload_file(
-            str(source),
-            self.bucket,
-            self._name(key),
-            ExtraArgs={"Metadata": {"sha256": sha256_of(source)}},
-            Config=self.transfer,
-        )
+        name, sha256 = self._name(key), sha256_of(source)
+        with self._talking(f"uploading {key}"):
+            self.client.upload_file(
+                str(source),
+                self.bucket,
+                name,
+                ExtraArgs={"Metadata": {"sha256": sha256}},
+                Config=self.transfer,
+            )
 
     def local_path(self, key: str) -> Path:
         """This host's checked copy of the object, fetched on first use; a path that does not exist when
@@ -119,30 +144,27 @@ class S3ArtifactStore:
             return
         if size_file.is_file() and size_file.read_text() == str(len(content)):
             return
-        self.client.put_object(
-            Bucket=self.bucket,
-            Key=self._name(key),
-            Body=content,
-            Metadata={"sha256": hashlib.sha256(content).hexdigest()},
-        )
+        self._put_bytes(key, content)
         size_file.write_text(str(len(content)))
 
     def read_from(self, key: str, offset: int) -> bytes:
         """The object's bytes from `offset` on; empty when there are none (yet)."""
         from botocore.exceptions import ClientError
 
-        try:
-            response = self.client.get_object(
-                Bucket=self.bucket, Key=self._name(key), Range=f"bytes={offset}-"
-            )
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "InvalidRange", "404", "416"):
-                return b""
-            raise
-        return bytes(response["Body"].read())
+        name = self._name(key)
+        with self._talking(f"reading {key}"):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=name, Range=f"bytes={offset}-")
+            except ClientError as error:
+                if _code(error) in ("NoSuchKey", "InvalidRange", "404", "416"):
+                    return b""
+                raise
+            return bytes(response["Body"].read())
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
+        name = self._name(key)
+        with self._talking(f"deleting {key}"):
+            self.client.delete_object(Bucket=self.bucket, Key=name)
         _discard(self.cache / key)
 
     # Base model folders ---------------------------------------------------------------------------------
@@ -162,12 +184,7 @@ class S3ArtifactStore:
         if self._sha256(f"{key}/{MANIFEST}") is None:
             for relative in listing:
                 self.put_file(f"{key}/{relative}", folder / relative)
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=self._name(f"{key}/{MANIFEST}"),
-                Body=manifest,
-                Metadata={"sha256": hashlib.sha256(manifest).hexdigest()},
-            )
+            self._put_bytes(f"{key}/{MANIFEST}", manifest)
         return key
 
     def model_folder(self, key: str) -> Path:
@@ -206,13 +223,25 @@ class S3ArtifactStore:
         """The sha256 recorded with the object, or None when there is no such object."""
         from botocore.exceptions import ClientError
 
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._name(key))
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+        name = self._name(key)
+        with self._talking(f"looking up {key}"):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=name)
+            except ClientError as error:
+                if _code(error) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
         return str(head.get("Metadata", {}).get("sha256", ""))
+
+    def _put_bytes(self, key: str, content: bytes) -> None:
+        name = self._name(key)
+        with self._talking(f"uploading {key}"):
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=name,
+                Body=content,
+                Metadata={"sha256": hashlib.sha256(content).hexdigest()},
+            )
 
     def _download(self, key: str, target: Path, expected: str) -> None:
         """Fetch the object into `target` through a temp file, refusing bytes that fail the sha256."""
@@ -221,7 +250,8 @@ class S3ArtifactStore:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            self.client.download_file(self.bucket, self._name(key), tmp_name, Config=self.transfer)
+            with self._talking(f"downloading {key}"):
+                self.client.download_file(self.bucket, self._name(key), tmp_name, Config=self.transfer)
             got = sha256_of(tmp)
             if got != expected:
                 raise ArtifactCorrupt(
@@ -232,6 +262,10 @@ class S3ArtifactStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _code(error: Exception) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
 
 
 def _lock_of(path: Path) -> Path:

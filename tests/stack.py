@@ -75,8 +75,9 @@ def stack() -> Iterator[Stack]:
         yield from _stack(chaos_url)
 
 
-def _stack(chaos_url: str) -> Iterator[Stack]:
-    """An API, a reconciler and (as tests start them) workers of their own, on the database at `chaos_url`."""
+def _stack(chaos_url: str, **settings: str) -> Iterator[Stack]:
+    """An API, a reconciler and (as tests start them) workers of their own, on the database at `chaos_url`;
+    `settings` (environment variables) add to or replace the stack's own."""
     broker = CHAOS_REDIS_URL
     flushed = redis.Redis.from_url(broker)  # this stack's own database, emptied now and by tests
     shared = redis.Redis.from_url(REDIS_URL).connection_pool.connection_kwargs.get("db", 0)
@@ -96,7 +97,7 @@ def _stack(chaos_url: str) -> Iterator[Stack]:
         "TUNEFORGE_RESEND_AFTER_SECONDS": "600",  # a lost message must be found by the empty-queue check
         "TUNEFORGE_SHUTDOWN_GRACE_SECONDS": "30",
         "TUNEFORGE_INFERENCE_URL": "http://127.0.0.1:9",  # no inference server: not needed here
-    }
+    } | settings
     run_cli(env, "models", "make-tiny")
     key = run_cli(env, "keys", "create", "--project", "chaos").strip().splitlines()[-1]
     with api_process(env, "api.log") as (url, _):

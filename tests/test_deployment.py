@@ -141,6 +141,29 @@ def test_inference_secret_is_required_and_inference_unpublished() -> None:
         assert "TUNEFORGE_DEV_MODE" not in service.get("environment", {}), name
 
 
+def test_services_share_an_object_store_and_no_folder() -> None:
+    """Every Tuneforge service keeps artifacts in the MinIO bucket (made before they start), so any of them
+    may run on another host: no volume is mounted by two services."""
+    services = compose()["services"]
+    tuneforge = {"api", "worker", "reconciler", "inference", "migrate"}
+    bucket = services["bucket"]
+    for name in tuneforge:
+        env = services[name]["environment"]
+        url = env["TUNEFORGE_ARTIFACT_URL"]
+        assert url.startswith("s3://") and env["TUNEFORGE_S3_ENDPOINT_URL"] == "http://minio:9000", name
+        assert f"mb --ignore-existing store/{url.removeprefix('s3://').split('/')[0]}" in bucket["command"][0]
+        assert re.match(r"^\$\{MINIO_ROOT_PASSWORD:\?.+\}$", env["TUNEFORGE_S3_SECRET_ACCESS_KEY"]), name
+        if name != "migrate":
+            assert services[name]["depends_on"]["bucket"] == {"condition": "service_completed_successfully"}
+    assert services["bucket"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    assert "healthcheck" in services["minio"] and "ports" not in services["minio"]
+    mounted: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            mounted.setdefault(volume.split(":")[0], []).append(name)
+    assert {volume: names for volume, names in mounted.items() if len(names) > 1} == {}
+
+
 def test_healthchecks_fit_each_service() -> None:
     services = compose()["services"]
     assert services["worker"]["healthcheck"]["test"] == ["CMD", "python", "-m", "worker.health"]
