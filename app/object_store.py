@@ -134,18 +134,26 @@ class S3ArtifactStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def sync(self, key: str) -> None:
-        """Upload the spooled file of `key` (see `appendable`) if it has grown since its last upload."""
+    def sync(self, key: str, *, done: bool = False) -> None:
+        """Upload the spooled file of `key` (see `appendable`) if it has grown since its last upload; once
+        the writer is `done`, the spooled copy goes."""
         path = self.spool / key
-        size_file = path.with_name(path.name + ".uploaded")
+        size_file = path.with_name(f".{path.name}.uploaded")
         try:
             content = path.read_bytes()  # a snapshot: the writer may append while this uploads
         except FileNotFoundError:
             return
-        if size_file.is_file() and size_file.read_text() == str(len(content)):
-            return
-        self._put_bytes(key, content)
-        size_file.write_text(str(len(content)))
+        if not (size_file.is_file() and size_file.read_text() == str(len(content))):
+            self._put_bytes(key, content)
+            size_file.write_text(str(len(content)))
+        if done:
+            path.unlink()
+            size_file.unlink()
+
+    def evict(self, key: str) -> None:
+        """Drop this host's copy of an object it will not read again (a checkpoint it has resumed from)."""
+        self._name(key)
+        _discard(self.cache / key)
 
     def read_from(self, key: str, offset: int) -> bytes:
         """The object's bytes from `offset` on; empty when there are none (yet)."""
@@ -303,6 +311,6 @@ def s3_client(endpoint_url: str, region: str, access_key_id: str, secret_access_
         endpoint_url=endpoint_url or None,
         region_name=region,
         # Path-style addressing: MinIO and other self-hosted stores serve no per-bucket host names.
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"}),
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
         **credentials,
     )

@@ -86,18 +86,22 @@ def _stack(chaos_url: str, **settings: str) -> Iterator[Stack]:
     )
     flushed.flushdb()
     home = tempfile.mkdtemp(prefix="tuneforge-chaos-")
-    env = os.environ | {
-        "TUNEFORGE_DATABASE_URL": chaos_url,
-        "TUNEFORGE_BROKER_URL": broker,
-        "TUNEFORGE_HOME": home,
-        "TUNEFORGE_QUEUE": f"chaos-{uuid.uuid4().hex[:8]}",
-        "TUNEFORGE_LEASE_SECONDS": str(LEASE_SECONDS),
-        "TUNEFORGE_HEARTBEAT_SECONDS": "1",
-        "TUNEFORGE_RECONCILE_SECONDS": "1",
-        "TUNEFORGE_RESEND_AFTER_SECONDS": "600",  # a lost message must be found by the empty-queue check
-        "TUNEFORGE_SHUTDOWN_GRACE_SECONDS": "30",
-        "TUNEFORGE_INFERENCE_URL": "http://127.0.0.1:9",  # no inference server: not needed here
-    } | settings
+    env = (
+        os.environ
+        | {
+            "TUNEFORGE_DATABASE_URL": chaos_url,
+            "TUNEFORGE_BROKER_URL": broker,
+            "TUNEFORGE_HOME": home,
+            "TUNEFORGE_QUEUE": f"chaos-{uuid.uuid4().hex[:8]}",
+            "TUNEFORGE_LEASE_SECONDS": str(LEASE_SECONDS),
+            "TUNEFORGE_HEARTBEAT_SECONDS": "1",
+            "TUNEFORGE_RECONCILE_SECONDS": "1",
+            "TUNEFORGE_RESEND_AFTER_SECONDS": "600",  # a lost message must be found by the empty-queue check
+            "TUNEFORGE_SHUTDOWN_GRACE_SECONDS": "30",
+            "TUNEFORGE_INFERENCE_URL": "http://127.0.0.1:9",  # no inference server: not needed here
+        }
+        | settings
+    )
     run_cli(env, "models", "make-tiny")
     key = run_cli(env, "keys", "create", "--project", "chaos").strip().splitlines()[-1]
     with api_process(env, "api.log") as (url, _):

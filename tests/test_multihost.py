@@ -218,10 +218,12 @@ def test_a_job_started_on_one_host_resumes_on_another_and_is_served_from_a_third
     assert cluster.sql("SELECT storage_key FROM models WHERE job_id = :j", j=job_id) == [
         (f"adapters/{job_id}/attempt-2.tar.gz",)
     ]
-    # b read the checkpoint and the base model from the store, into its own folder.
+    # b read the checkpoint (both archives) and the base model from the store, into its own folder.
+    s3_log = (cluster.folder / "services" / "s3.log").read_text()
+    assert s3_log.count(f"GET /{BUCKET}/cluster/checkpoints/{job_id}/attempt-1/step-{last}.") == 2
     b_cache = cluster.folder / "b" / "cache" / "artifacts"
-    assert list(b_cache.glob(f"checkpoints/{job_id}/attempt-1/step-{last}.*"))
     assert list(b_cache.glob("base-models/tiny-llama/*/model.safetensors"))
+    assert not list(b_cache.glob("checkpoints/**/*.tar*")), "the unpacked checkpoint's copies are gone"
 
     adapter = http.get(f"/v1/models/{model}/adapter")
     assert adapter.status_code == 200, adapter.text

@@ -84,6 +84,7 @@ def run_job(job_id: str) -> None:
         _remove_workdir(workdir)
         _sync_log(job_id, attempt)
     tail = _log_tail(log_path)
+    _sync_log(job_id, attempt, done=True)
     log.info("attempt %d of job %s ended (exit code %s)", attempt, job_id, returncode)
     if returncode in (0, None):
         return
@@ -104,11 +105,11 @@ def run_job(job_id: str) -> None:
             send_jobs(session, [job_id])  # if this send is lost, the reconciler sends it
 
 
-def _sync_log(job_id: str, attempt: int) -> None:
+def _sync_log(job_id: str, attempt: int, done: bool = False) -> None:
     """Put the run's log in an object store as it grows (every heartbeat, and at the end): readers on
     other hosts see it up to the last heartbeat. The local store needs nothing: the log is written there."""
     try:
-        get_store().sync(log_key(job_id, attempt))
+        get_store().sync(log_key(job_id, attempt), done=done)
     except Exception:  # the store is away for now: the next heartbeat uploads what this one could not
         log.warning("could not upload the log of job %s", job_id, exc_info=True)
 

@@ -37,6 +37,8 @@ def last_checkpoint(job_id: str, workdir: Path) -> tuple[int, Path] | None:
     parts = workdir / "resume"
     state = unpack_once(archive, parts / "state", model_id=job_id)
     model = unpack_once(get_store().local_path(storage_key), parts / "model", model_id=job_id)
+    for key in (resume_state_key(storage_key), storage_key):  # unpacked: an object store's copies may go
+        get_store().evict(key)
     folder = parts / f"checkpoint-{step}"
     folder.mkdir()
     for path in [*state.iterdir(), *model.iterdir()]:
