@@ -84,6 +84,8 @@ def configure(*, run_log: bool = False) -> None:
         logging.getLogger(name).propagate = True
     # httpx logs each request at INFO, URL and all: webhook URLs may hold a receiver's token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # boto3 says where it found credentials at INFO, in every process that touches the object store.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 class RequestContext:
