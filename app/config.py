@@ -9,13 +9,24 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def gpu_present() -> bool:
     """NVIDIA's or AMD's device nodes, looked up without importing torch (the API and the worker never do)."""
     return any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/kfd"))
+
+
+class WorkerClass(BaseModel):
+    """A kind of worker the deployment runs, on a queue of its own (Settings.worker_classes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str = Field(min_length=1, max_length=200)
+    gpus: int = Field(1, ge=1, description="Devices per worker.")
+    gpu_kind: str | None = Field(None, description="The GPU model; unset: jobs that name one never go here.")
+    memory_gb: float | None = Field(None, gt=0, description="Memory per device; unset: not checked.")
 
 
 class Settings(BaseSettings):
@@ -153,6 +164,31 @@ class Settings(BaseSettings):
         gt=0,
         description="Memory (GiB) `peft: auto` plans against on this worker; unset means the GPU's total "
         "memory, or MemAvailable from /proc/meminfo on a CPU worker.",
+    )
+    worker_gpus: int | None = Field(
+        None,
+        ge=1,
+        description="Devices this worker offers a job (`resources.gpus`): its GPUs (unset: all that "
+        "nvidia-smi lists), or, on a CPU worker, training processes (unset: 1), which run a multi-device "
+        "job on the gloo backend as a test of what GPUs would do.",
+    )
+    worker_gpu_kind: str | None = Field(
+        None,
+        description="This worker's GPU model as jobs ask for it (`resources.gpu_kind`); unset: "
+        "nvidia-smi's name, or 'cpu'.",
+    )
+    worker_classes: list[WorkerClass] = Field(
+        default_factory=list,
+        description="JSON list of the kinds of worker this deployment runs, each on a queue of its own: "
+        '[{"queue": "a100x8", "gpus": 8, "gpu_kind": "A100", "memory_gb": 80}, ...]. The API sends a job to '
+        "the first that fits its resources and memory plan, and refuses with 400 a job none fits. Unset: one "
+        "class, the workers of `queue`, with this host's device count and no kind or memory stated.",
+    )
+    project_max_running: int = Field(
+        0,
+        ge=0,
+        description="Most jobs of one project running at once; a project at its limit waits and the "
+        "others go first. 0: no limit.",
     )
 
     inference_url: str = Field(

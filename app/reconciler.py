@@ -14,7 +14,7 @@ import time
 from app import idempotency
 from app.config import get_settings
 from app.db.session import session_scope
-from app.jobs import lifecycle
+from app.jobs import lifecycle, routing
 from app.queue import send_jobs, waiting_messages
 from app.webhooks import delivery as webhook_delivery
 
@@ -38,6 +38,8 @@ def reconcile_once() -> list[str]:
         send_jobs(session, due)
         if idempotency.purge_expired(session):
             session.commit()
+        routing.forget_dead(session)
+        session.commit()
     return due
 
 

@@ -4,6 +4,7 @@ The settings are fixed here, before anything imports `app`, so the tests, the se
 all use the same database, broker queue and state folder.
 """
 
+import json
 import os
 import tempfile
 import uuid
@@ -17,12 +18,14 @@ import redis
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
 TEST_HOME = Path(tempfile.mkdtemp(prefix="tuneforge-test-"))
+QUEUE = f"tuneforge-test-{uuid.uuid4().hex[:8]}"
+BIG_QUEUE = f"{QUEUE}-big"
 
 os.environ.update(
     TUNEFORGE_DATABASE_URL=POSTGRES_URL,
     TUNEFORGE_BROKER_URL=REDIS_URL,
     TUNEFORGE_HOME=str(TEST_HOME),
-    TUNEFORGE_QUEUE=f"tuneforge-test-{uuid.uuid4().hex[:8]}",  # stale messages of other runs never reach us
+    TUNEFORGE_QUEUE=QUEUE,  # stale messages of other runs never reach us
     TUNEFORGE_HEARTBEAT_SECONDS="1",
     TUNEFORGE_RECONCILE_SECONDS="1",
     TUNEFORGE_RATE_LIMIT_PER_MINUTE="0",  # tests poll hard; tests/test_rate_limit.py runs its own limited API
@@ -71,7 +74,15 @@ def server(database: str, tiny_model: str) -> Iterator[str]:
     from app.cli import start_services, stop_services, wait_ready
 
     port = free_port()
-    processes = start_services(port, log_dir=TEST_HOME)
+    # The shared worker's class, and one no test starts a worker for (tests/test_routing.py): set for these
+    # processes only, since the stacks other tests start inherit this process's environment.
+    os.environ["TUNEFORGE_WORKER_CLASSES"] = json.dumps(
+        [{"queue": QUEUE, "gpus": 1}, {"queue": BIG_QUEUE, "gpus": 2, "gpu_kind": "Sim", "memory_gb": 8}]
+    )
+    try:
+        processes = start_services(port, log_dir=TEST_HOME)
+    finally:
+        del os.environ["TUNEFORGE_WORKER_CLASSES"]
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base_url, processes)

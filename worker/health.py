@@ -16,6 +16,7 @@ reconciler's to handle). Imports nothing heavy: the check runs every 30 s in the
 
 import argparse
 import logging
+import os
 import socket
 import threading
 import time
@@ -56,6 +57,49 @@ def start_heartbeat(path: Path | None = None, interval: float = INTERVAL_SECONDS
     thread = threading.Thread(target=beat, name="tuneforge-heartbeat", daemon=True)
     thread.start()
     return thread
+
+
+def worker_id() -> str:
+    """This worker as its heartbeat row and its job leases name it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _announce() -> None:
+    from app.db.session import session_scope
+    from app.jobs import routing
+
+    with session_scope() as session:
+        routing.announce(
+            session, worker_id=worker_id(), queue=get_settings().queue, offer=routing.this_worker()
+        )
+
+
+def start_announcing() -> threading.Thread:
+    """Renew this worker's row in the `workers` table (what it has, for routing) every heartbeat."""
+
+    def beat() -> None:
+        while True:
+            try:
+                _announce()
+            except Exception:  # the database is away: the row ages, and routing stops counting on it
+                log.warning("could not announce this worker", exc_info=True)
+            time.sleep(get_settings().heartbeat_seconds)
+
+    thread = threading.Thread(target=beat, name="tuneforge-announce", daemon=True)
+    thread.start()
+    return thread
+
+
+def retire() -> None:
+    """Remove this worker's row as it stops (a killed worker's row ages out instead)."""
+    from app.db.session import session_scope
+    from app.jobs import routing
+
+    try:
+        with session_scope() as session:
+            routing.retire(session, worker_id=worker_id())
+    except Exception:
+        log.warning("could not remove this worker's row", exc_info=True)
 
 
 def check(path: Path, max_age: float = MAX_AGE_SECONDS) -> str | None:

@@ -37,7 +37,7 @@ from app import logs
 from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import Job
-from app.jobs import lifecycle
+from app.jobs import lifecycle, routing
 from app.jobs import service as job_service
 from app.queue import send_jobs
 from app.storage import get_store, log_key
@@ -61,17 +61,38 @@ def _log_tail(path: Path) -> list[str]:
         return []
 
 
-def run_job(job_id: str) -> None:
-    """Claim and run `job_id`; a job that is not queued (a duplicate message) is left alone."""
-    settings = get_settings()
+def run_job(woken_for: str) -> None:
+    """A job's message wakes the worker; it then runs the best queued job of its queue that it can hold
+    (that job, or one that should go first: app/jobs/routing.py), and the next, until none is left or the
+    worker stops. A message whose job has gone (a duplicate, or run already) finds nothing, or the next."""
     owner = f"{socket.gethostname()}:{os.getpid()}"
     wait_until_ready()  # before the claim: the lease starts running there
+    while not SHUTDOWN.is_set():
+        claimed = _claim_best(owner)
+        if claimed is None:
+            log.info("woken for job %s: no queued job this worker can hold", woken_for)
+            return
+        job_id, attempt = claimed
+        with logs.bound(job_id=job_id, attempt=attempt):
+            _run_attempt(job_id, attempt)
+
+
+def _claim_best(owner: str) -> tuple[str, int] | None:
+    """Claim the first job of `routing.claimable` that no other worker claims first."""
+    settings = get_settings()
     with session_scope() as session:
-        attempt = lifecycle.claim(session, job_id=job_id, owner=owner, lease_seconds=settings.lease_seconds)
-    if attempt is None:
-        log.info("job %s is not queued; nothing to do", job_id)
-        return
-    logs.annotate(attempt=attempt)
+        for job_id in routing.claimable(session, queue=settings.queue, offer=routing.this_worker()):
+            attempt = lifecycle.claim(
+                session, job_id=job_id, owner=owner, lease_seconds=settings.lease_seconds
+            )
+            if attempt is not None:
+                return job_id, attempt
+    return None
+
+
+def _run_attempt(job_id: str, attempt: int) -> None:
+    """Train attempt `attempt` of the claimed job in a child process, and settle how it ended."""
+    settings = get_settings()
     log.info("running attempt %d of job %s", attempt, job_id)
     work = settings.resolved_home / "work"
     _remove_stale_workdirs(work)

@@ -1,6 +1,6 @@
 """Celery tasks: thin wrappers that pass ids and delegate."""
 
-from celery.signals import setup_logging, worker_init, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_shutdown, worker_shutting_down
 
 from app import logs
 from app.queue import RUN_JOB, celery_app
@@ -9,8 +9,7 @@ from worker import health, launcher, runner
 
 @celery_app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> None:
-    with logs.bound(job_id=job_id):  # runner adds the attempt once it has claimed one
-        runner.run_job(job_id)
+    runner.run_job(job_id)  # the message wakes the worker; the runner picks the job (and logs with its id)
 
 
 @setup_logging.connect
@@ -33,5 +32,12 @@ def _warm_up_training(**_: object) -> None:
 
 @worker_init.connect
 def _start_heartbeat(**_: object) -> None:
-    """The container healthcheck (`python -m worker.health`) reads the file this thread keeps fresh."""
+    """The container healthcheck (`python -m worker.health`) reads the file this thread keeps fresh; the
+    API routes jobs by the row another thread renews (app/jobs/routing.py)."""
     health.start_heartbeat()
+    health.start_announcing()
+
+
+@worker_shutdown.connect
+def _retire(**_: object) -> None:
+    health.retire()

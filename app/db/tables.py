@@ -76,6 +76,10 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Higher runs first among the queued jobs a worker can take (app/jobs/routing.py).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # What the job needs of a worker ({"gpus": N, "gpu_kind": ..., "min_memory_gb": ...}); NULL: one device.
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class JobEvent(Base):
@@ -191,3 +195,17 @@ class WebhookAttempt(Base):
     duration_ms: Mapped[int] = mapped_column(Integer)
     status_code: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class Worker(Base):
+    """A live worker's announcement of what it has, renewed every heartbeat; jobs are routed by them."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid
+    queue: Mapped[str] = mapped_column(String(200), index=True)
+    gpus: Mapped[int] = mapped_column(Integer)  # devices: GPUs, or training processes on a CPU worker
+    gpu_kind: Mapped[str] = mapped_column(String(100))  # the GPU's name, or "cpu"
+    memory_gb: Mapped[float | None]  # per device
+    started_at: Mapped[datetime]
+    seen_at: Mapped[datetime]

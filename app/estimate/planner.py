@@ -148,6 +148,29 @@ class Plan:
         return self.weights + self.gradients + self.optimizer_states + self.activations
 
 
+# Methods a multi-device job shards with FSDP (weights, gradients and optimizer states split across the
+# devices); the adapter methods replicate the frozen base on each device and train it with DDP.
+SHARDED_METHODS = frozenset({"full", "freeze"})
+
+
+def per_device(plan: Plan, gpus: int) -> dict[str, int]:
+    """The plan's bytes on each of `gpus` devices: FSDP divides the model's state, never the activations
+    (each device holds its own micro-batch); DDP keeps a whole copy on each."""
+    parts = {
+        "weights": plan.weights,
+        "gradients": plan.gradients,
+        "optimizer_states": plan.optimizer_states,
+    }
+    if plan.peft in SHARDED_METHODS and gpus > 1:
+        parts = {name: math.ceil(value / gpus) for name, value in parts.items()}
+    parts["activations"] = plan.activations
+    return parts | {"total": sum(parts.values())}
+
+
+def per_device_bytes(plan: Plan, gpus: int) -> int:
+    return per_device(plan, gpus)["total"]
+
+
 def _weight_bytes(counts: Counts, peft: str, device: Device) -> int:
     quantized = sum(lin.in_features * lin.out_features for lin in counts.quantized)
     if peft == "qlora":

@@ -104,6 +104,7 @@ def estimate(session: Session, *, project: str, body: EstimateCreate) -> Estimat
     except PlanError as error:
         raise _plan_error(error, task) from error
     budget = int(body.gpu_memory_gb * 2**30) if body.gpu_memory_gb else None
+    gpus = body.resources.gpus if body.resources else 1
     auto = None
     if candidates and budget:
         needs = {m: plans[m].total for m in candidates}
@@ -118,14 +119,18 @@ def estimate(session: Session, *, project: str, body: EstimateCreate) -> Estimat
         num_labels=num_labels,
         device=body.device,
         gpu_memory_gb=body.gpu_memory_gb,
-        estimates=[_public(plans[m], tokens=tokens, device=body.device, budget=budget) for m in methods],
+        estimates=[
+            _public(plans[m], tokens=tokens, device=body.device, budget=budget, gpus=gpus) for m in methods
+        ],
         auto=auto,
         assumptions=[Assumption(**a) for a in planner.ASSUMPTIONS],
     )
 
 
-def _public(plan: planner.Plan, *, tokens: int, device: planner.Device, budget: int | None) -> MethodEstimate:
-    counts = plan.counts
+def _public(
+    plan: planner.Plan, *, tokens: int, device: planner.Device, budget: int | None, gpus: int
+) -> MethodEstimate:
+    counts, share = plan.counts, planner.per_device(plan, gpus)
     return MethodEstimate(
         peft=plan.peft,
         trainable_parameters=counts.trainable,
@@ -139,7 +144,9 @@ def _public(plan: planner.Plan, *, tokens: int, device: planner.Device, budget: 
             total=plan.total,
         ),
         gib=round(plan.total / 2**30, 3),
-        fits=None if budget is None else plan.total <= budget,
+        gpus=gpus,
+        per_gpu=MemoryBytes(**share),
+        fits=None if budget is None else share["total"] <= budget,
         training_tokens=tokens,
         estimated_seconds=planner.estimated_seconds(plan, tokens=tokens, device=device),
     )

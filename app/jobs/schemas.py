@@ -403,6 +403,24 @@ class Integration(BaseModel):
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
+class Resources(BaseModel):
+    """Tuneforge: what the job needs of the worker that runs it (app/jobs/routing.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Devices the job trains on at once: DDP for adapter methods, FSDP for full and freeze "
+        "fine-tuning. On CPU workers a device is a training process (gloo).",
+    )
+    gpu_kind: str | None = Field(
+        None, max_length=100, description="Only workers with this GPU model (e.g. 'H100'), case-insensitive."
+    )
+    min_memory_gb: float | None = Field(None, gt=0, le=4096, description="Least memory per device (GiB).")
+
+
 class JobCreate(BaseModel):
     """The body of POST /v1/fine_tuning/jobs."""
 
@@ -426,6 +444,12 @@ class JobCreate(BaseModel):
         None,
         max_length=len(INTEGRATION_TYPES),
         description="Experiment trackers the run reports to, each type at most once.",
+    )
+    priority: int = Field(
+        0, ge=-100, le=100, description="Tuneforge: among queued jobs a worker can take, higher goes first."
+    )
+    resources: Resources | None = Field(
+        None, description="Tuneforge: the devices the job needs; default one device of any kind."
     )
 
     @field_validator("suffix")
@@ -545,6 +569,8 @@ class JobPublic(BaseModel):
     )
     progress: JobProgress | None = Field(None, description="Tuneforge: null until the run's first step.")
     attempt: int = Field(0, description="Tuneforge: how many times a worker has claimed this job.")
+    priority: int = Field(0, description="Tuneforge: higher runs first among queued jobs.")
+    resources: Resources | None = Field(None, description="Tuneforge: the devices the job asked for.")
 
 
 class JobsPublic(BaseModel):

@@ -12,8 +12,11 @@ from app.db.session import lock_rows
 from app.db.tables import Checkpoint, Job, JobEvent, Model, TrainingFile
 from app.db.time import db_now
 from app.errors import ApiError, not_found
+from app.estimate import planner
+from app.estimate.counts import PlanError
 from app.files import service as file_service
 from app.files.validation import TASK_FORMATS
+from app.jobs import routing
 from app.jobs.schemas import (
     ACTIVE_STATUSES,
     LLAMA_ADAPTER_ARCHITECTURES,
@@ -26,6 +29,7 @@ from app.jobs.schemas import (
     JobError,
     JobProgress,
     JobPublic,
+    Resources,
     hyperparameters_of,
 )
 from app.models import service as model_service
@@ -61,6 +65,8 @@ def to_public(job: Job) -> JobPublic:
         estimated_finish=_ts(job.estimated_finish) if job.status == "running" else None,
         progress=progress_of(job),
         attempt=job.attempt,
+        priority=job.priority or 0,
+        resources=Resources(**job.resources) if job.resources else None,
     )
 
 
@@ -216,6 +222,8 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
         )
     method = spec.method.model_copy(deep=True)
     method.hyperparameters = method.hyperparameters.resolved(get_settings().resolved_worker_device)
+    resources = spec.resources.model_dump(exclude_none=True) if spec.resources else {}
+    queue = routing.route(resources, _per_device_bytes(session, spec, method))
     job = Job(
         id="ftjob-" + secrets.token_hex(12),
         project=project,
@@ -231,13 +239,39 @@ def create_job(session: Session, *, project: str, spec: JobCreate) -> Job:
         result_files=[],
         attempt=0,
         max_attempts=get_settings().max_attempts,
-        queue=get_settings().queue,
+        queue=queue,
         sent_at=db_now(),  # the caller sends once this commits; the reconciler re-sends if that is lost
+        priority=spec.priority,
+        resources=resources or None,
     )
     session.add(job)
     session.flush()
     add_event(session, job_id=job.id, message=f"Created fine-tuning job: {job.id}")
+    waiting = routing.live_misfit(session, job)
+    if waiting:
+        add_event(session, job_id=job.id, message=waiting, level="warning")
     return job
+
+
+def _per_device_bytes(session: Session, spec: JobCreate, method: Any) -> int | None:
+    """The memory plan of the job per device, for routing; None where the plan waits for the worker
+    (`peft: auto`, chosen against the worker's own memory) or no worker class states its memory."""
+    hp = method.hyperparameters
+    if hp.peft == "auto" or not any(c.memory_gb for c in routing.worker_classes()):
+        return None
+    try:
+        base = model_service.get_model(session, project="", model_id=spec.model, param="model")
+        plan = planner.plan_method(
+            base.profile or {},
+            hp.resolved().model_dump(),
+            peft=hp.peft,
+            device=get_settings().resolved_worker_device,
+            task=method.type,
+            num_labels=2,  # the head's size barely counts; the worker counts the labels
+        )
+    except (ApiError, PlanError):  # a model the planner cannot profile is routed by its resources alone
+        return None
+    return planner.per_device_bytes(plan, spec.resources.gpus if spec.resources else 1)
 
 
 def get_servable_model(session: Session, *, project: str, model_id: str) -> Model:
