@@ -28,7 +28,8 @@ BIG_WORKER = {"gpus": 2, "gpu_kind": "Sim", "memory_gb": 8.0}
 
 def sql(query: str, **params: object) -> list:
     with session_scope() as session:
-        rows = list(session.execute(text(query), params))
+        result = session.execute(text(query), params)
+        rows = list(result) if result.returns_rows else []
         session.commit()
         return rows
 

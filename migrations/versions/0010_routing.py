@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("queue", sa.String(length=200), nullable=False),
         sa.Column("gpus", sa.Integer(), nullable=False),
         sa.Column("gpu_kind", sa.String(length=100), nullable=False),
-        sa.Column("memory_gb", sa.Float(), nullable=True),
+        sa.Column("memory_gb", sa.Double(), nullable=True),
         sa.Column("started_at", sa.DateTime(), nullable=False),
         sa.Column("seen_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
