@@ -126,7 +126,7 @@ def test_each_gpu_service_has_a_gpu_of_its_own() -> None:
             if "gpu" in device.get("capabilities", []):
                 assert "count" not in device, f"{name}: pin a GPU with device_ids, not count"
                 gpus[name] = [with_defaults(device_id) for device_id in device["device_ids"]]
-    assert {"worker", "inference"} <= gpus.keys()
+    assert {"worker", "inference", "worker-2", "worker-multi", "vllm"} <= gpus.keys()
     ids = [device_id for device_ids in gpus.values() for device_id in device_ids]
     assert len(ids) == len(set(ids)), f"GPU services share a GPU by default: {gpus}"
 
@@ -161,7 +161,8 @@ def test_services_share_an_object_store_and_no_folder() -> None:
     for name, service in services.items():
         for volume in service.get("volumes", []):
             mounted.setdefault(volume.split(":")[0], []).append(name)
-    assert {volume: names for volume, names in mounted.items() if len(names) > 1} == {}
+    shared = {volume: names for volume, names in mounted.items() if len(names) > 1}
+    assert shared == {"vllm-adapters": ["api", "vllm"]}, "only vLLM reads a folder of another service"
 
 
 def test_healthchecks_fit_each_service() -> None:
