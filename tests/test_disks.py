@@ -295,9 +295,14 @@ def test_a_full_store_requeues_the_attempt_and_it_resumes_once_there_is_room(
     small_store.fill(leave=checkpoint_footprint(small_store, bounded_job) * 3 // 2)
     body = job_body(training["id"], checkpoint_every_steps=2)  # 5 steps: checkpoints at 2, 4 and the end
     job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
-    # Queued behind it: the worker takes this one next, so the retry waits until the disk is freed.
-    blocker = job_body(training["id"], n_epochs=50, batch_size=1, checkpoint_every_steps=10**6)
-    blocker_id = http.post("/v1/fine_tuning/jobs", json=blocker).json()["id"]
+    # Another project's job, queued behind it: once this project has started a job, the worker takes the
+    # other project's next (app/jobs/routing.py), so the retry waits until the disk is freed.
+    other = httpx.Client(
+        base_url=http.base_url, headers={"Authorization": f"Bearer {make_key('disks-other')}"}
+    )
+    other_training = upload(other, chat_jsonl(40))
+    blocker = job_body(other_training["id"], n_epochs=50, batch_size=1, checkpoint_every_steps=10**6)
+    blocker_id = other.post("/v1/fine_tuning/jobs", json=blocker).json()["id"]
 
     full = wait_for_event(http, job_id, "The disk filled up", timeout=60)
     assert full["level"] == "warn" and "Retrying (attempt 1 of 2 used)" in full["message"], full
@@ -309,7 +314,8 @@ def test_a_full_store_requeues_the_attempt_and_it_resumes_once_there_is_room(
     assert not small_store.work(bounded_job.job["id"]).exists(), "a finished job's work folder is removed"
 
     small_store.filler.unlink()
-    http.post(f"/v1/fine_tuning/jobs/{blocker_id}/cancel")
+    other.post(f"/v1/fine_tuning/jobs/{blocker_id}/cancel")
+    other.close()
     job = wait_for_status(http, job_id, {"succeeded", "failed"})
     assert job["status"] == "succeeded" and job["attempt"] == 2, job
     assert events_from(http, job_id, "Resuming from the checkpoint at step 2")

@@ -267,7 +267,7 @@ def test_a_paused_queued_job_is_not_run_until_resumed(
     assert http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "paused"
     assert attempts(stack, job_id) == (0, MAX_ATTEMPTS), "never claimed"
     worker_log = (Path(stack.env["TUNEFORGE_HOME"]) / "worker.log").read_text()
-    assert f"job {job_id} is not queued; nothing to do" in worker_log, "the worker was handed it, first"
+    assert f"woken for job {job_id}" in worker_log, "the worker was handed it, first"
 
     assert http.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
     job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=RUNS)

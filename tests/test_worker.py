@@ -183,7 +183,7 @@ def test_duplicate_message_runs_the_job_once(http: httpx.Client) -> None:
         losers = [w for w in workers if not started[0].endswith(f"{host}:{w.process.pid}).")]
         assert losers, started
         for loser in losers:
-            refused = f"job {job_id} is not queued; nothing to do"
+            refused = f"woken for job {job_id}: no queued job this worker can hold"
             wait_until(partial(loser.logged, refused), f"{loser.name} turning the duplicate away")
     with session_scope() as session:
         row = session.get(Job, job_id)
@@ -239,7 +239,7 @@ def test_cancel_running_and_queued_jobs(http: httpx.Client) -> None:
     follow_up = http.post("/v1/fine_tuning/jobs", json=job_body(training["id"])).json()
     done = wait_for_status(http, follow_up["id"], {"succeeded", "failed"}, timeout=90)
     assert done["status"] == "succeeded"
-    assert f"job {queued_id} is not queued; nothing to do" in (TEST_HOME / "worker.log").read_text()
+    assert f"woken for job {queued_id}" in (TEST_HOME / "worker.log").read_text()
     with session_scope() as session:
         row = session.get(Job, queued_id)
         assert row is not None and row.attempt == 0 and row.status == "cancelled"

@@ -73,6 +73,12 @@ def run_job(woken_for: str) -> None:
             log.info("woken for job %s: no queued job this worker can hold", woken_for)
             return
         job_id, attempt = claimed
+        if job_id != woken_for:
+            log.info(
+                "woken for job %s, running job %s: the best queued job this worker can hold",
+                woken_for,
+                job_id,
+            )
         with logs.bound(job_id=job_id, attempt=attempt):
             _run_attempt(job_id, attempt)
 
