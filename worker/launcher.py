@@ -75,11 +75,11 @@ class TrainingProcess:
     the worker must never start another attempt beside it.
     """
 
-    def __init__(self, job_id: str, attempt: int, log_path: Path) -> None:
+    def __init__(self, job_id: str, attempt: int, log_path: Path, gpus: int = 1) -> None:
         settings = get_settings()
         self.process: BaseProcess = _context().Process(  # type: ignore[attr-defined]
             target=_train,
-            args=(job_id, attempt, str(log_path), settings.training_memory_limit_mb, os.getpid()),
+            args=(job_id, attempt, str(log_path), settings.training_memory_limit_mb, os.getpid(), gpus),
             name=f"train-{job_id}-{attempt}",
         )
         self.process.start()
@@ -118,8 +118,11 @@ def _pidfd(pid: int | None) -> int | None:
         return None
 
 
-def _train(job_id: str, attempt: int, log_path: str, memory_limit_mb: int, worker_pid: int) -> None:
-    """The training process: named after its job, dies with its worker, capped, its output in `log_path`."""
+def _train(
+    job_id: str, attempt: int, log_path: str, memory_limit_mb: int, worker_pid: int, gpus: int = 1
+) -> None:
+    """The training process: named after its job, dies with its worker, capped, its output in `log_path`;
+    for a job on several devices, the launcher of its ranks (`_train_group`)."""
     from setproctitle import setproctitle
 
     setproctitle(f"tuneforge train {job_id} attempt {attempt}")  # what `ps` shows
@@ -136,9 +139,83 @@ def _train(job_id: str, attempt: int, log_path: str, memory_limit_mb: int, worke
     # loses none): Python buffers a redirected stdout in blocks.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if gpus > 1:
+        sys.exit(_train_group(job_id, attempt, gpus, worker_pid))
     from worker.train_job import main
 
     sys.exit(main(job_id, attempt))
+
+
+def _train_group(job_id: str, attempt: int, gpus: int, worker_pid: int) -> int:
+    """Run the job as `gpus` ranks started by torchrun's launcher (torch.distributed.elastic), forked
+    from this process; returns the leader's exit code.
+
+    A rank that dies or fails takes the group down (the launcher stops the others; no restarts), and the
+    attempt ends like any crashed one. SIGTERM, the worker's request to checkpoint and stop, is passed to
+    every rank; they agree on the step to stop at (worker/training/distributed.py). The launcher runs in a
+    thread so that its own signal handling, which would stop the ranks at once, stays out of the way.
+    """
+    import threading
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from app.cli import free_port
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=gpus,
+        run_id=f"{job_id}-{attempt}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="fork",  # from this process, which has imported torch and co. already
+    )
+    outcome: dict[str, object] = {}
+
+    def launch() -> None:
+        try:
+            outcome["codes"] = elastic_launch(config, _rank)(job_id, attempt, worker_pid)
+        except BaseException as error:  # ChildFailedError names each failed rank and how it ended
+            outcome["error"] = error
+
+    launcher = threading.Thread(target=launch, name="rank-launcher")
+    launcher.start()
+    signal.signal(signal.SIGTERM, lambda *_: _signal_children(signal.SIGTERM))
+    while launcher.is_alive():
+        launcher.join(0.5)
+    if "error" in outcome:
+        print(f"The group of {gpus} ranks failed: {outcome['error']}", flush=True)
+        return 1
+    codes = outcome["codes"]
+    assert isinstance(codes, dict)
+    return int(codes.get(0, 1))
+
+
+def _rank(job_id: str, attempt: int, worker_pid: int) -> int:
+    """One rank of a multi-device job."""
+    from setproctitle import setproctitle
+
+    from worker.train_job import main
+
+    setproctitle(f"tuneforge train {job_id} attempt {attempt} rank {os.environ.get('RANK')}")
+    _die_with(worker_pid)
+    return main(job_id, attempt)
+
+
+def _signal_children(signum: int) -> None:
+    """Send `signum` to this process's children (the ranks)."""
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                os.kill(int(child), signum)
+            except ProcessLookupError:
+                pass
 
 
 def _die_with(worker_pid: int) -> None:

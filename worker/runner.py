@@ -105,8 +105,12 @@ def _run_attempt(job_id: str, attempt: int) -> None:
     workdir = work / job_id / f"attempt-{attempt}"
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = get_store().appendable(log_key(job_id, attempt))
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        gpus = int(((job.resources if job else None) or {}).get("gpus", 1))
     try:
-        returncode = _watch(TrainingProcess(job_id, attempt, log_path), job_id=job_id, attempt=attempt)
+        child = TrainingProcess(job_id, attempt, log_path, gpus=gpus)
+        returncode = _watch(child, job_id=job_id, attempt=attempt)
     finally:
         _remove_workdir(workdir)
         _sync_log(job_id, attempt)

@@ -14,6 +14,7 @@ worker re-queues the job too, counting the attempt: the database is not on that 
 import contextlib
 import errno
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ from app.jobs import service as job_service
 from app.jobs.schemas import hyperparameters_of
 from app.models import service as model_service
 from app.storage import get_store
+from worker.training import distributed
 
 if TYPE_CHECKING:
     from worker.training.sft import RunResult, RunSpec
@@ -64,7 +66,11 @@ def load_spec(job_id: str, attempt: int) -> "RunSpec":
         validation = session.get(TrainingFile, job.validation_file) if job.validation_file else None
         if training is None:
             raise FileNotFoundError(f"training file {job.training_file} was deleted")
-        if resume is not None and lifecycle.still_owned(session, job_id=job_id, attempt=attempt):
+        if (
+            resume is not None
+            and distributed.is_leader()
+            and lifecycle.still_owned(session, job_id=job_id, attempt=attempt)
+        ):
             job_service.add_event(
                 session,
                 job_id=job_id,
@@ -193,6 +199,8 @@ def main(job_id: str, attempt: int) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logs.configure(run_log=True)  # Tuneforge's own lines, timed, into the run's log (worker/launcher.py)
+    if not distributed.is_leader():  # the ranks share the log: the others say only what goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
     with logs.bound(job_id=job_id, attempt=attempt):
         return _run(job_id, attempt)
 
@@ -207,7 +215,8 @@ def _run(job_id: str, attempt: int) -> int:
         result = run_recipe(spec)
         if result.cancelled:
             return EXIT_PREEMPTED if PREEMPTED.is_set() else 0
-        publish(job_id, attempt, result)
+        if distributed.is_leader():  # the other ranks of a multi-device job only train
+            publish(job_id, attempt, result)
         return 0
     except Exception as exc:  # every failure becomes the job's error, never a silent crash
         with contextlib.suppress(OSError):  # the log may be on the disk that is full

@@ -28,10 +28,13 @@ from app.config import get_settings
 from app.db.session import session_scope, statement_scope
 from app.jobs import lifecycle
 from app.storage import get_store, resume_state_key
+from worker.training import distributed
 
 log = logging.getLogger(__name__)
 # Set by the training process's SIGTERM handler: save a checkpoint at the end of this step, then stop.
 PREEMPTED = threading.Event()
+# The job's status, read at the end of a step, as a reason to stop (worker/training/distributed.py).
+STOP_REASONS = {"paused": distributed.PAUSED, "cancelled": distributed.CANCELLED}
 
 # Trainer's timing figures among the eval_* logs: not metrics of the model.
 EVAL_BOOKKEEPING = (
@@ -98,8 +101,17 @@ class JobReporter(TrainerCallback):
         except SQLAlchemyError:  # the database is away: go on; the worker stops us if the lease runs out
             log.warning("could not read the job's status; training on", exc_info=True)
             status = "running"
-        if status == "running" and not PREEMPTED.is_set():
+        # Ranks of one job stop at the same step, for the weightiest reason any of them saw.
+        reason = distributed.agree(
+            STOP_REASONS.get(status, distributed.CANCELLED)
+            if status != "running"
+            else (distributed.PREEMPTED if PREEMPTED.is_set() else distributed.RUNNING)
+        )
+        if reason == distributed.RUNNING:
             return control
+        status = {distributed.PAUSED: "paused", distributed.CANCELLED: "cancelled"}.get(reason, "running")
+        if reason == distributed.PREEMPTED:
+            PREEMPTED.set()
         self.stopped = True
         self.keeps_checkpoint = status in ("running", "paused")
         control.should_training_stop = True
@@ -113,6 +125,8 @@ class JobReporter(TrainerCallback):
             message = f"Training stopped at step {step}."
         # The user should see where a cancelled, paused or preempted run stopped. An attempt that lost the
         # job (superseded, or re-queued when its lease ran out) is fenced off: it writes nothing.
+        if not distributed.is_leader():
+            return control
         with session_scope() as session:
             lifecycle.add_attempt_event(
                 session,
@@ -184,6 +198,11 @@ class JobReporter(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # Every rank has written its part (its RNG state) before the leader packs the folder; the others
+        # go on to the next step, where they wait for the leader.
+        distributed.wait_for_all()
+        if not distributed.is_leader():
+            return
         try:
             if (self.stopped and not self.keeps_checkpoint) or not folder.is_dir():
                 return
@@ -255,6 +274,8 @@ class JobReporter(TrainerCallback):
         statement of its own (see app/db/session.py `statement_scope`).
         """
         log.info(message)  # into the run's log too, timed: followers of /logs see each step as it ends
+        if not distributed.is_leader():  # one job, one account of it: the leader's
+            return
         try:
             with session_scope() as session:
                 written = lifecycle.add_attempt_event(

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from app.db.session import session_scope
 from app.db.tables import Checkpoint
 from app.storage import get_store, resume_state_key, unpack_once
+from worker.training import distributed
 from worker.training.callbacks import NOT_RESUME_STATE
 
 
@@ -34,11 +35,13 @@ def last_checkpoint(job_id: str, workdir: Path) -> tuple[int, Path] | None:
             return None
     # Each archive is unpacked atomically into this attempt's own folder, then the two are joined (hard
     # links, no copies) into the folder Trainer resumes from; it finds the step in that folder's name.
-    parts = workdir / "resume"
+    # Each rank of a multi-device job unpacks its own copy: Trainer reads the folder as each rank starts.
+    parts = workdir / ("resume" if distributed.world_size() == 1 else f"resume-rank-{distributed.rank()}")
     state = unpack_once(archive, parts / "state", model_id=job_id)
     model = unpack_once(get_store().local_path(storage_key), parts / "model", model_id=job_id)
-    for key in (resume_state_key(storage_key), storage_key):  # unpacked: an object store's copies may go
-        get_store().evict(key)
+    if distributed.world_size() == 1:  # unpacked: an object store's copies may go (the ranks share them)
+        for key in (resume_state_key(storage_key), storage_key):
+            get_store().evict(key)
     folder = parts / f"checkpoint-{step}"
     folder.mkdir()
     for path in [*state.iterdir(), *model.iterdir()]:

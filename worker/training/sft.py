@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from app.estimate import planner
-from worker.training import fast_path, tracking
+from worker.training import distributed, fast_path, tracking
 from worker.training.callbacks import JobReporter
 from worker.training.data import PreparedData, prepare_file, split_off
 from worker.training.memory import MemoryMeter
@@ -178,6 +178,7 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
         dataloader_num_workers=0,
         gradient_checkpointing=checkpoints_blocks(hp),
         **device_defaults(),
+        **distributed.trainer_arguments(),
     )
 
 
@@ -288,6 +289,8 @@ def save(spec: RunSpec, trainer: SFTTrainer, tokenizer: Any, info: dict[str, Any
     """Write the adapter (or full model), tokenizer and manifest into one folder."""
     output_dir = spec.workdir / "final"
     trainer.save_model(str(output_dir))  # PEFT models save only the adapter, as safetensors
+    if not distributed.is_leader():  # every rank takes part in the save (FSDP gathers); the leader writes
+        return output_dir
     (output_dir / "training_args.bin").unlink(
         missing_ok=True
     )  # a pickle: artifacts ship safetensors and JSON only

@@ -1,0 +1,184 @@
+"""One job on several devices: torchrun's launcher (torch.distributed.elastic) starts the ranks, DDP trains
+them on gloo (on a CPU worker each "device" is a process), and rank 0 reports, checkpoints and publishes
+(worker/launcher.py, worker/training/distributed.py).
+
+The jobs go to the shared stack's "big" worker class (tests/conftest.py: two devices of kind Sim), whose
+workers the tests start here with TUNEFORGE_WORKER_GPUS=2.
+"""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import BIG_QUEUE, TEST_HOME
+from tests.helpers import (
+    all_events,
+    chat_jsonl,
+    checkpoint_steps,
+    is_training_step,
+    job_body,
+    training_processes,
+    upload,
+    wait_for_event,
+    wait_for_status,
+    wait_for_step,
+)
+from tests.stack import LONG_JOB, wait_until
+
+# Two ranks of batch 2 against one process of batch 4: the same examples in each step, the loss averaged
+# over all ranks' tokens. Without dropout (whose masks each rank draws itself) only the order of float
+# sums differs: measured at most 1e-6 over 8 steps.
+TOLERANCE = 1e-5
+TWO_DEVICES = {"resources": {"gpus": 2}}
+# 100 steps of 2 ranks x 2 examples (40 examples, 10 epochs), a checkpoint every 20.
+SHORTER_JOB = LONG_JOB | {"n_epochs": 10}
+
+
+@pytest.fixture
+def start_worker(server: str) -> Iterator[Callable[[], subprocess.Popen]]:
+    """Workers of the big class, each with two devices; any left running are killed after the test."""
+    workers: list[subprocess.Popen] = []
+    env = os.environ | {
+        "TUNEFORGE_QUEUE": BIG_QUEUE,
+        "TUNEFORGE_WORKER_GPUS": "2",
+        "TUNEFORGE_WORKER_GPU_KIND": "Sim",
+        "TUNEFORGE_WORKER_MEMORY_GB": "8",
+        "TUNEFORGE_LEASE_SECONDS": "8",  # a killed worker's job is re-queued 8 s on, not 60
+    }
+
+    def start() -> subprocess.Popen:
+        with (TEST_HOME / "two-device-worker.log").open("ab") as log:
+            command = [sys.executable, "-m", "app.cli", "worker"]
+            workers.append(subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True))
+        return workers[-1]
+
+    yield start
+    for worker in workers:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def losses(http: httpx.Client, job_id: str) -> dict[int, float]:
+    events = all_events(http, job_id)
+    return {e["data"]["step"]: e["data"]["train_loss"] for e in events if is_training_step(e)}
+
+
+def create(http: httpx.Client, body: dict) -> str:
+    response = http.post("/v1/fine_tuning/jobs", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def test_two_ranks_train_as_one_process_with_twice_the_batch(
+    http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+) -> None:
+    training = upload(http, chat_jsonl(32))["id"]
+    ranks = create(http, job_body(training, batch_size=2, lora_dropout=0.0) | TWO_DEVICES)
+    single = create(
+        http, job_body(training, batch_size=4, lora_dropout=0.0) | {"resources": {"gpu_kind": "sim"}}
+    )
+    start_worker()
+    for job_id in (ranks, single):
+        job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=300)
+        assert job["status"] == "succeeded", job
+    got, expected = losses(http, ranks), losses(http, single)
+    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    worst = max(abs(got[step] - expected[step]) for step in expected)
+    assert worst <= TOLERANCE, f"two ranks and one process differ by up to {worst}"
+
+    # One account of the job (the leader's) and one adapter.
+    messages = [e["message"] for e in all_events(http, ranks)]
+    assert sum(m.startswith("Training on 32 examples") for m in messages) == 1
+    model = http.get(f"/v1/fine_tuning/jobs/{ranks}").json()["fine_tuned_model"]
+    adapter = http.get(f"/v1/models/{model}/adapter")
+    with tarfile.open(fileobj=io.BytesIO(adapter.content), mode="r:gz") as archive:
+        assert "adapter_model.safetensors" in archive.getnames()
+
+
+def test_a_two_rank_full_fine_tune_resumes_after_its_worker_is_killed(
+    http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+) -> None:
+    """SIGKILL the worker after the first checkpoint: both ranks die with it, and the next worker's ranks
+    resume from that checkpoint (each rank's RNG state included) and finish."""
+    training = upload(http, chat_jsonl(40))["id"]
+    # 60 steps of 2 ranks x 2 examples, a checkpoint every 10: the kill lands with most of the run ahead.
+    body = job_body(training, peft="full", n_epochs=6, batch_size=2, checkpoint_every_steps=10)
+    job_id = create(http, body | TWO_DEVICES)
+    worker = start_worker()
+    wait_until(lambda: checkpoint_steps(http, job_id), "a checkpoint", 300)
+    assert len(training_processes(job_id)) == 3, "the launcher and its two ranks"
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    wait_until(lambda: not training_processes(job_id), "every rank died with its worker", 30)
+    last = max(checkpoint_steps(http, job_id))
+
+    start_worker()
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=600)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    events = all_events(http, job_id)
+    assert [e["data"]["resumed_from_step"] for e in events if e["message"].startswith("Resuming from")] == [
+        last
+    ]
+    resumed = next(i for i, e in enumerate(events) if e["message"].startswith("Resuming from"))
+    after = [e["data"]["step"] for e in events[resumed:] if is_training_step(e)]
+    assert after[0] == last + 1 and after[-1] == job["progress"]["total_steps"]
+    archive = http.get(f"/v1/models/{job['fine_tuned_model']}/adapter").content
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as packed:
+        assert "model.safetensors" in packed.getnames()
+
+
+def test_pause_stops_every_rank_at_one_step_and_resume_continues(
+    server: str, api_key: str, http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+) -> None:
+    sdk = openai.OpenAI(base_url=f"{server}/v1", api_key=api_key, max_retries=0)
+    training = upload(http, chat_jsonl(40))["id"]
+    job_id = create(http, job_body(training, **SHORTER_JOB) | TWO_DEVICES)
+    start_worker()
+    wait_for_step(http, job_id, 3, timeout=300)
+    assert sdk.fine_tuning.jobs.pause(job_id).status == "paused"
+    paused_at = wait_for_event(http, job_id, "Job paused at step")["data"]["step"]
+    wait_until(lambda: checkpoint_steps(http, job_id)[-1:] == [paused_at], "the paused run's checkpoint")
+    wait_until(lambda: not training_processes(job_id), "every rank stopped")
+    assert sdk.fine_tuning.jobs.resume(job_id).status == "queued"
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=600)
+    assert job["status"] == "succeeded", job
+    steps = losses(http, job_id)
+    assert sorted(steps) == list(range(1, job["progress"]["total_steps"] + 1)), "every step, once"
+
+
+def test_a_stop_signal_that_reaches_one_rank_first_stops_both_at_one_step(
+    http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+) -> None:
+    """SIGTERM (save a checkpoint, stop, be re-queued) delivered to rank 1 alone, as a signal that lands
+    on one rank a step before the other would: the ranks agree on the step, save it together, and the
+    job resumes from it (here on the same worker, which is not shutting down) and finishes."""
+    training = upload(http, chat_jsonl(40))["id"]
+    job_id = create(http, job_body(training, **SHORTER_JOB) | TWO_DEVICES)
+    start_worker()
+    wait_for_step(http, job_id, 3, timeout=300)
+    [rank_1] = [pid for pid in training_processes(job_id) if rank_of(pid) == "1"]
+    os.kill(rank_1, signal.SIGTERM)
+    saved = wait_for_event(http, job_id, "The worker is shutting down")["data"]["step"]
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=600)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    events = all_events(http, job_id)
+    assert [e["data"]["resumed_from_step"] for e in events if e["message"].startswith("Resuming from")] == [
+        saved
+    ]
+    assert saved in checkpoint_steps(http, job_id) or saved < max(checkpoint_steps(http, job_id))
+
+
+def rank_of(pid: int) -> str | None:
+    """The rank a training process of a multi-device job names in its title (worker/launcher.py)."""
+    title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\x00")[0]
+    return title.split(" rank ")[1].split()[0] if " rank " in title else None
