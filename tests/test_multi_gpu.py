@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import safetensors.torch
 
 from tests.conftest import BIG_QUEUE, TEST_HOME
 from tests.helpers import (
@@ -96,9 +97,10 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(
     worst = max(abs(got[step] - expected[step]) for step in expected)
     assert worst <= TOLERANCE, f"two ranks and one process differ by up to {worst}"
 
-    # One account of the job (the leader's) and one adapter.
+    # One account of the job (the leader's) and one adapter; each rank held the whole model (DDP).
     messages = [e["message"] for e in all_events(http, ranks)]
     assert sum(m.startswith("Training on 32 examples") for m in messages) == 1
+    assert (finished(http, ranks)["ranks"], finished(http, ranks)["sharded"]) == (2, False)
     model = http.get(f"/v1/fine_tuning/jobs/{ranks}").json()["fine_tuned_model"]
     adapter = http.get(f"/v1/models/{model}/adapter")
     with tarfile.open(fileobj=io.BytesIO(adapter.content), mode="r:gz") as archive:
@@ -132,9 +134,16 @@ def test_a_two_rank_full_fine_tune_resumes_after_its_worker_is_killed(
     resumed = next(i for i, e in enumerate(events) if e["message"].startswith("Resuming from"))
     after = [e["data"]["step"] for e in events[resumed:] if is_training_step(e)]
     assert after[0] == last + 1 and after[-1] == job["progress"]["total_steps"]
+    # accelerate runs FSDP on GPUs only: CPU ranks keep whole copies (DDP), and the run says so.
+    assert (finished(http, job_id)["ranks"], finished(http, job_id)["sharded"]) == (2, False)
+    # The model is downloaded whole, as ordinary safetensors named like the base model's.
     archive = http.get(f"/v1/models/{job['fine_tuned_model']}/adapter").content
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as packed:
-        assert "model.safetensors" in packed.getnames()
+        weights = packed.extractfile("model.safetensors")
+        assert weights is not None
+        trained = safetensors.torch.load(weights.read())
+    base = safetensors.torch.load_file(Path(base_folder(http)) / "model.safetensors")
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in base.items()}
 
 
 def test_pause_stops_every_rank_at_one_step_and_resume_continues(
@@ -176,6 +185,19 @@ def test_a_stop_signal_that_reaches_one_rank_first_stops_both_at_one_step(
         saved
     ]
     assert saved in checkpoint_steps(http, job_id) or saved < max(checkpoint_steps(http, job_id))
+
+
+def finished(http: httpx.Client, job_id: str) -> dict:
+    """The data of the run's "Training finished" event (its last attempt's)."""
+    return [e for e in all_events(http, job_id) if e["message"].startswith("Training finished")][-1]["data"]
+
+
+def base_folder(http: httpx.Client) -> str:
+    from app.db.session import session_scope
+    from app.models import service as model_service
+
+    with session_scope() as session:
+        return model_service.get_base_model(session, model_id="tiny-llama").path or ""
 
 
 def rank_of(pid: int) -> str | None:

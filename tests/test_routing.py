@@ -72,6 +72,15 @@ def test_a_job_no_worker_class_fits_is_refused_saying_what_each_lacks(http: http
         assert f"'{BIG_QUEUE}': {lack}" in error["message"] and f"'{QUEUE}'" in error["message"], error
     bad = http.post("/v1/fine_tuning/jobs", json=job_body(training) | {"resources": {"gpus": 0}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "resources.gpus", bad.text
+    dpo = {
+        "model": "tiny-llama",
+        "training_file": training,
+        "method": {"type": "dpo"},
+        "resources": {"gpus": 2},
+    }
+    refused = http.post("/v1/fine_tuning/jobs", json=dpo)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "resources.gpus", refused.text
+    assert "supervised" in refused.json()["error"]["message"]
 
 
 def test_a_job_only_an_idle_class_fits_waits_on_its_queue_and_says_why(client_of) -> None:  # type: ignore[no-untyped-def]
@@ -151,7 +160,7 @@ def test_a_flooding_project_does_not_starve_another(client_of, tmp_path) -> None
     assert sql("SELECT count(*) FROM workers WHERE queue = :q", q=BIG_QUEUE) == [(0,)]
 
 
-def test_the_estimate_shards_full_fine_tuning_and_replicates_adapters(http: httpx.Client) -> None:
+def test_the_estimate_shards_full_fine_tuning_on_gpus_and_replicates_adapters(http: httpx.Client) -> None:
     training = upload(http, chat_jsonl(8))["id"]
     body = job_body(training) | {"methods": ["full", "lora"], "resources": {"gpus": 4}}
     response = http.post("/v1/fine_tuning/estimate", json=body)
@@ -162,3 +171,5 @@ def test_the_estimate_shards_full_fine_tuning_and_replicates_adapters(http: http
         assert full["per_gpu"][part] == math.ceil(full["bytes"][part] / 4), part
     assert full["per_gpu"]["activations"] == full["bytes"]["activations"], "each device has its micro-batch"
     assert lora["per_gpu"] == lora["bytes"], "DDP keeps a whole copy on each device"
+    on_cpu = http.post("/v1/fine_tuning/estimate", json=body | {"device": "cpu"}).json()["estimates"][0]
+    assert on_cpu["per_gpu"] == on_cpu["bytes"], "accelerate has no FSDP for CPU ranks: a copy each"

@@ -153,22 +153,23 @@ class Plan:
 SHARDED_METHODS = frozenset({"full", "freeze"})
 
 
-def per_device(plan: Plan, gpus: int) -> dict[str, int]:
-    """The plan's bytes on each of `gpus` devices: FSDP divides the model's state, never the activations
-    (each device holds its own micro-batch); DDP keeps a whole copy on each."""
+def per_device(plan: Plan, gpus: int, device: Device) -> dict[str, int]:
+    """The plan's bytes on each of `gpus` devices: FSDP (full and freeze, on GPUs: accelerate has no FSDP
+    for CPU ranks) divides the model's state, never the activations (each device holds its own
+    micro-batch); DDP keeps a whole copy on each."""
     parts = {
         "weights": plan.weights,
         "gradients": plan.gradients,
         "optimizer_states": plan.optimizer_states,
     }
-    if plan.peft in SHARDED_METHODS and gpus > 1:
+    if plan.peft in SHARDED_METHODS and gpus > 1 and device == "cuda":
         parts = {name: math.ceil(value / gpus) for name, value in parts.items()}
     parts["activations"] = plan.activations
     return parts | {"total": sum(parts.values())}
 
 
-def per_device_bytes(plan: Plan, gpus: int) -> int:
-    return per_device(plan, gpus)["total"]
+def per_device_bytes(plan: Plan, gpus: int, device: Device) -> int:
+    return per_device(plan, gpus, device)["total"]
 
 
 def _weight_bytes(counts: Counts, peft: str, device: Device) -> int:

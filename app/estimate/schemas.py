@@ -68,9 +68,9 @@ class MethodEstimate(BaseModel):
     gib: float = Field(description="bytes.total in GiB.")
     gpus: int = Field(1, description="The devices the job trains on (its resources.gpus).")
     per_gpu: MemoryBytes = Field(
-        description="Each device's share: full and freeze fine-tuning shard weights, gradients and optimizer "
-        "states across the devices (FSDP); adapter methods keep a whole copy on each (DDP). Activations "
-        "are per device either way."
+        description="Each device's share: on GPUs, full and freeze fine-tuning shard weights, gradients and "
+        "optimizer states across the devices (FSDP); adapter methods, and every method on CPU ranks, keep "
+        "a whole copy on each (DDP). Activations are per device either way."
     )
     fits: bool | None = Field(description="Whether per_gpu.total fits gpu_memory_gb; null without it.")
     training_tokens: int

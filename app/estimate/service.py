@@ -130,7 +130,7 @@ def estimate(session: Session, *, project: str, body: EstimateCreate) -> Estimat
 def _public(
     plan: planner.Plan, *, tokens: int, device: planner.Device, budget: int | None, gpus: int
 ) -> MethodEstimate:
-    counts, share = plan.counts, planner.per_device(plan, gpus)
+    counts, share = plan.counts, planner.per_device(plan, gpus, device)
     return MethodEstimate(
         peft=plan.peft,
         trainable_parameters=counts.trainable,

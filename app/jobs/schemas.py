@@ -508,6 +508,16 @@ class JobCreate(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _several_devices_train_supervised_jobs(self) -> Self:
+        if self.resources and self.resources.gpus > 1 and self.method.type != "supervised":
+            message = (
+                f"a job on several devices must be a supervised one for now; run this {self.method.type} job "
+                "on one device (resources.gpus 1)"
+            )
+            raise _field_error(("resources", "gpus"), self.resources.gpus, message)
+        return self
+
+    @model_validator(mode="after")
     def _liger_kernels_run_on_the_device(self) -> Self:
         device, where = self.runs_on()
         if getattr(self.method.hyperparameters, "liger_kernels", False) and device != "cuda":

@@ -259,19 +259,20 @@ def _per_device_bytes(session: Session, spec: JobCreate, method: Any) -> int | N
     hp = method.hyperparameters
     if hp.peft == "auto" or not any(c.memory_gb for c in routing.worker_classes()):
         return None
+    device = get_settings().resolved_worker_device
     try:
         base = model_service.get_model(session, project="", model_id=spec.model, param="model")
         plan = planner.plan_method(
             base.profile or {},
             hp.resolved().model_dump(),
             peft=hp.peft,
-            device=get_settings().resolved_worker_device,
+            device=device,
             task=method.type,
             num_labels=2,  # the head's size barely counts; the worker counts the labels
         )
     except (ApiError, PlanError):  # a model the planner cannot profile is routed by its resources alone
         return None
-    return planner.per_device_bytes(plan, spec.resources.gpus if spec.resources else 1)
+    return planner.per_device_bytes(plan, spec.resources.gpus if spec.resources else 1, device)
 
 
 def get_servable_model(session: Session, *, project: str, model_id: str) -> Model:

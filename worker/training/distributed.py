@@ -55,15 +55,36 @@ def wait_for_all() -> None:
         dist.barrier()
 
 
-def trainer_arguments() -> dict[str, object]:
+def trainer_arguments(peft: str, checkpoints_blocks: bool) -> dict[str, object]:
     """TrainingArguments for a multi-rank run. Trainer already averages the loss over every rank's tokens
-    (`average_tokens_across_devices`), so N ranks of batch b train as one process of batch N x b would."""
+    (`average_tokens_across_devices`), so N ranks of batch b train as one process of batch N x b would.
+
+    On GPUs, full and freeze fine-tuning shard the model's weights, gradients and optimizer states across
+    the ranks with FSDP, each transformer block a unit (the model's `_no_split_modules`, accelerate's
+    default), in bf16 where the GPU has it (Trainer's `bf16`); checkpoints and the trained model are saved
+    whole (FULL_STATE_DICT), as ordinary safetensors. accelerate runs FSDP on GPUs only: CPU ranks, and
+    adapter methods everywhere, keep a whole copy per rank (DDP). The run reports which it was (`sharded`
+    in its "Training finished" event).
+    """
     if world_size() == 1:
         return {}
     import torch
 
-    if torch.cuda.is_available():
-        return {"ddp_backend": "nccl"}
-    # Without use_cpu, accelerate sees no device to spread over: Trainer's world size stays 1 while TRL's
-    # accelerator counts the ranks, and the loss is scaled for ranks whose token counts were never summed.
-    return {"ddp_backend": "gloo", "use_cpu": True}
+    from app.estimate.planner import SHARDED_METHODS
+
+    if not torch.cuda.is_available():
+        # Without use_cpu, accelerate sees no device to spread over: Trainer's world size stays 1 while
+        # TRL's accelerator counts the ranks, and the loss is scaled for token counts never summed.
+        return {"ddp_backend": "gloo", "use_cpu": True}
+    arguments: dict[str, object] = {"ddp_backend": "nccl"}
+    if peft in SHARDED_METHODS:
+        arguments |= {
+            "fsdp": "full_shard auto_wrap",
+            # FSDP recomputes the blocks itself: Trainer's own checkpointing would all-gather them twice.
+            "fsdp_config": {
+                "activation_checkpointing": checkpoints_blocks,
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+            "gradient_checkpointing": False,
+        }
+    return arguments

@@ -151,7 +151,7 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
     hp = spec.hyperparameters
     every = hp.get("checkpoint_every_steps")
     strategy = "steps" if every else "epoch"
-    return dict(
+    arguments = dict(
         output_dir=str(spec.workdir / "trainer"),
         num_train_epochs=hp["n_epochs"],
         per_device_train_batch_size=hp["batch_size"],
@@ -178,8 +178,8 @@ def training_arguments(spec: RunSpec, *, has_validation: bool) -> dict[str, Any]
         dataloader_num_workers=0,
         gradient_checkpointing=checkpoints_blocks(hp),
         **device_defaults(),
-        **distributed.trainer_arguments(),
     )
+    return arguments | distributed.trainer_arguments(hp["peft"], checkpoints_blocks(hp))
 
 
 def trainer_config(spec: RunSpec, *, has_validation: bool, padding_free: bool) -> SFTConfig:
@@ -246,6 +246,9 @@ def fit(
         "total_parameters": total,
         # As the run did it (the Trainer turns it on as training starts), not as it was asked for.
         "gradient_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
+        # How many ranks trained, and whether they sharded the model (FSDP) or each held a copy (DDP).
+        "ranks": distributed.world_size(),
+        "sharded": bool(getattr(trainer, "is_fsdp_enabled", False)),
     }
     if valid is not None and not reporter.stopped:
         if reporter.last_eval_step != output.global_step:
