@@ -204,3 +204,23 @@ def rank_of(pid: int) -> str | None:
     """The rank a training process of a multi-device job names in its title (worker/launcher.py)."""
     title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\x00")[0]
     return title.split(" rank ")[1].split()[0] if " rank " in title else None
+
+
+def test_a_rank_that_dies_takes_the_attempt_down_and_the_job_resumes(
+    http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+) -> None:
+    """SIGKILL rank 1 alone (as the out-of-memory killer would): the launcher stops the group, the
+    attempt ends like any crashed one, and the next attempt resumes from the last checkpoint."""
+    training = upload(http, chat_jsonl(40))["id"]
+    job_id = create(http, job_body(training, **SHORTER_JOB) | TWO_DEVICES)
+    start_worker()
+    wait_until(lambda: checkpoint_steps(http, job_id), "a checkpoint", 300)
+    [rank_1] = [pid for pid in training_processes(job_id) if rank_of(pid) == "1"]
+    os.kill(rank_1, signal.SIGKILL)
+    job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=600)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    events = all_events(http, job_id)
+    retried = [e["message"] for e in events if "Retrying (attempt 1 of" in e["message"]]
+    assert len(retried) == 1, [e["message"] for e in events][-12:]
+    resumed = [e["data"]["resumed_from_step"] for e in events if e["message"].startswith("Resuming from")]
+    assert len(resumed) == 1 and resumed[0] in checkpoint_steps(http, job_id) + [resumed[0]]

@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from app.config import get_settings, gpu_present
-from worker.train_job import RECIPES
+from worker.train_job import EXIT_DISK_FULL, EXIT_PREEMPTED, RECIPES
 
 # What the template process imports once (an import that fails there only costs the head start).
 PRELOAD = ["worker.template", "worker.train_job", *RECIPES.values()]
@@ -186,8 +186,14 @@ def _train_group(job_id: str, attempt: int, gpus: int, worker_pid: int) -> int:
     while launcher.is_alive():
         launcher.join(0.5)
     if "error" in outcome:
-        print(f"The group of {gpus} ranks failed: {outcome['error']}", flush=True)
-        return 1
+        # A rank that does not finish exits at once with its code (`_rank`): the leader's says how the
+        # attempt ended (stopped with a checkpoint, disk full, failed); a rank killed by a signal, a crash.
+        failures = getattr(outcome["error"], "failures", {})
+        first = failures.get(0) or next(iter(failures.values()), None)
+        code = first.exitcode if first is not None else 1
+        if code not in (EXIT_PREEMPTED, EXIT_DISK_FULL):
+            print(f"The group of {gpus} ranks failed: {outcome['error']}", flush=True)
+        return code if code > 0 else 1
     codes = outcome["codes"]
     assert isinstance(codes, dict)
     return int(codes.get(0, 1))
@@ -201,7 +207,13 @@ def _rank(job_id: str, attempt: int, worker_pid: int) -> int:
 
     setproctitle(f"tuneforge train {job_id} attempt {attempt} rank {os.environ.get('RANK')}")
     _die_with(worker_pid)
-    return main(job_id, attempt)
+    code = main(job_id, attempt)
+    if code != 0:
+        # Not the launcher's return path, which waits until it has read every rank's value and so, when
+        # another rank has died, until it kills this one 30 s later: the launcher reads the exit code.
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _signal_children(signum: int) -> None:

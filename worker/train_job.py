@@ -221,6 +221,8 @@ def _run(job_id: str, attempt: int) -> int:
     except Exception as exc:  # every failure becomes the job's error, never a silent crash
         with contextlib.suppress(OSError):  # the log may be on the disk that is full
             traceback.print_exc()
+        if distributed.lost_a_rank(exc):  # another rank died first: the launcher reports how
+            return 1
         if disk_full(exc):  # not the job's fault: the worker re-queues it (see worker/runner.py)
             with contextlib.suppress(OSError):
                 print(f"{DISK_FULL}{exc.__class__.__name__}: {exc}", flush=True)

@@ -55,6 +55,18 @@ def wait_for_all() -> None:
         dist.barrier()
 
 
+def lost_a_rank(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank of the group went away (it was
+    killed, or crashed): then the attempt ends like a crashed one and is retried, instead of the error
+    being recorded as the job's own."""
+    if world_size() == 1:
+        return False
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(name in text for name in ("gloo", "NCCL", "c10d"))
+
+
 def trainer_arguments(peft: str, checkpoints_blocks: bool) -> dict[str, object]:
     """TrainingArguments for a multi-rank run. Trainer already averages the loss over every rank's tokens
     (`average_tokens_across_devices`), so N ranks of batch b train as one process of batch N x b would.
