@@ -63,10 +63,14 @@ def start_worker(server: str) -> Iterator[Callable[[], subprocess.Popen]]:
         return workers[-1]
 
     yield start
-    for worker in workers:
+    for worker in workers:  # stopped, not killed: a stopping worker removes its row from `workers`
         if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+            worker.terminate()
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
 
 
 def losses(http: httpx.Client, job_id: str) -> dict[int, float]:

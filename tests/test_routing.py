@@ -10,6 +10,7 @@ TUNEFORGE_PROJECT_MAX_RUNNING waits.
 
 import math
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -150,14 +151,16 @@ def test_a_flooding_project_does_not_starve_another(client_of, tmp_path) -> None
                 wait_for_status(client, job_id, {"succeeded", "failed"}, timeout=300)["status"] == "succeeded"
             )
         rows = sql("SELECT gpus, gpu_kind, memory_gb, seen_at > now() - interval '30 seconds' FROM workers "
-                   "WHERE queue = :q", q=BIG_QUEUE)  # fmt: skip
+                   "WHERE id = :w", w=f"{socket.gethostname()}:{worker.pid}")  # fmt: skip
         assert rows == [(2, "Sim", 8.0, True)]
     finally:
         worker.terminate()
         worker.wait(timeout=60)
     started = sql("SELECT id FROM jobs WHERE id = ANY(:ids) ORDER BY started_at", ids=[*floods, calm_job])
     assert [job_id for (job_id,) in started] == [floods[0], calm_job, floods[1], floods[2]]
-    assert sql("SELECT count(*) FROM workers WHERE queue = :q", q=BIG_QUEUE) == [(0,)]
+    assert sql("SELECT count(*) FROM workers WHERE id = :w", w=f"{socket.gethostname()}:{worker.pid}") == [
+        (0,)
+    ]
 
 
 def test_the_estimate_shards_full_fine_tuning_on_gpus_and_replicates_adapters(http: httpx.Client) -> None:
