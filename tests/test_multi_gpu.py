@@ -228,3 +228,16 @@ def test_a_rank_that_dies_takes_the_attempt_down_and_the_job_resumes(
     assert len(retried) == 1, [e["message"] for e in events][-12:]
     resumed = [e["data"]["resumed_from_step"] for e in events if e["message"].startswith("Resuming from")]
     assert len(resumed) == 1 and resumed[0] in checkpoint_steps(http, job_id) + [resumed[0]]
+
+
+def test_cancel_stops_every_rank(http: httpx.Client, start_worker: Callable[[], subprocess.Popen]) -> None:
+    training = upload(http, chat_jsonl(40))["id"]
+    job_id = create(http, job_body(training, **SHORTER_JOB) | TWO_DEVICES)
+    start_worker()
+    wait_for_step(http, job_id, 3, timeout=300)
+    assert http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    wait_until(lambda: not training_processes(job_id), "every rank stopped", 60)
+    stopped = [e for e in all_events(http, job_id) if e["message"].startswith("Training stopped at step")]
+    assert len(stopped) == 1, "the leader says where the group stopped, once"
+    job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["fine_tuned_model"] is None, job
