@@ -9,10 +9,11 @@ workers the tests start here with TUNEFORGE_WORKER_GPUS=2.
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,8 @@ import openai
 import pytest
 import safetensors.torch
 
+from app.db.session import session_scope
+from app.db.tables import Job
 from tests.conftest import BIG_QUEUE, TEST_HOME
 from tests.helpers import (
     all_events,
@@ -44,33 +47,52 @@ TWO_DEVICES = {"resources": {"gpus": 2}}
 SHORTER_JOB = LONG_JOB | {"n_epochs": 10}
 
 
-@pytest.fixture
-def start_worker(server: str) -> Iterator[Callable[[], subprocess.Popen]]:
-    """Workers of the big class, each with two devices; any left running are killed after the test."""
-    workers: list[subprocess.Popen] = []
-    env = os.environ | {
-        "TUNEFORGE_QUEUE": BIG_QUEUE,
-        "TUNEFORGE_WORKER_GPUS": "2",
-        "TUNEFORGE_WORKER_GPU_KIND": "Sim",
-        "TUNEFORGE_WORKER_MEMORY_GB": "8",
-        "TUNEFORGE_LEASE_SECONDS": "8",  # a killed worker's job is re-queued 8 s on, not 60
-    }
+class Workers:
+    """Workers of the big class, each with two devices, shared by the module's tests (each start costs
+    seconds of imports); a test that kills one leaves the others, and `live` starts more as needed."""
 
-    def start() -> subprocess.Popen:
-        with (TEST_HOME / "two-device-worker.log").open("ab") as log:
-            command = [sys.executable, "-m", "app.cli", "worker"]
-            workers.append(subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True))
-        return workers[-1]
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+        self.env = os.environ | {
+            "TUNEFORGE_QUEUE": BIG_QUEUE,
+            "TUNEFORGE_WORKER_GPUS": "2",
+            "TUNEFORGE_WORKER_GPU_KIND": "Sim",
+            "TUNEFORGE_WORKER_MEMORY_GB": "8",
+            "TUNEFORGE_LEASE_SECONDS": "8",  # a killed worker's job is re-queued 8 s on, not 60
+        }
 
-    yield start
-    for worker in workers:  # stopped, not killed: a stopping worker removes its row from `workers`
-        if worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+    def live(self, count: int = 1) -> list[subprocess.Popen]:
+        """At least `count` running workers."""
+        while len(running := [w for w in self.started if w.poll() is None]) < count:
+            with (TEST_HOME / "two-device-worker.log").open("ab") as log:
+                command = [sys.executable, "-m", "app.cli", "worker"]
+                self.started.append(
+                    subprocess.Popen(command, env=self.env, stdout=log, stderr=log, start_new_session=True)
+                )
+        return running
+
+    def owner_of(self, job_id: str) -> subprocess.Popen:
+        """The worker running `job_id` (its lease names the worker's host:pid)."""
+        with session_scope() as session:
+            owner = session.get(Job, job_id).lease_owner  # type: ignore[union-attr]
+        return next(w for w in self.started if owner == f"{socket.gethostname()}:{w.pid}")
+
+    def stop(self) -> None:
+        for worker in self.started:  # stopped, not killed: a stopping worker removes its row from `workers`
+            if worker.poll() is None:
+                worker.terminate()
+                try:
+                    worker.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+
+
+@pytest.fixture(scope="module")
+def workers(server: str) -> Iterator[Workers]:
+    pool = Workers()
+    yield pool
+    pool.stop()
 
 
 def losses(http: httpx.Client, job_id: str) -> dict[int, float]:
@@ -84,15 +106,13 @@ def create(http: httpx.Client, body: dict) -> str:
     return response.json()["id"]
 
 
-def test_two_ranks_train_as_one_process_with_twice_the_batch(
-    http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
-) -> None:
+def test_two_ranks_train_as_one_process_with_twice_the_batch(http: httpx.Client, workers: Workers) -> None:
     training = upload(http, chat_jsonl(32))["id"]
     ranks = create(http, job_body(training, batch_size=2, lora_dropout=0.0) | TWO_DEVICES)
     single = create(
         http, job_body(training, batch_size=4, lora_dropout=0.0) | {"resources": {"gpu_kind": "sim"}}
     )
-    start_worker()
+    workers.live()
     for job_id in (ranks, single):
         job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=300)
         assert job["status"] == "succeeded", job
@@ -112,23 +132,22 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(
 
 
 def test_a_two_rank_full_fine_tune_resumes_after_its_worker_is_killed(
-    http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+    http: httpx.Client, workers: Workers
 ) -> None:
-    """SIGKILL the worker after the first checkpoint: both ranks die with it, and the next worker's ranks
-    resume from that checkpoint (each rank's RNG state included) and finish."""
+    """SIGKILL the job's worker after the first checkpoint: both ranks die with it, and the other
+    worker's ranks resume from that checkpoint (each rank's RNG state included) and finish."""
     training = upload(http, chat_jsonl(40))["id"]
     # 60 steps of 2 ranks x 2 examples, a checkpoint every 10: the kill lands with most of the run ahead.
     body = job_body(training, peft="full", n_epochs=6, batch_size=2, checkpoint_every_steps=10)
     job_id = create(http, body | TWO_DEVICES)
-    worker = start_worker()
+    workers.live(2)
     wait_until(lambda: checkpoint_steps(http, job_id), "a checkpoint", 300)
     assert len(training_processes(job_id)) == 3, "the launcher and its two ranks"
+    worker = workers.owner_of(job_id)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     wait_until(lambda: not training_processes(job_id), "every rank died with its worker", 30)
     last = max(checkpoint_steps(http, job_id))
-
-    start_worker()
     job = wait_for_status(http, job_id, {"succeeded", "failed"}, timeout=600)
     assert job["status"] == "succeeded" and job["attempt"] == 2, job
     events = all_events(http, job_id)
@@ -151,12 +170,12 @@ def test_a_two_rank_full_fine_tune_resumes_after_its_worker_is_killed(
 
 
 def test_pause_stops_every_rank_at_one_step_and_resume_continues(
-    server: str, api_key: str, http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+    server: str, api_key: str, http: httpx.Client, workers: Workers
 ) -> None:
     sdk = openai.OpenAI(base_url=f"{server}/v1", api_key=api_key, max_retries=0)
     training = upload(http, chat_jsonl(40))["id"]
     job_id = create(http, job_body(training, **SHORTER_JOB) | TWO_DEVICES)
-    start_worker()
+    workers.live()
     wait_for_step(http, job_id, 3, timeout=300)
     assert sdk.fine_tuning.jobs.pause(job_id).status == "paused"
     paused_at = wait_for_event(http, job_id, "Job paused at step")["data"]["step"]
@@ -170,14 +189,14 @@ def test_pause_stops_every_rank_at_one_step_and_resume_continues(
 
 
 def test_a_stop_signal_that_reaches_one_rank_first_stops_both_at_one_step(
-    http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+    http: httpx.Client, workers: Workers
 ) -> None:
     """SIGTERM (save a checkpoint, stop, be re-queued) delivered to rank 1 alone, as a signal that lands
     on one rank a step before the other would: the ranks agree on the step, save it together, and the
     job resumes from it (here on the same worker, which is not shutting down) and finishes."""
     training = upload(http, chat_jsonl(40))["id"]
     job_id = create(http, job_body(training, **SHORTER_JOB) | TWO_DEVICES)
-    start_worker()
+    workers.live()
     wait_for_step(http, job_id, 3, timeout=300)
     [rank_1] = [pid for pid in training_processes(job_id) if rank_of(pid) == "1"]
     os.kill(rank_1, signal.SIGTERM)
@@ -211,13 +230,13 @@ def rank_of(pid: int) -> str | None:
 
 
 def test_a_rank_that_dies_takes_the_attempt_down_and_the_job_resumes(
-    http: httpx.Client, start_worker: Callable[[], subprocess.Popen]
+    http: httpx.Client, workers: Workers
 ) -> None:
     """SIGKILL rank 1 alone (as the out-of-memory killer would): the launcher stops the group, the
     attempt ends like any crashed one, and the next attempt resumes from the last checkpoint."""
     training = upload(http, chat_jsonl(40))["id"]
     job_id = create(http, job_body(training, **SHORTER_JOB) | TWO_DEVICES)
-    start_worker()
+    workers.live()
     wait_until(lambda: checkpoint_steps(http, job_id), "a checkpoint", 300)
     [rank_1] = [pid for pid in training_processes(job_id) if rank_of(pid) == "1"]
     os.kill(rank_1, signal.SIGKILL)
@@ -230,10 +249,10 @@ def test_a_rank_that_dies_takes_the_attempt_down_and_the_job_resumes(
     assert len(resumed) == 1 and resumed[0] in checkpoint_steps(http, job_id) + [resumed[0]]
 
 
-def test_cancel_stops_every_rank(http: httpx.Client, start_worker: Callable[[], subprocess.Popen]) -> None:
+def test_cancel_stops_every_rank(http: httpx.Client, workers: Workers) -> None:
     training = upload(http, chat_jsonl(40))["id"]
     job_id = create(http, job_body(training, **SHORTER_JOB) | TWO_DEVICES)
-    start_worker()
+    workers.live()
     wait_for_step(http, job_id, 3, timeout=300)
     assert http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
     wait_until(lambda: not training_processes(job_id), "every rank stopped", 60)

@@ -47,7 +47,9 @@ from tests.stack import LONG_JOB, wait_until
 
 API_PORT, INFERENCE_PORT, REDIS_PORT, S3_PORT = 8000, 8001, 6379, 9000
 BUCKET = "tuneforge"
-TOTAL_STEPS = 40 // LONG_JOB["batch_size"] * LONG_JOB["n_epochs"]  # 40 examples
+# 120 steps of 2 examples, a checkpoint every 10: the kill lands with most of the run ahead.
+HOSTS_JOB = LONG_JOB | {"n_epochs": 6, "checkpoint_every_steps": 10}
+TOTAL_STEPS = 40 // HOSTS_JOB["batch_size"] * HOSTS_JOB["n_epochs"]  # 40 examples
 
 
 @dataclass
@@ -194,7 +196,7 @@ def test_a_job_started_on_one_host_resumes_on_another_and_is_served_from_a_third
     training = upload(http, chat_jsonl(40))["id"]
     worker = [sys.executable, "-m", "app.cli", "worker"]
     host_a = cluster.start("a", *worker, log="worker.log")
-    response = http.post("/v1/fine_tuning/jobs", json=job_body(training, **LONG_JOB))
+    response = http.post("/v1/fine_tuning/jobs", json=job_body(training, **HOSTS_JOB))
     assert response.status_code == 200, response.text
     job_id = response.json()["id"]
     wait_until(lambda: checkpoint_steps(http, job_id), "a checkpoint in the store", 300)

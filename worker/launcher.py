@@ -180,9 +180,9 @@ def _train_group(job_id: str, attempt: int, gpus: int, worker_pid: int) -> int:
         except BaseException as error:  # ChildFailedError names each failed rank and how it ended
             outcome["error"] = error
 
+    signal.signal(signal.SIGTERM, lambda *_: _signal_children(signal.SIGTERM))
     launcher = threading.Thread(target=launch, name="rank-launcher")
     launcher.start()
-    signal.signal(signal.SIGTERM, lambda *_: _signal_children(signal.SIGTERM))
     while launcher.is_alive():
         launcher.join(0.5)
     if "error" in outcome:
