@@ -20,6 +20,15 @@ REDIS_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
 TEST_HOME = Path(tempfile.mkdtemp(prefix="tuneforge-test-"))
 QUEUE = f"tuneforge-test-{uuid.uuid4().hex[:8]}"
 BIG_QUEUE = f"{QUEUE}-big"
+# The "big" worker class the shared API knows (tests/test_routing.py, tests/test_multi_gpu.py), and the
+# settings of a worker of that class.
+BIG_WORKER = {"gpus": 2, "gpu_kind": "Sim", "memory_gb": 8.0}
+BIG_WORKER_ENV = {
+    "TUNEFORGE_QUEUE": BIG_QUEUE,
+    "TUNEFORGE_WORKER_GPUS": str(BIG_WORKER["gpus"]),
+    "TUNEFORGE_WORKER_GPU_KIND": str(BIG_WORKER["gpu_kind"]),
+    "TUNEFORGE_WORKER_MEMORY_GB": str(BIG_WORKER["memory_gb"]),
+}
 
 os.environ.update(
     TUNEFORGE_DATABASE_URL=POSTGRES_URL,
@@ -77,7 +86,7 @@ def server(database: str, tiny_model: str) -> Iterator[str]:
     # The shared worker's class, and one no test starts a worker for (tests/test_routing.py): set for these
     # processes only, since the stacks other tests start inherit this process's environment.
     os.environ["TUNEFORGE_WORKER_CLASSES"] = json.dumps(
-        [{"queue": QUEUE, "gpus": 1}, {"queue": BIG_QUEUE, "gpus": 2, "gpu_kind": "Sim", "memory_gb": 8}]
+        [{"queue": QUEUE, "gpus": 1}, {"queue": BIG_QUEUE} | BIG_WORKER]
     )
     try:
         processes = start_services(port, log_dir=TEST_HOME)

@@ -23,7 +23,7 @@ import safetensors.torch
 
 from app.db.session import session_scope
 from app.db.tables import Job
-from tests.conftest import BIG_QUEUE, TEST_HOME
+from tests.conftest import BIG_WORKER_ENV, TEST_HOME
 from tests.helpers import (
     all_events,
     chat_jsonl,
@@ -53,13 +53,13 @@ class Workers:
 
     def __init__(self) -> None:
         self.started: list[subprocess.Popen] = []
-        self.env = os.environ | {
-            "TUNEFORGE_QUEUE": BIG_QUEUE,
-            "TUNEFORGE_WORKER_GPUS": "2",
-            "TUNEFORGE_WORKER_GPU_KIND": "Sim",
-            "TUNEFORGE_WORKER_MEMORY_GB": "8",
-            "TUNEFORGE_LEASE_SECONDS": "8",  # a killed worker's job is re-queued 8 s on, not 60
-        }
+        self.env = (
+            os.environ
+            | BIG_WORKER_ENV
+            | {
+                "TUNEFORGE_LEASE_SECONDS": "8",  # a killed worker's job is re-queued 8 s on, not 60
+            }
+        )
 
     def live(self, count: int = 1) -> list[subprocess.Popen]:
         """At least `count` running workers."""

@@ -21,10 +21,8 @@ from sqlalchemy import text
 
 from app.db.session import session_scope
 from app.jobs import routing
-from tests.conftest import BIG_QUEUE, QUEUE, TEST_HOME, make_key
+from tests.conftest import BIG_QUEUE, BIG_WORKER, BIG_WORKER_ENV, QUEUE, TEST_HOME, make_key
 from tests.helpers import chat_jsonl, job_body, upload, wait_for_status
-
-BIG_WORKER = {"gpus": 2, "gpu_kind": "Sim", "memory_gb": 8.0}
 
 
 def sql(query: str, **params: object) -> list:
@@ -134,12 +132,7 @@ def test_a_flooding_project_does_not_starve_another(client_of, tmp_path) -> None
     floods = [create(flood, training, resources=sim)["id"] for _ in range(3)]
     calm_job = create(calm, other, resources=sim)["id"]
 
-    env = os.environ | {
-        "TUNEFORGE_QUEUE": BIG_QUEUE,
-        "TUNEFORGE_WORKER_GPUS": "2",
-        "TUNEFORGE_WORKER_GPU_KIND": "Sim",
-        "TUNEFORGE_WORKER_MEMORY_GB": "8",
-    }
+    env = os.environ | BIG_WORKER_ENV
     with (TEST_HOME / "fair-worker.log").open("ab") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"], env=env, stdout=log, stderr=log

@@ -22,10 +22,8 @@ The parent never imports torch; it starts the child (worker/launcher.py) and wat
 
 import contextlib
 import logging
-import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from app.jobs import lifecycle, routing
 from app.jobs import service as job_service
 from app.queue import send_jobs
 from app.storage import get_store, log_key
+from worker import health
 from worker.launcher import TrainingProcess, wait_until_ready
 from worker.train_job import DISK_FULL, EXIT_DISK_FULL, EXIT_PREEMPTED
 
@@ -65,7 +64,7 @@ def run_job(woken_for: str) -> None:
     """A job's message wakes the worker; it then runs the best queued job of its queue that it can hold
     (that job, or one that should go first: app/jobs/routing.py), and the next, until none is left or the
     worker stops. A message whose job has gone (a duplicate, or run already) finds nothing, or the next."""
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    owner = health.worker_id()
     wait_until_ready()  # before the claim: the lease starts running there
     while not SHUTDOWN.is_set():
         claimed = _claim_best(owner)
