@@ -204,8 +204,6 @@ class Settings(BaseSettings):
         description="Shared secret the API sends to the inference server (`Authorization: Bearer`); the "
         "server refuses every other caller. Set the same value for both; `tuneforge up` generates one.",
     )
-    # The next four are also read by worker/serving/settings.py straight from the environment under the
-    # same names (TUNEFORGE_MAX_ACTIVE_ADAPTERS, ...): one variable configures both; keep the defaults equal.
     max_active_adapters: int = Field(
         8, ge=1, description="Fine-tuned models the inference server keeps loaded; the LRU one is evicted."
     )
@@ -214,7 +212,21 @@ class Settings(BaseSettings):
         ge=0,
         description="How long the inference server waits to gather concurrent requests in a batch.",
     )
-    max_batch_size: int = Field(32, ge=1, description="Most requests the inference server runs in one batch.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Most generations (rows) the inference server runs at once, in one batch."
+    )
+    serving_project_max_rows: int = Field(
+        16,
+        ge=0,
+        description="Most rows one project may run at once on the inference server, so one tenant's long "
+        "requests cannot take the whole batch; its other requests wait. 0: no limit.",
+    )
+    chat_default_max_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Tokens a chat completion may generate when it sets neither max_tokens nor "
+        "max_completion_tokens (cut to what fits the context).",
+    )
     merge_single_adapter: bool = Field(
         True,
         description="Serve back-to-back batches of one LoRA adapter on merged weights (one extra copy of "
@@ -275,6 +287,20 @@ class Settings(BaseSettings):
     @property
     def resolved_inference_url(self) -> str:
         return (self.inference_url or f"http://127.0.0.1:{self.inference_port}").rstrip("/")
+
+
+SECRET_VARIABLE = "TUNEFORGE_INFERENCE_SECRET"
+MIN_SECRET_LENGTH = 16
+"""Shorter secrets are refused: a placeholder such as 'secret' or 'changeme' must never guard the server."""
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why `secret` cannot guard the inference server, or None when it can."""
+    if not secret:
+        return f"{SECRET_VARIABLE} is not set"
+    if len(secret) < MIN_SECRET_LENGTH:
+        return f"{SECRET_VARIABLE} is shorter than {MIN_SECRET_LENGTH} characters"
+    return None
 
 
 @lru_cache

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 
 from tests.conftest import TEST_HOME, free_port
 from worker.serving.app import create_app, run_server
-from worker.serving.batcher import Batcher, Handle
+from worker.serving.batcher import Batcher, Order
 from worker.serving.decode import sample
 from worker.serving.engine import Engine, GenerationRequest, PromptTooLong, Refused, Target, adapter_name
 from worker.training.base_models import make_tiny_llama
@@ -114,7 +114,8 @@ def test_repeated_adapter_runs_on_swapped_weights_and_swaps_back_exactly(
     (id0, p0), (id1, p1) = list(adapters.items())[:2]
     one, other = target(base_folder, id0, p0), target(base_folder, id1, p1)
     expected = run(plain, [chat(one, q) for q in QUESTIONS[:3]])
-    run(engine, [chat(other, "Hi")])  # loads both adapters before any swap
+    for t in (one, other):  # both adapters loaded before any swap
+        engine.ensure_adapter(t)
     base = engine.base(BASE, base_folder)
     weights = {n: w for n, w in base.model.get_base_model().named_parameters() if "base_layer" in n}
     before = {n: w.detach().clone() for n, w in weights.items()}
@@ -133,11 +134,11 @@ def test_repeated_adapter_runs_on_swapped_weights_and_swaps_back_exactly(
 
 
 def test_batcher_serves_concurrent_requests_together(base_folder: Path, adapters: dict[str, Path]) -> None:
-    """Requests that arrive while the batcher's window is open join the batch of the one that opened it.
+    """Requests that arrive while the idle engine's window is open share one prefill pass.
 
-    No clock decides it: the batcher takes the first request and starts its window in the event-loop pass
-    before the test submits the others, and asyncio runs the callbacks that are ready (the test) before
-    any timer that has come due (the window's end). The batcher's own count of batches is the evidence.
+    No clock decides it: the window opens once the engine thread wakes for the first request, and the
+    others are submitted in the same event-loop pass, well within its 50 ms. The batcher's own count of
+    prefill passes is the evidence.
     """
     engine = Engine()
     targets = [target(base_folder)] + [target(base_folder, mid, path) for mid, path in adapters.items()]
@@ -148,22 +149,19 @@ def test_batcher_serves_concurrent_requests_together(base_folder: Path, adapters
         batcher = Batcher(engine, window_s=0.05)
         batcher.start()
         try:
-            first = batcher.submit(requests[0])
-            # The batcher's task, ready before ours, takes `first` and opens its window; then we go on.
-            await asyncio.sleep(0)
-            handles = [first] + [batcher.submit(r) for r in requests[1:]]
+            orders = [batcher.submit([r]) for r in requests]
 
-            async def answer(handle: Handle) -> str:
-                await handle.accepted()
-                return "".join([step.text async for step in handle.steps()])
+            async def answer(order: Order) -> str:
+                await order.accepted()
+                return "".join([step.text async for _, step in order.steps()])
 
-            texts = await asyncio.gather(*(answer(h) for h in handles))
-            return list(texts), batcher.batches_run
+            texts = await asyncio.gather(*(answer(o) for o in orders))
+            return list(texts), batcher.prefills
         finally:
             await batcher.stop()
 
-    texts, batches = asyncio.run(serve_all())
-    assert texts == alone and batches == 1
+    texts, prefills = asyncio.run(serve_all())
+    assert texts == alone and prefills == 1
 
 
 def test_lru_evicts_and_reloads(base_folder: Path, adapters: dict[str, Path]) -> None:

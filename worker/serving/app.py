@@ -21,19 +21,21 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import logs
+from app.config import SECRET_VARIABLE, get_settings, secret_problem
+from app.disconnect import unless_disconnected
 from app.errors import ApiError, envelope, install_error_handlers
 from worker.serving import classifier, merge
-from worker.serving.batcher import Batcher, Handle
+from worker.serving.batcher import Batcher, Order
+from worker.serving.decode import Step, TokenLogprob
 from worker.serving.engine import Engine, GenerationRequest, Refused, Target, UnsupportedModel
 from worker.serving.resolve import resolve
 from worker.serving.schemas import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
-from worker.serving.settings import SECRET_VARIABLE, secret_problem, serving_settings
 from worker.serving.telemetry import install_metrics
 
 Resolver = Callable[..., Target]
@@ -45,8 +47,8 @@ OPEN_PATHS = {"/healthz"}  # the API's /readyz probes it without the secret; it 
 def create_app(
     engine: Engine | None = None, resolver: Resolver = resolve, *, secret: str | None = None
 ) -> FastAPI:
-    """The app; `engine` defaults to one built from the serving settings, `secret` to theirs (required)."""
-    settings = serving_settings()
+    """The app; `engine` defaults to one built from the settings, `secret` to theirs (required)."""
+    settings = get_settings()
     secret = settings.inference_secret if secret is None else secret
     problem = secret_problem(secret)
     if problem is not None:
@@ -62,6 +64,7 @@ def create_app(
             ),
             window_s=settings.batch_window_ms / 1000,
             max_batch_size=settings.max_batch_size,
+            project_max_rows=settings.serving_project_max_rows,
         )
         batcher.start()
         app.state.batcher = batcher
@@ -78,16 +81,33 @@ def create_app(
         return {"status": "ok"}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, x_tuneforge_project: ProjectHeader = None) -> Any:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, x_tuneforge_project: ProjectHeader = None
+    ) -> Any:
         body.check_supported()
         messages = body.plain_messages()
         target = await run_in_threadpool(resolver, body.model, project=x_tuneforge_project)
         limit_param, limit = body.token_limit
-        request = GenerationRequest(target=target, messages=messages, max_tokens=limit, **body.sampling)
-        return await _respond(app.state.batcher, body, [request], chat=True, limit_param=limit_param)
+        requests = [
+            GenerationRequest(
+                target=target,
+                messages=messages,
+                max_tokens=limit,
+                default_max_tokens=settings.chat_default_max_tokens,
+                seed=body.seed_of(choice),
+                logprobs=body.logprobs_asked,
+                project=x_tuneforge_project or "",
+                **body.sampling,
+            )
+            for choice in range(body.choices)
+        ]
+        shape = _Shape(body.model, chat=True, choices_per_prompt=body.choices)
+        return await _respond(app.state.batcher, request, body, requests, shape, limit_param=limit_param)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, x_tuneforge_project: ProjectHeader = None) -> Any:
+    async def completions(
+        body: CompletionRequest, request: Request, x_tuneforge_project: ProjectHeader = None
+    ) -> Any:
         body.check_supported()
         prompts = body.prompts()
         target = await run_in_threadpool(resolver, body.model, project=x_tuneforge_project)
@@ -97,11 +117,16 @@ def create_app(
                 max_tokens=body.max_tokens,
                 default_max_tokens=DEFAULT_MAX_TOKENS,
                 **({"prompt": p} if isinstance(p, str) else {"prompt_ids": p}),
+                seed=body.seed_of(choice),
+                logprobs=body.logprobs,
+                project=x_tuneforge_project or "",
                 **body.sampling,
             )
             for p in prompts
+            for choice in range(body.choices)
         ]
-        return await _respond(app.state.batcher, body, requests, chat=False)
+        shape = _Shape(body.model, chat=False, choices_per_prompt=body.choices)
+        return await _respond(app.state.batcher, request, body, requests, shape)
 
     @app.post("/v1/classifications")
     async def classifications(
@@ -151,58 +176,75 @@ class RequireSecret:
 
 async def _respond(
     batcher: Batcher,
+    request: Request,
     body: ChatCompletionRequest | CompletionRequest,
-    requests: list[GenerationRequest],
+    generations: list[GenerationRequest],
+    shape: _Shape,
     *,
-    chat: bool,
     limit_param: str = "max_tokens",
 ) -> Any:
-    """Submit the requests (one per prompt) together; answer one choice each, whole or streamed."""
-    handles = [batcher.submit(request) for request in requests]
+    """Submit the generations (one per prompt and choice) as one order; answer whole or streamed."""
+    order = batcher.submit(generations)
     try:
-        prompt_tokens = [await handle.accepted() for handle in handles]
+        prompt_tokens = await order.accepted()
     except Refused as exc:
-        _cancel(handles)
+        order.cancel()
         param = limit_param if exc.field == "max_tokens" else exc.field
         raise ApiError(400, str(exc), param=param, code=exc.code) from None
     except UnsupportedModel as exc:
-        _cancel(handles)
+        order.cancel()
         raise ApiError(400, str(exc), param="model", code="model_not_servable") from None
     except BaseException:
-        _cancel(handles)
+        order.cancel()
         raise
-    shape = _Shape(body.model, chat, sum(prompt_tokens))
+    shape.prompt_tokens = sum(prompt_tokens[:: shape.choices_per_prompt])  # once per prompt, as OpenAI
     if body.stream:
-        return StreamingResponse(_sse(handles, shape, body.include_usage), media_type="text/event-stream")
+        return StreamingResponse(_sse(order, shape, body.include_usage), media_type="text/event-stream")
     try:
-        answers = [await _whole(handle) for handle in handles]
+        return await unless_disconnected(request, _whole(order, shape))
     finally:
-        _cancel(handles)
+        order.cancel()  # a client that left stops its rows at the next step
+
+
+async def _whole(order: Order, shape: _Shape) -> JSONResponse:
+    """Every generation's whole text, finish reason, completion tokens and logprobs, as one answer."""
+    answers = [_Answer(request.logprobs is not None) for request in order.requests]
+    async for index, step in order.steps():
+        answers[index].add(step)
     return JSONResponse(shape.whole(answers))
 
 
-def _cancel(handles: list[Handle]) -> None:
-    for handle in handles:
-        handle.cancel()
+class _Answer:
+    """One choice as it grows."""
 
+    def __init__(self, logprobs_asked: bool) -> None:
+        self.logprobs_asked = logprobs_asked
+        self.parts: list[str] = []
+        self.finish = "stop"
+        self.completion_tokens = 0
+        self.logprobs: list[TokenLogprob] = []
 
-async def _whole(handle: Handle) -> tuple[str, str, int]:
-    """One request's whole text, finish reason and completion tokens."""
-    parts, finish, completion_tokens = [], "stop", 0
-    async for step in handle.steps():
-        parts.append(step.text)
-        finish, completion_tokens = step.finish_reason or finish, step.completion_tokens
-    return "".join(parts), finish, completion_tokens
+    def add(self, step: Step) -> None:
+        self.parts.append(step.text)
+        self.finish, self.completion_tokens = step.finish_reason or self.finish, step.completion_tokens
+        if step.logprob is not None:
+            self.logprobs.append(step.logprob)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 class _Shape:
-    """Renders one request's answer as OpenAI's objects: whole, or as stream chunks."""
+    """Renders an order's answers as OpenAI's objects: whole, or as stream chunks."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
-        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+    def __init__(self, model: str, *, chat: bool, choices_per_prompt: int) -> None:
+        self.model, self.chat, self.choices_per_prompt = model, chat, choices_per_prompt
+        self.prompt_tokens = 0
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.kind = "chat.completion" if chat else "text_completion"
+        self.text_offsets: dict[int, int] = {}  # choice -> characters streamed so far (completion logprobs)
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         return {
@@ -223,28 +265,54 @@ class _Shape:
         }
         return body | ({"usage": usage} if usage is not None else {})
 
-    def whole(self, answers: list[tuple[str, str, int]]) -> dict[str, Any]:
-        """The whole answer: one choice per (text, finish reason, completion tokens), usage summed."""
+    def whole(self, answers: list[_Answer]) -> dict[str, Any]:
+        """The whole answer: one choice per generation, usage summed."""
         choices = []
-        for index, (text, finish, _tokens) in enumerate(answers):
-            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
+        for index, answer in enumerate(answers):
+            choice: dict[str, Any] = {"index": index, "finish_reason": answer.finish}
+            choice["logprobs"] = self.logprobs(index, answer.logprobs, asked=answer.logprobs_asked)
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+                choice["message"] = {"role": "assistant", "content": answer.text, "refusal": None}
             else:
-                choice["text"] = text
+                choice["text"] = answer.text
             choices.append(choice)
-        return self._object(self.kind, choices, self.usage(sum(tokens for *_, tokens in answers)))
+        completion_tokens = sum(answer.completion_tokens for answer in answers)
+        return self._object(self.kind, choices, self.usage(completion_tokens))
 
-    def chunk(
-        self, index: int, text: str | None, finish: str | None, *, first: bool = False
-    ) -> dict[str, Any]:
+    def logprobs(self, index: int, entries: list[TokenLogprob], *, asked: bool) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for `entries`: chat's list of tokens, or completions' parallel lists."""
+        if not asked:
+            return None
+        if self.chat:
+            content = [
+                _token(entry) | {"top_logprobs": [_token(TokenLogprob(t, lp, [])) for t, lp in entry.top]}
+                for entry in entries
+            ]
+            return {"content": content, "refusal": None}
+        offsets = []
+        for entry in entries:
+            offsets.append(self.text_offsets.get(index, 0))
+            self.text_offsets[index] = offsets[-1] + len(entry.token)
+        return {
+            "tokens": [entry.token for entry in entries],
+            "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [dict(entry.top) for entry in entries],
+            "text_offset": offsets,
+        }
+
+    def chunk(self, index: int, step: Step | None, *, asked: bool, first: bool = False) -> dict[str, Any]:
+        """A stream chunk: the role (first), or what `step` added to choice `index`."""
+        text = step.text if step is not None else ""
+        finish = step.finish_reason if step is not None else None
+        entries = [step.logprob] if step is not None and step.logprob is not None else []
+        logprobs = self.logprobs(index, entries, asked=asked) if entries else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return self._object("chat.completion.chunk", [choice], None)
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return self._object("text_completion", [choice], None)
 
     def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:
@@ -252,41 +320,43 @@ class _Shape:
         return self._object(kind, [], self.usage(completion_tokens))
 
 
+def _token(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": entry.bytes}
+
+
 def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def _sse(handles: list[Handle], shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's stream: chunks as the text grows, one with the finish reason, optional usage, [DONE].
-
-    Several prompts stream one after another, each chunk naming its choice's `index`: they share a batch,
-    so the later ones' steps wait in their queues meanwhile and nothing is slower than interleaving.
-    """
+async def _sse(order: Order, shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: chunks as the texts grow (choices interleaved, each naming its `index`), one with
+    each choice's finish reason, optional usage, then [DONE]."""
     completion_tokens = 0
+    asked = [request.logprobs is not None for request in order.requests]
     try:
-        for index, handle in enumerate(handles):
-            if shape.chat:
-                yield _event(shape.chunk(index, None, None, first=True))
-            async for step in handle.steps():
-                if step.text:
-                    yield _event(shape.chunk(index, step.text, None))
-                if step.finish_reason is not None:
-                    completion_tokens += step.completion_tokens
-                    yield _event(shape.chunk(index, None, step.finish_reason))
+        if shape.chat:
+            for index in range(len(order.requests)):
+                yield _event(shape.chunk(index, None, asked=False, first=True))
+        async for index, step in order.steps():
+            if step.text or step.finish_reason is not None or step.logprob is not None:
+                yield _event(shape.chunk(index, step, asked=asked[index]))
+            if step.finish_reason is not None:
+                completion_tokens += step.completion_tokens
         if include_usage:
             yield _event(shape.usage_chunk(completion_tokens))
         yield "data: [DONE]\n\n"
     except Exception as exc:  # headers are gone: report in the stream, as OpenAI does
         yield _event(envelope(f"Generation failed: {exc}", "server_error", None, "generation_failed"))
     finally:
-        _cancel(handles)  # a client that left early frees its rows in the batch
+        order.cancel()  # a client that left early frees its rows in the batch
 
 
 def run_server(host: str = "127.0.0.1", port: int = 8001) -> None:
     """Serve until interrupted (uvicorn, one process: the engine keeps its models in this process)."""
     import uvicorn
 
-    problem = secret_problem(serving_settings().inference_secret)
+    get_settings.cache_clear()  # a server takes its environment as it is when it starts
+    problem = secret_problem(get_settings().inference_secret)
     if problem is not None:
         raise SystemExit(
             f"Refusing to start the inference server: {problem}. It answers only callers that send this "

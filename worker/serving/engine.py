@@ -1,21 +1,22 @@
 """The generation engine: base models resident once, fine-tuned adapters loaded on demand, LRU-evicted.
 
-Plain LoRA adapters of a base live together in one PeftModel over that base and are served in mixed
-batches: every row names its adapter (or ``__base__``) through PEFT's ``adapter_names``, so requests for
-different adapters and for the base share each forward pass. PEFT 0.21 supports ``adapter_names`` for
-LoRA layers only, and refuses it for DoRA; so every other fine-tuned model (DoRA, LoHa, LoKr, IA3, and
-full or freeze fine-tunes that ship whole weights) is served from its own model, loaded from the base
-folder plus that adapter, and batched only with requests for the same model. Those own models count
-against the same LRU limit, and have their adapter merged into their weights when they load.
-Prompt-learning methods (prefix or prompt tuning, llama-adapter) are refused: their virtual tokens do not
-fit this decode loop's KV cache yet.
+Requests run in continuous batches (`decode.Batch`), one per group: `admit` prefills newcomers and adds
+them to their group's running batch, `step` runs one decode step of every batch, and rows leave as they
+finish. Plain LoRA adapters of a base live together in one PeftModel over that base and share a group:
+every row names its adapter (or ``__base__``) through PEFT's ``adapter_names``, so requests for different
+adapters and for the base share each forward pass. PEFT 0.21 supports ``adapter_names`` for LoRA layers
+only, and refuses it for DoRA; so every other fine-tuned model (DoRA, LoHa, LoKr, IA3, and full or freeze
+fine-tunes that ship whole weights) is served from its own model, loaded from the base folder plus that
+adapter, and is a group of its own. Those own models count against the same LRU limit, and have their
+adapter merged into their weights when they load. Prompt-learning methods (prefix or prompt tuning,
+llama-adapter) are refused: their virtual tokens do not fit this decode loop's KV cache yet.
 
-When consecutive batches all use one LoRA adapter (the common case under light load), they run on merged
-weights: each adapted layer's weight is swapped for W + BA, computed once, and the original tensor goes
-back, bit for bit, before a batch needs the base or other adapters. That takes PEFT's per-layer LoRA work
-out of every decode step, at the cost of one extra copy of the adapted weights while an adapter is
-swapped in (``merge_single_adapter=False`` turns it off). Batches on the base alone likewise run with the
-LoRA layers switched off.
+When the rows of a base's forward passes all use one LoRA adapter for a few passes in a row (the common
+case under light load), they run on merged weights: each adapted layer's weight is swapped for W + BA,
+computed once, and the original tensor goes back, bit for bit, before a pass needs the base or other
+adapters. That takes PEFT's per-layer LoRA work out of every decode step, at the cost of one extra copy of
+the adapted weights while an adapter is swapped in (``merge_single_adapter=False`` turns it off). Passes
+on the base alone likewise run with the LoRA layers switched off.
 
 The engine is not thread-safe: the batcher calls it from its one worker thread. Nothing here knows HTTP.
 """
@@ -27,6 +28,7 @@ import json
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -38,11 +40,13 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from worker.serving.decode import BASE_ADAPTER, Row, Step, decode
+from worker.serving.decode import BASE_ADAPTER, Batch, Forward, Row, Step
 from worker.serving.telemetry import ADAPTER_EVICTIONS, ADAPTER_LOADS
 
 # Adapter types PEFT can mix in one batch with `adapter_names` (checked in peft/tuners/lora/layer.py).
 MIXABLE_PEFT_TYPES = {"LORA"}
+SWAP_AFTER_STEPS = 4
+"""Forward passes on one LoRA adapter alone after which its merged weights are swapped in."""
 PROMPT_LEARNING_TYPES = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
 
 
@@ -93,6 +97,11 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    project: str = ""
 
 
 @dataclass
@@ -114,7 +123,8 @@ class _Base:
     pad_id: int
     # The one adapter (or __base__) the model is set up to serve alone, with each swapped layer's weight.
     alone: str | None = None
-    last_single: str | None = None  # the adapter of the last batch, when that batch had just one
+    last_single: str | None = None  # the adapter of the last forward pass, when it had just one
+    streak: int = 0  # forward passes in a row on `last_single`
     originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = field(default_factory=list)
 
 
@@ -186,6 +196,8 @@ class Engine:
         # adapter name -> (kind, base id, own model or None), least recently used first
         self._active: OrderedDict[str, tuple[str, str, Any]] = OrderedDict()
         self.loads = 0  # adapters loaded so far: tests and metrics read it
+        self._batches: dict[str, Batch] = {}  # group -> its running batch
+        self._routes: dict[str, tuple[_Base, str | None]] = {}  # group -> its base, and own model's name
 
     # --- residency -------------------------------------------------------------------------------------
     def base(self, base_id: str, path: Path) -> _Base:
@@ -286,6 +298,13 @@ class Engine:
                 field=field,
             )
         max_tokens = request.max_tokens or min(request.default_max_tokens or room, room)
+        outside = next((i for i in request.logit_bias if not 0 <= i < base.vocab), None)
+        if outside is not None:
+            raise Refused(
+                f"logit_bias names token id {outside}, which is not in the vocabulary of model "
+                f"'{target.model_id}' (ids 0 to {base.vocab - 1}).",
+                field="logit_bias",
+            )
         row = Row(
             prompt_ids=list(ids),
             max_tokens=max_tokens,
@@ -293,6 +312,11 @@ class Engine:
             top_p=request.top_p,
             stop=list(request.stop),
             seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=dict(request.logit_bias),
+            logprobs=request.logprobs,
+            project=request.project,
         )
         return Prepared(request, row, group)
 
@@ -337,42 +361,117 @@ class Engine:
             ids = [start]
         return ids
 
-    def generate(self, batch: list[Prepared]) -> Iterator[list[Step]]:
-        """Run one batch of a single group; `Step.row` indexes into `batch`."""
-        groups = {p.group for p in batch}
-        if len(groups) != 1:
-            raise ValueError(f"a batch must hold one group, got {sorted(groups)}")
-        targets = [p.request.target for p in batch]
-        pinned = frozenset(adapter_name(t.model_id) for t in targets if t.adapter_path is not None)
-        for prepared in batch:
+    # --- the running batches -------------------------------------------------------------------------
+    def running_rows(self) -> list[Row]:
+        """Every row decoding now, all groups."""
+        return [row for batch in self._batches.values() for row in batch.rows]
+
+    def adapters_in_use(self) -> set[str]:
+        """The fine-tuned models running rows use: they cannot be evicted until those rows finish."""
+        return {row.adapter for row in self.running_rows()} - {BASE_ADAPTER}
+
+    def admit(self, newcomers: list[Prepared]) -> list[Step]:
+        """Prefill `newcomers` (any groups) and add them to their groups' running batches.
+
+        The caller keeps the fine-tuned models of running rows and newcomers within `max_active`.
+        """
+        pinned = frozenset(self.adapters_in_use()) | {
+            adapter_name(p.request.target.model_id) for p in newcomers if p.request.target.adapter_path
+        }
+        groups: dict[str, list[Prepared]] = {}
+        for prepared in newcomers:
             prepared.row.adapter = self.ensure_adapter(prepared.request.target, pinned=pinned)
-        first = targets[0]
-        base = self.base(first.base_id, first.base_path)
-        rows = [p.row for p in batch]
-        run = {"eos_ids": base.eos_ids, "pad_id": base.pad_id}
-        if groups.pop().startswith("own:"):
-            yield from decode(
-                self._active[rows[0].adapter][2], base.tokenizer, rows, **run, mixed_adapters=False
-            )
+            groups.setdefault(prepared.group, []).append(prepared)
+        steps = []
+        for group, members in groups.items():
+            if group not in self._batches:
+                base = self.base(members[0].request.target.base_id, members[0].request.target.base_path)
+                own = members[0].row.adapter if group.startswith("own:") else None
+                batch = Batch(base.tokenizer, eos_ids=base.eos_ids, pad_id=base.pad_id, device=self.device)
+                self._batches[group] = batch
+                self._routes[group] = (base, own)
+            steps += self._batches[group].join([p.row for p in members], self._forward(group))
+            self._drop_if_idle(group)
+        return steps
+
+    def step(self) -> list[Step]:
+        """One decode step of every running batch."""
+        steps = []
+        for group in list(self._batches):
+            steps += self._batches[group].step(self._forward(group))
+            self._drop_if_idle(group)
+        return steps
+
+    def generate(self, batch: list[Prepared]) -> Iterator[list[Step]]:
+        """Serve `batch` to its end, alone, as one static batch; `Step.row` indexes into `batch`."""
+        if self._batches:
+            raise RuntimeError("generate() serves one batch alone; rows are running already")
+        for index, prepared in enumerate(batch):
+            prepared.row.id = index
+        yield self.admit(batch)
+        while self._batches:
+            yield self.step()
+
+    def abandon(self) -> None:
+        """Drop every running row (after a failed pass, whose cache state is unknown)."""
+        self._batches.clear()
+        self._routes.clear()
+
+    def _drop_if_idle(self, group: str) -> None:
+        if not self._batches[group]:
+            del self._batches[group], self._routes[group]
+
+    def _forward(self, group: str) -> Forward:
+        """The forward pass of `group`'s model, its rows routed to their adapters; last tokens' logits."""
+        base, own = self._routes[group]
+
+        def forward(adapters: list[str], **inputs: Any) -> torch.Tensor:
+            if own is not None:
+                model, extra = self._active[own][2], nullcontext({})
+            else:
+                model, extra = base.model, self._routed(base, adapters)
+            with extra as routing:
+                out = model(**inputs, **routing, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1, :]
+
+        return forward
+
+    @contextmanager
+    def _routed(self, base: _Base, adapters: list[str]) -> Iterator[dict[str, Any]]:
+        """Set the base's LoRA state up for rows on `adapters`; yield the forward's routing arguments.
+
+        Rows on one adapter for SWAP_AFTER_STEPS forward passes in a row get it swapped in as merged
+        weights (`_serve_alone`): swapping costs about one step's work, so it pays only for runs of one
+        adapter, not for traffic that alternates. Otherwise PEFT routes them: `adapter_names` when the rows
+        really mix adapters, the active adapter (or adapters disabled, for the base) when they do not,
+        which skips the per-call hooks and indexing that cost more than the LoRA matmuls on small models.
+        """
+        model = base.model
+        if not isinstance(model, PeftModel):
+            yield {}
             return
-        if not isinstance(base.model, PeftModel):
-            yield from decode(base.model, base.tokenizer, rows, **run, mixed_adapters=False)
-            return
-        names = {row.adapter for row in rows}
-        single = names.pop() if len(names) == 1 else None
-        # Swap only for an adapter that served the batch before too: swapping costs about one decode
-        # step's work, so traffic that alternates between adapters is better served by PEFT's layers.
-        again, base.last_single = single is not None and single == base.last_single, single
+        names = set(adapters)
+        single = next(iter(names)) if len(names) == 1 else None
+        base.streak = base.streak + 1 if single is not None and single == base.last_single else 1
+        base.last_single = single
         if (
             self.merge_single_adapter
             and single is not None
-            and (base.alone == single or again)
+            and (base.alone == single or base.streak >= SWAP_AFTER_STEPS)
             and self._serve_alone(base, single)
         ):
-            yield from decode(base.model, base.tokenizer, rows, **run, mixed_adapters=False)
+            yield {}
             return
         self._serve_mixed(base)
-        yield from decode(base.model, base.tokenizer, rows, **run, mixed_adapters=True)
+        if single is None:
+            yield {"adapter_names": adapters}
+        elif single == BASE_ADAPTER:
+            with model.disable_adapter():
+                yield {}
+        else:
+            if model.active_adapters != [single]:
+                model.set_adapter(single)
+            yield {}
 
     # --- single-adapter batches on merged weights ---------------------------------------------------------
     def _serve_alone(self, base: _Base, name: str) -> bool:

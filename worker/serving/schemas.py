@@ -2,7 +2,7 @@
 
 Every field of OpenAI's two requests is declared, so a field OpenAI does not have is a 400 naming it
 (`extra="forbid"`), and `null` means "the default" wherever OpenAI's spec allows it. A field this server
-does not implement yet (tools, logprobs, n > 1, ...) is accepted at its default value and otherwise
+does not implement (audio, `echo`, `best_of`, ...) is accepted at its default value and otherwise
 refused by `check_supported`, naming it: asking for something and silently not getting it is worse than
 an error. Bounds are OpenAI's: a value outside them is a 400 naming the field, never a 500.
 """
@@ -73,7 +73,7 @@ class _Sampling(BaseModel):
     )
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; null means 1.")
     top_p: float | None = Field(None, ge=0, le=1, description="Nucleus mass; 0 keeps the likeliest token.")
-    n: int | None = Field(None, ge=1, le=128, description="Choices per prompt; only 1 is implemented.")
+    n: int | None = Field(None, ge=1, le=128, description="Choices per prompt, each sampled on its own.")
     stop: Annotated[str | list[str] | None, one_of("a string or a list of at most 4 strings")] = Field(
         None, description="Up to 4 strings that end the answer (not included)."
     )
@@ -81,10 +81,15 @@ class _Sampling(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Not implemented: refused by check_supported unless left at their defaults.
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> a bias from -100 to 100 added to its logit."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted once from the logit of every token generated so far."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from each token's logit once per time it was generated."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -93,14 +98,19 @@ class _Sampling(BaseModel):
             raise ValueError("must be a string or a list of at most 4 strings")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids, and {token!r} is not one")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be from -100 to 100, and token {token}'s is {bias}")
+        return value
+
     def asks_unsupported(self) -> dict[str, bool]:
         """Each unimplemented field: whether this request asks for something with it."""
-        return {
-            "n": (self.n or 1) > 1,
-            "logit_bias": bool(self.logit_bias),
-            "presence_penalty": bool(self.presence_penalty),
-            "frequency_penalty": bool(self.frequency_penalty),
-        }
+        return {}
 
     def check_supported(self) -> None:
         """Raise the 400 for the first field asking for what this server does not implement."""
@@ -115,8 +125,18 @@ class _Sampling(BaseModel):
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "stop": self.stop_list(),
-            "seed": self.seed,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "logit_bias": {int(token): bias for token, bias in (self.logit_bias or {}).items()},
         }
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def seed_of(self, choice: int) -> int | None:
+        """Choice `choice`'s seed: each of `n` choices samples on its own, all reproducible from one seed."""
+        return None if self.seed is None else self.seed + choice
 
     @property
     def include_usage(self) -> bool:
@@ -170,10 +190,24 @@ class ChatCompletionRequest(_Sampling):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
 
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(
+                400,
+                "'top_logprobs' asks for alternatives of each token's log-probability: set 'logprobs' to "
+                "true as well.",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """None without logprobs; else how many alternatives each token lists."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def asks_unsupported(self) -> dict[str, bool]:
         return super().asks_unsupported() | {
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": bool(self.top_logprobs),
             "tools": bool(self.tools),
             "tool_choice": self.tool_choice not in (None, "none"),
             "functions": bool(self.functions),
@@ -246,7 +280,6 @@ class CompletionRequest(_Sampling):
         return super().asks_unsupported() | {
             "echo": bool(self.echo),
             "best_of": (self.best_of or 1) > 1,
-            "logprobs": self.logprobs is not None,
             "suffix": self.suffix is not None,
         }
 
