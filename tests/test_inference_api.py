@@ -103,10 +103,10 @@ def test_what_the_spec_allows_and_what_is_not_implemented(
     assert several.usage is not None and several.usage.completion_tokens <= 2 * 16  # 16 each by default
 
     refused = {
-        "n": {"n": 2},
+        "n": {"n": 129},
         "tools": {"tools": [{"type": "function", "function": {"name": "add"}}]},
         "response_format": {"response_format": {"type": "json_object"}},
-        "logprobs": {"logprobs": True},
+        "top_logprobs": {"top_logprobs": 2},
         "temperature": {"temperature": 3},
         "max_tokens": {"max_tokens": 0},
     }

@@ -167,8 +167,14 @@ def test_chat_and_completions(http: httpx.Client) -> None:
         http, "/v1/chat/completions", chat | {"stream_options": {"include_usage": True}}
     ):
         check(ChatCompletionChunk, chunk)
+    several = chat | {"n": 2, "logprobs": True, "top_logprobs": 2}
+    answer = http.post("/v1/chat/completions", json=several)
+    assert answer.status_code == 200, answer.text
+    assert all(c.logprobs and c.logprobs.content for c in check(ChatCompletion, answer.json()).choices)
+    for chunk in stream_chunks(http, "/v1/chat/completions", several):
+        check(ChatCompletionChunk, chunk)
 
-    text = {"model": "tiny-llama", "prompt": ["The quick", "brown fox"], "max_tokens": 6}
+    text = {"model": "tiny-llama", "prompt": ["The quick", "brown fox"], "max_tokens": 6, "logprobs": 2}
     answer = http.post("/v1/completions", json=text)
     assert answer.status_code == 200, answer.text
     assert len(check(Completion, answer.json()).choices) == 2
@@ -181,7 +187,7 @@ def test_errors(server: str, http: httpx.Client) -> None:
     check_error(httpx.get(f"{server}/v1/models"), 401)
     error = check_error(http.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama"}), 400)
     assert error["param"] == "training_file"
-    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "n": 2}
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "n": 0}
     assert check_error(http.post("/v1/chat/completions", json=chat), 400)["param"] == "n"
 
 

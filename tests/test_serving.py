@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tests.conftest import TEST_HOME, free_port
+from tests.helpers import api_process
 from worker.serving.app import create_app, run_server
 from worker.serving.batcher import Batcher, Order
 from worker.serving.decode import sample
@@ -464,8 +465,13 @@ CHAT = [{"role": "user", "content": "Hi"}]
 REFUSED = [  # (endpoint, extra body fields, the param the 400 names)
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("chat", {"logprobs": True}, "logprobs"),
-    ("chat", {"n": 2}, "n"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"logit_bias": {"the": 1}}, "logit_bias"),
+    ("chat", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("chat", {"logit_bias": {"1000000": 1}}, "logit_bias"),  # not in the vocabulary
+    ("chat", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("chat", {"frequency_penalty": -2.5}, "frequency_penalty"),
     ("chat", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]}, "messages.0.role"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
     ("chat", {"no_such_field": 1}, "no_such_field"),
@@ -484,9 +490,8 @@ REFUSED = [  # (endpoint, extra body fields, the param the 400 names)
     ("chat", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("completions", {"echo": True}, "echo"),
     ("completions", {"best_of": 2}, "best_of"),
-    ("completions", {"logprobs": 1}, "logprobs"),
+    ("completions", {"logprobs": 6}, "logprobs"),
     ("completions", {"suffix": "end"}, "suffix"),
-    ("completions", {"n": 3}, "n"),
     ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": [1, -2]}, "prompt"),
     ("completions", {"prompt": [[1, 2], [10**6]]}, "prompt"),  # not in the vocabulary
@@ -543,3 +548,102 @@ def test_a_chat_the_template_refuses_is_400(inference_server: str, database: str
     ]
     answer = sdk.chat.completions.create(model="strict-llama", messages=alternating, max_tokens=2)  # type: ignore[arg-type]
     assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_n_choices_logprobs_and_interleaved_streams(inference_server: str, tiny_model: str) -> None:
+    sdk = client(inference_server)
+    question = [{"role": "user", "content": "Tell me a joke."}]
+    sampled = {"model": tiny_model, "messages": question, "max_tokens": 10, "temperature": 1.0, "seed": 7}
+    three = sdk.chat.completions.create(n=3, **sampled)  # type: ignore[call-overload]
+    again = sdk.chat.completions.create(n=3, **sampled)  # type: ignore[call-overload]
+    texts = [c.message.content for c in three.choices]
+    assert [c.index for c in three.choices] == [0, 1, 2] and len(set(texts)) == 3  # each sampled alone
+    assert texts == [c.message.content for c in again.choices]  # and reproducible from the one seed
+    one = sdk.chat.completions.create(model=tiny_model, messages=question, max_tokens=10, temperature=0)
+    assert three.usage is not None and one.usage is not None
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+
+    with_logprobs = sdk.chat.completions.create(
+        model=tiny_model, messages=question, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = with_logprobs.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert "".join(t.token for t in content) == choice.message.content == one.choices[0].message.content
+    for token in content:
+        alternatives = token.top_logprobs
+        assert len(alternatives) == 3 and alternatives[0].token == token.token  # greedy: the likeliest
+        assert alternatives[0].logprob == token.logprob <= 0
+        assert [a.logprob for a in alternatives] == sorted((a.logprob for a in alternatives), reverse=True)
+        assert bytes(token.bytes or []).decode() == token.token
+    assert one.choices[0].logprobs is None  # not asked for, not sent
+
+    text = sdk.completions.create(
+        model=tiny_model, prompt="The quick", max_tokens=5, temperature=0, logprobs=2
+    )
+    logprobs = text.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.text_offset is not None
+    assert "".join(logprobs.tokens) == text.choices[0].text and len(logprobs.top_logprobs or []) == 5
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
+
+    stream = sdk.chat.completions.create(n=3, stream=True, **sampled)  # type: ignore[call-overload]
+    streamed, finished, order = ["", "", ""], [None, None, None], []
+    for chunk in stream:
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            finished[c.index] = c.finish_reason or finished[c.index]
+            order.append(c.index)
+    assert streamed == texts and None not in finished
+    assert order != sorted(order)  # the choices interleave as they are generated, not one after another
+
+
+def metric(base_url: str, name: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {SECRET}"}).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_a_client_that_leaves_stops_its_generation_within_a_step(
+    inference_server: str, tiny_model: str, api_key: str
+) -> None:
+    """Streaming or not, straight or through the API, when the client goes its rows leave the batch: the
+    server's token count stops moving, far short of what was asked."""
+    body = {
+        "model": tiny_model,
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 480,
+        "n": 4,
+        "logit_bias": {"0": -100, "1": -100, "2": -100},  # no special tokens, so no end: 480 unless stopped
+    }
+    generated = "tuneforge_inference_generated_tokens_total"
+
+    async def leave_early(url: str, headers: dict[str, str], stream: bool) -> None:
+        started = metric(inference_server, generated)
+        async with httpx.AsyncClient(timeout=60) as http:
+            task = asyncio.ensure_future(
+                http.post(f"{url}/v1/chat/completions", json=body | {"stream": stream}, headers=headers)
+            )
+            while metric(inference_server, generated) < started + 8:
+                await asyncio.sleep(0.01)
+            task.cancel()  # the connection closes: the client has gone
+        await asyncio.gather(task, return_exceptions=True)
+
+    def check(url: str, headers: dict[str, str], stream: bool) -> None:
+        cancelled = metric(inference_server, "tuneforge_inference_cancelled_rows_total")
+        before = metric(inference_server, generated)
+        asyncio.run(leave_early(url, headers, stream))
+        deadline = time.monotonic() + 10
+        while metric(inference_server, "tuneforge_inference_cancelled_rows_total") < cancelled + 4:
+            assert time.monotonic() < deadline, f"the rows were not cancelled (stream={stream}, {url})"
+            time.sleep(0.02)
+        after = metric(inference_server, generated)
+        time.sleep(0.3)
+        assert metric(inference_server, generated) == after
+        assert after - before < 4 * 480 / 2, (stream, after - before)
+
+    direct = {"Authorization": f"Bearer {SECRET}", "X-Tuneforge-Project": "alpha"}
+    for stream in (False, True):
+        check(inference_server, direct, stream)
+    env = os.environ | {"TUNEFORGE_INFERENCE_URL": inference_server, "TUNEFORGE_INFERENCE_SECRET": SECRET}
+    with api_process(env, "api-disconnect.log") as (api, _):
+        for stream in (False, True):
+            check(api, {"Authorization": f"Bearer {api_key}"}, stream)

@@ -1,7 +1,8 @@
 """HTTP routes served by the inference server: authenticate, then forward.
 
 Authentication uses a session of its own that is closed before forwarding (`ProjectOnlyDep`): a
-generation can take minutes, and no database connection may wait on it.
+generation can take minutes, and no database connection may wait on it. A client that leaves before a
+whole answer is ready closes the upstream request, so the inference server stops generating for it.
 
 Chat and text completions, classifications, and merged model exports. `app.main` includes this router
 before the models router, whose catch-all `/v1/models/{id}` would otherwise take `/v1/models/{id}/merged`.
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from app.deps import ProjectOnlyDep
+from app.disconnect import unless_disconnected
 from app.errors import ApiError
 from app.inference import service as inference_service
 
@@ -42,16 +44,16 @@ ClientDep = Annotated[httpx.AsyncClient, Depends(get_client)]
 async def chat_completions(request: Request, project: ProjectOnlyDep, client: ClientDep) -> Response:
     """OpenAI's chat completions (`stream` gives server-sent events) for base and fine-tuned models."""
     body = await request.body()
-    return await inference_service.forward(
-        client, path="/v1/chat/completions", raw_body=body, project=project
-    )
+    answer = inference_service.forward(client, path="/v1/chat/completions", raw_body=body, project=project)
+    return await unless_disconnected(request, answer)
 
 
 @router.post("/completions", openapi_extra=_BODY_DOC)
 async def completions(request: Request, project: ProjectOnlyDep, client: ClientDep) -> Response:
     """OpenAI's text completions (`stream` gives server-sent events) for base and fine-tuned models."""
     body = await request.body()
-    return await inference_service.forward(client, path="/v1/completions", raw_body=body, project=project)
+    answer = inference_service.forward(client, path="/v1/completions", raw_body=body, project=project)
+    return await unless_disconnected(request, answer)
 
 
 @router.post("/classifications", openapi_extra=_BODY_DOC)

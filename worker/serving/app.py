@@ -285,7 +285,8 @@ class _Shape:
             return None
         if self.chat:
             content = [
-                _token(entry) | {"top_logprobs": [_token(TokenLogprob(t, lp, [])) for t, lp in entry.top]}
+                _token(entry.token, entry.logprob)
+                | {"top_logprobs": [_token(text, logprob) for _, text, logprob in entry.top]}
                 for entry in entries
             ]
             return {"content": content, "refusal": None}
@@ -296,7 +297,7 @@ class _Shape:
         return {
             "tokens": [entry.token for entry in entries],
             "token_logprobs": [entry.logprob for entry in entries],
-            "top_logprobs": [dict(entry.top) for entry in entries],
+            "top_logprobs": [{text: logprob for _, text, logprob in entry.top} for entry in entries],
             "text_offset": offsets,
         }
 
@@ -320,8 +321,8 @@ class _Shape:
         return self._object(kind, [], self.usage(completion_tokens))
 
 
-def _token(entry: TokenLogprob) -> dict[str, Any]:
-    return {"token": entry.token, "logprob": entry.logprob, "bytes": entry.bytes}
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 def _event(data: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from functools import partial
 
 from worker.serving.decode import Step
 from worker.serving.engine import Engine, GenerationRequest, Prepared, adapter_name
-from worker.serving.telemetry import BATCH_ROWS, GENERATED_TOKENS, QUEUE_WAIT
+from worker.serving.telemetry import BATCH_ROWS, CANCELLED_ROWS, GENERATED_TOKENS, QUEUE_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,9 @@ class Batcher:
                 if owner is not None:
                     owner[0].put(owner[1], exc)
             return
-        GENERATED_TOKENS.inc(sum(step.finish_reason != "cancelled" for step in steps))
+        cancelled = sum(step.finish_reason == "cancelled" for step in steps)
+        GENERATED_TOKENS.inc(len(steps) - cancelled)
+        CANCELLED_ROWS.inc(cancelled)
         for step in steps:
             order, index = self._owners[step.row]
             order.put(index, step)

@@ -57,13 +57,10 @@ class Row:
 class TokenLogprob:
     """A generated token's text, bytes and log-probability, with the likeliest alternatives at its place."""
 
+    id: int
     token: str
     logprob: float
-    top: list[tuple[str, float]]
-
-    @property
-    def bytes(self) -> list[int]:
-        return list(self.token.encode())
+    top: list[tuple[int, str, float]]  # (id, text, log-probability), likeliest first
 
 
 @dataclass(frozen=True)
@@ -134,14 +131,15 @@ class _RowState:
             return token, None
         # The model's own distribution, before penalties, bias and temperature (vLLM's default too).
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top: list[tuple[str, float]] = []
+        top: list[tuple[int, str, float]] = []
         if self.row.logprobs > 0:
             values, ids = torch.topk(logprobs, self.row.logprobs)
             top = [
-                (tokenizer.decode([i]), _finite(v))
+                (i, tokenizer.decode([i]), _finite(v))
                 for i, v in zip(ids.tolist(), values.tolist(), strict=True)
             ]
-        return token, TokenLogprob(tokenizer.decode([token]), _finite(float(logprobs[token])), top)
+        chosen = _finite(float(logprobs[token]))
+        return token, TokenLogprob(token, tokenizer.decode([token]), chosen, top)
 
     def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         """OpenAI's logit bias, and presence and frequency penalties over the tokens generated so far."""

@@ -2,8 +2,9 @@
 
 Requests are counted and timed per route by prometheus-fastapi-instrumentator; the engine's own figures
 are module-level (one engine per server process): tokens generated (Prometheus' `rate()` of the counter
-is tokens per second), rows per forward-pass batch, the wait from arrival to a batch, and adapter loads
-and evictions. Tests build several apps in one process, so each app instruments a registry of its own.
+is tokens per second), rows per decode step, generations stopped because their client left, the wait
+from arrival to a place in the batch, and adapter loads and evictions. Tests build several apps in one
+process, so each app instruments a registry of its own.
 """
 
 from fastapi import FastAPI, Response
@@ -16,14 +17,19 @@ GENERATED_TOKENS = Counter(
 )
 BATCH_ROWS = Histogram(
     "tuneforge_inference_batch_rows",
-    "Rows (requests) per forward-pass batch.",
+    "Rows (generations) per decode step.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
     registry=ENGINE_REGISTRY,
 )
 QUEUE_WAIT = Histogram(
     "tuneforge_inference_queue_wait_seconds",
-    "From a request's arrival to its place in a batch.",
+    "From a generation's arrival to its place in the running batch.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=ENGINE_REGISTRY,
+)
+CANCELLED_ROWS = Counter(
+    "tuneforge_inference_cancelled_rows",
+    "Generations stopped before their end because their client went away.",
     registry=ENGINE_REGISTRY,
 )
 ADAPTER_LOADS = Counter("tuneforge_inference_adapter_loads", "Adapters loaded.", registry=ENGINE_REGISTRY)
