@@ -5,6 +5,7 @@ seeded random values, so each adapter changes the model's answers in its own way
 """
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -464,7 +467,18 @@ def test_completions_take_token_ids_and_several_prompts(inference_server: str, t
 CHAT = [{"role": "user", "content": "Hi"}]
 REFUSED = [  # (endpoint, extra body fields, the param the 400 names)
     ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"response_format": {"type": "xml"}}, "response_format.type"),
+    ("chat", {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    (
+        "chat",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "objectx"}},
+            }
+        },
+        "response_format.json_schema.schema",
+    ),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat", {"logit_bias": {"the": 1}}, "logit_bias"),
@@ -647,3 +661,42 @@ def test_a_client_that_leaves_stops_its_generation_within_a_step(
     with api_process(env, "api-disconnect.log") as (api, _):
         for stream in (False, True):
             check(api, {"Authorization": f"Bearer {api_key}"}, stream)
+
+
+class Weather(pydantic.BaseModel):
+    city: Literal["Paris", "London", "Tokyo"]
+    temperature: int = pydantic.Field(ge=-50, le=50)
+    sunny: bool
+
+
+def test_structured_outputs_parse_into_objects(inference_server: str, finished_job: dict) -> None:
+    """The SDK's `parse()` sends the pydantic model as a strict JSON schema and gets that object back from a
+    fine-tuned model; `json_object` gives a JSON object, streamed or not."""
+    sdk = client(inference_server)
+    model = finished_job["fine_tuned_model"]
+    question = [{"role": "user", "content": "What is the weather like?"}]
+    for temperature in (0.0, 1.0):
+        answer = sdk.chat.completions.parse(
+            model=model,
+            messages=question,
+            response_format=Weather,
+            max_tokens=100,
+            temperature=temperature,
+            n=2,
+        )
+        for choice in answer.choices:
+            assert isinstance(choice.message.parsed, Weather) and choice.finish_reason == "stop"
+    whole = sdk.chat.completions.create(
+        model=model, messages=question, response_format={"type": "json_object"}, max_tokens=100, temperature=0
+    )
+    content = whole.choices[0].message.content or ""
+    assert isinstance(json.loads(content), dict) and whole.choices[0].finish_reason == "stop"
+    stream = sdk.chat.completions.create(
+        model=model,
+        messages=question,
+        response_format={"type": "json_object"},
+        max_tokens=100,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == content

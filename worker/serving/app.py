@@ -86,6 +86,7 @@ def create_app(
     ) -> Any:
         body.check_supported()
         messages = body.plain_messages()
+        grammar = body.response_format.grammar() if body.response_format else None
         target = await run_in_threadpool(resolver, body.model, project=x_tuneforge_project)
         limit_param, limit = body.token_limit
         requests = [
@@ -97,6 +98,7 @@ def create_app(
                 seed=body.seed_of(choice),
                 logprobs=body.logprobs_asked,
                 project=x_tuneforge_project or "",
+                grammar=grammar,
                 **body.sampling,
             )
             for choice in range(body.choices)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from worker.serving.constrain import Constraint
+
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch's `adapter_names`
 CONTEXT_TOKENS = 5
 """Prompt tokens decoded ahead of an answer's first: a tokenizer that drops a leading space at the start of a
@@ -48,6 +50,7 @@ class Row:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k likeliest
     project: str = ""
+    constraint: Constraint | None = None  # a grammar the answer must follow (response_format, tools)
     id: int = 0  # the caller's name for the row: each `Step` carries it
     # Set from another thread when the client went away; the row leaves the batch at the next step.
     cancelled: bool = False
@@ -126,7 +129,12 @@ class _RowState:
     def choose(self, logits: torch.Tensor, tokenizer: Any) -> tuple[int, TokenLogprob | None]:
         """Sample the next token from this row's raw logits; its logprob entry when the row asked."""
         adjusted = self._adjusted(logits)
+        constraint = self.row.constraint
+        if constraint is not None:
+            adjusted = constraint.masked(adjusted)
         token = sample(adjusted, self.row.temperature, self.row.top_p, self.generator)
+        if constraint is not None:
+            constraint.consume(token)
         if self.row.logprobs is None:
             return token, None
         # The model's own distribution, before penalties, bias and temperature (vLLM's default too).
@@ -160,7 +168,8 @@ class _RowState:
         """Take one sampled token; return the text that may go out now and the finish reason, if any."""
         self.tokens.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
-        ending = token in eos_ids or len(self.tokens) >= self.row.max_tokens
+        complete = self.row.constraint is not None and self.row.constraint.done
+        ending = token in eos_ids or complete or len(self.tokens) >= self.row.max_tokens
         new = self.detokenizer.add(token, flush=ending)
         searched_from = max(0, len(self.text) - self.longest_stop + 1)
         self.text += new
@@ -169,7 +178,7 @@ class _RowState:
         if cut is not None:
             self.text, finish = self.text[:cut], "stop"
         elif ending:
-            finish = "stop" if token in eos_ids else "length"
+            finish = "stop" if token in eos_ids or complete else "length"
         upto = len(self.text) if finish else len(self.text) - _held_back(self.text, self.row.stop)
         delta = self.text[self.emitted : upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)

@@ -40,6 +40,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from worker.serving.constrain import Constraint, tokenizer_for
 from worker.serving.decode import BASE_ADAPTER, Batch, Forward, Row, Step
 from worker.serving.telemetry import ADAPTER_EVICTIONS, ADAPTER_LOADS
 
@@ -102,6 +103,8 @@ class GenerationRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     project: str = ""
+    grammar: str | None = None  # llguidance's grammar the answer must follow (see constrain.py)
+    grammar_field: str = "response_format"  # the request field the grammar comes from, for errors
 
 
 @dataclass
@@ -126,6 +129,7 @@ class _Base:
     last_single: str | None = None  # the adapter of the last forward pass, when it had just one
     streak: int = 0  # forward passes in a row on `last_single`
     originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = field(default_factory=list)
+    grammar_tokenizer: Any = None  # llguidance's view of `tokenizer`, made when a grammar first needs it
 
 
 def adapter_name(model_id: str) -> str:
@@ -305,6 +309,14 @@ class Engine:
                 f"'{target.model_id}' (ids 0 to {base.vocab - 1}).",
                 field="logit_bias",
             )
+        constraint = None
+        if request.grammar is not None:
+            if base.grammar_tokenizer is None:
+                base.grammar_tokenizer = tokenizer_for(base.tokenizer, base.vocab, base.eos_ids)
+            try:
+                constraint = Constraint(base.grammar_tokenizer, request.grammar)
+            except ValueError as exc:
+                raise Refused(f"This format cannot be enforced: {exc}", field=request.grammar_field) from None
         row = Row(
             prompt_ids=list(ids),
             max_tokens=max_tokens,
@@ -317,6 +329,7 @@ class Engine:
             logit_bias=dict(request.logit_bias),
             logprobs=request.logprobs,
             project=request.project,
+            constraint=constraint,
         )
         return Prepared(request, row, group)
 

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from app.errors import ApiError
+from worker.serving import constrain
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_PROMPTS = 128
@@ -166,6 +167,47 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    def grammar(self) -> str | None:
+        """The grammar the answer must follow, or None for free text; a 400 if it cannot be enforced."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return constrain.json_schema_grammar({"type": "object"})
+        if self.json_schema is None:
+            raise ApiError(
+                400,
+                "response_format of type 'json_schema' needs its 'json_schema': {name, schema, strict}.",
+                param="response_format.json_schema",
+                code="invalid_value",
+            )
+        try:
+            return constrain.json_schema_grammar(self.json_schema.schema_)
+        except ValueError as exc:
+            raise ApiError(
+                400,
+                f"The JSON schema in response_format cannot be enforced: {exc}",
+                param="response_format.json_schema.schema",
+                code="invalid_json_schema",
+            ) from None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
@@ -176,7 +218,7 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
@@ -212,7 +254,6 @@ class ChatCompletionRequest(_Sampling):
             "tool_choice": self.tool_choice not in (None, "none"),
             "functions": bool(self.functions),
             "function_call": self.function_call not in (None, "none"),
-            "response_format": (self.response_format or {"type": "text"}).get("type") != "text",
             "audio": self.audio is not None,
             "modalities": self.modalities not in (None, ["text"]),
             "prediction": self.prediction is not None,
