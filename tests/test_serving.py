@@ -465,8 +465,48 @@ def test_completions_take_token_ids_and_several_prompts(inference_server: str, t
 
 
 CHAT = [{"role": "user", "content": "Hi"}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city now.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "integer", "maximum": 9},
+                    "b": {"type": "integer", "maximum": 9},
+                },
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
 REFUSED = [  # (endpoint, extra body fields, the param the 400 names)
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat", {"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools.0.type"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools.0.function.name"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),  # no tools to call
+    (
+        "chat",
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice",
+    ),
+    ("chat", {"tool_choice": "sometimes"}, "tool_choice"),
+    ("chat", {"messages": [{"role": "tool", "content": "42"}]}, "messages.0.tool_call_id"),
+    ("chat", {"messages": [{"role": "function", "content": "42", "name": "f"}]}, "messages.0.role"),
     ("chat", {"response_format": {"type": "xml"}}, "response_format.type"),
     ("chat", {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     (
@@ -486,7 +526,6 @@ REFUSED = [  # (endpoint, extra body fields, the param the 400 names)
     ("chat", {"logit_bias": {"1000000": 1}}, "logit_bias"),  # not in the vocabulary
     ("chat", {"presence_penalty": 2.5}, "presence_penalty"),
     ("chat", {"frequency_penalty": -2.5}, "frequency_penalty"),
-    ("chat", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]}, "messages.0.role"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
     ("chat", {"no_such_field": 1}, "no_such_field"),
     ("chat", {"n": 0}, "n"),
@@ -700,3 +739,112 @@ def test_structured_outputs_parse_into_objects(inference_server: str, finished_j
         stream=True,
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == content
+
+
+def test_tool_calls_forced_parsed_streamed_and_answered(inference_server: str, tiny_model: str) -> None:
+    """tool_choice 'required' or a named function gets a well-formed call even from an untaught model;
+    the call comes back parsed (whole, or as deltas), and a history with the call and its result is taken."""
+    sdk = client(inference_server)
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    asks = {"model": tiny_model, "messages": question, "tools": TOOLS, "max_tokens": 60, "temperature": 0}
+    for tool_choice, names in (
+        ({"type": "function", "function": {"name": "add"}}, {"add"}),
+        ("required", {"add", "get_weather"}),
+    ):
+        whole = sdk.chat.completions.create(tool_choice=tool_choice, parallel_tool_calls=False, **asks)  # type: ignore[call-overload]
+        choice = whole.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, (tool_choice, choice)
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name in names and call.id.startswith("call_")
+        arguments = json.loads(call.function.arguments)
+        if call.function.name == "add":
+            assert set(arguments) == {"a", "b"} and all(
+                isinstance(v, int) and v <= 9 for v in arguments.values()
+            )
+
+        chunks = list(
+            sdk.chat.completions.create(
+                tool_choice=tool_choice, parallel_tool_calls=False, stream=True, **asks
+            )  # type: ignore[call-overload]
+        )
+        deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+        assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [  # type: ignore[union-attr]
+            (0, call.function.name, call.function.arguments)
+        ]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+
+    history = question + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+    ]
+    answer = sdk.chat.completions.create(model=tiny_model, messages=history, tools=TOOLS[:1], max_tokens=8)  # type: ignore[arg-type]
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    none = sdk.chat.completions.create(tool_choice="none", **asks)  # type: ignore[call-overload]
+    assert none.choices[0].message.tool_calls is None
+
+
+def test_tool_calls_are_parsed_out_of_text_as_it_streams() -> None:
+    from worker.serving.tools import ToolCallParser
+
+    text = (
+        'Let me check.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+        '<tool_call>{"name": "nope"}</tool_call>'
+    )
+    for size in (1, 3, 7, len(text)):  # however the text is cut into deltas
+        parser = ToolCallParser({"add"})
+        pieces = [text[i : i + size] for i in range(0, len(text), size)]
+        fed = [parser.feed(piece, final=i == len(pieces) - 1) for i, piece in enumerate(pieces)]
+        content = "".join(c for c, _ in fed)
+        calls = [call for _, cs in fed for call in cs]
+        assert (
+            content == 'Let me check.\n<tool_call>{"name": "nope"}</tool_call>'
+        )  # an unknown function is text
+        assert [(c.index, c.name, json.loads(c.arguments)) for c in calls] == [(0, "add", {"a": 1, "b": 2})]
+        assert all(not c.endswith("<tool") for c, _ in fed[:-1])  # a tag's start is held back
+
+
+NATIVE_TOOLS_TEMPLATE = (  # as Qwen's and Llama 3's templates do: tools and calls rendered by the template
+    "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{% for c in m.get('tool_calls') or [] %}CALL {{ c['function']['name'] }} "
+    "{{ c['function']['arguments']['city'] }}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_history_reaches_the_prompt_with_and_without_a_template_for_tools(
+    base_folder: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+    ]
+    engine = Engine()
+
+    def prompt(t: Target) -> str:
+        prepared = engine.prepare(
+            GenerationRequest(target=t, messages=messages, tools=TOOLS[:1], max_tokens=1)
+        )
+        return engine.base(t.base_id, t.base_path).tokenizer.decode(prepared.row.prompt_ids)
+
+    plain = prompt(target(base_folder))  # tiny-llama's ChatML knows no tools: Tuneforge writes them out
+    assert '{"name":"get_weather","description":"The weather in a city now."' in plain.split("<|im_end|>")[0]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in plain
+    assert "<|im_start|>user\n<tool_response>\nSunny, 21 C\n</tool_response>" in plain
+
+    native = tmp_path / "native"
+    shutil.copytree(base_folder, native)
+    (native / "chat_template.jinja").write_text(NATIVE_TOOLS_TEMPLATE)
+    rendered = prompt(Target(model_id="native", base_id="native", base_path=native))
+    assert rendered.startswith("<|im_start|>system\nTOOLS: get_weather<|im_end|>")
+    assert "CALL get_weather Paris" in rendered and "<|im_start|>tool\nSunny, 21 C" in rendered

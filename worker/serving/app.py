@@ -37,6 +37,7 @@ from worker.serving.engine import Engine, GenerationRequest, Refused, Target, Un
 from worker.serving.resolve import resolve
 from worker.serving.schemas import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from worker.serving.telemetry import install_metrics
+from worker.serving.tools import ToolCall, ToolCallParser
 
 Resolver = Callable[..., Target]
 # FastAPI reads a `x_tuneforge_project` parameter from the X-Tuneforge-Project header (any case).
@@ -86,7 +87,9 @@ def create_app(
     ) -> Any:
         body.check_supported()
         messages = body.plain_messages()
-        grammar = body.response_format.grammar() if body.response_format else None
+        grammar, grammar_field = body.tool_grammar(), "tool_choice"
+        if grammar is None and body.response_format is not None:
+            grammar, grammar_field = body.response_format.grammar(), "response_format"
         target = await run_in_threadpool(resolver, body.model, project=x_tuneforge_project)
         limit_param, limit = body.token_limit
         requests = [
@@ -99,11 +102,14 @@ def create_app(
                 logprobs=body.logprobs_asked,
                 project=x_tuneforge_project or "",
                 grammar=grammar,
+                grammar_field=grammar_field,
+                tools=body.tool_dicts,
                 **body.sampling,
             )
             for choice in range(body.choices)
         ]
-        shape = _Shape(body.model, chat=True, choices_per_prompt=body.choices)
+        tool_names = {tool["function"]["name"] for tool in body.tool_dicts or []}
+        shape = _Shape(body.model, chat=True, choices_per_prompt=body.choices, tool_names=tool_names)
         return await _respond(app.state.batcher, request, body, requests, shape, limit_param=limit_param)
 
     @app.post("/v1/completions")
@@ -240,8 +246,12 @@ class _Answer:
 class _Shape:
     """Renders an order's answers as OpenAI's objects: whole, or as stream chunks."""
 
-    def __init__(self, model: str, *, chat: bool, choices_per_prompt: int) -> None:
+    def __init__(
+        self, model: str, *, chat: bool, choices_per_prompt: int, tool_names: set[str] | None = None
+    ) -> None:
         self.model, self.chat, self.choices_per_prompt = model, chat, choices_per_prompt
+        self.tool_names = tool_names or set()
+        self.parsers: dict[int, ToolCallParser] = {}  # choice -> its tool call parser, when tools are given
         self.prompt_tokens = 0
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -274,7 +284,14 @@ class _Shape:
             choice: dict[str, Any] = {"index": index, "finish_reason": answer.finish}
             choice["logprobs"] = self.logprobs(index, answer.logprobs, asked=answer.logprobs_asked)
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": answer.text, "refusal": None}
+                content, calls, choice["finish_reason"] = self._split(index, answer.text, answer.finish)
+                message = {"role": "assistant", "content": content, "refusal": None}
+                if calls:
+                    message |= {
+                        "content": content.strip() or None,
+                        "tool_calls": [c.as_openai() for c in calls],
+                    }
+                choice["message"] = message
             else:
                 choice["text"] = answer.text
             choices.append(choice)
@@ -311,12 +328,27 @@ class _Shape:
         logprobs = self.logprobs(index, entries, asked=asked) if entries else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text:
+            text, calls, finish = self._split(index, text, finish)
+            calling = index in self.parsers and (self.parsers[index].calls or self.parsers[index].inside)
+            if text and not (calling and not text.strip()):  # no blank lines between calls
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [{"index": call.index} | call.as_openai() for call in calls]
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return self._object("chat.completion.chunk", [choice], None)
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return self._object("text_completion", [choice], None)
+
+    def _split(self, index: int, text: str, finish: str | None) -> tuple[str, list[ToolCall], str | None]:
+        """Choice `index`'s new text as content and tool calls, and its finish reason ("tool_calls" when it
+        ended having called); text alone when the request has no tools."""
+        if not self.tool_names:
+            return text, [], finish
+        parser = self.parsers.setdefault(index, ToolCallParser(self.tool_names))
+        content, calls = parser.feed(text, final=finish is not None)
+        if finish == "stop" and parser.calls:
+            finish = "tool_calls"
+        return content, calls, finish
 
     def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"

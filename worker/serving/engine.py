@@ -40,6 +40,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from worker.serving import tools as tools_module
 from worker.serving.constrain import Constraint, tokenizer_for
 from worker.serving.decode import BASE_ADAPTER, Batch, Forward, Row, Step
 from worker.serving.telemetry import ADAPTER_EVICTIONS, ADAPTER_LOADS
@@ -89,7 +90,8 @@ class GenerationRequest:
     """
 
     target: Target
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI's tool definitions, for the chat template
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     max_tokens: int | None = None
@@ -345,9 +347,15 @@ class Engine:
                     field="model",
                     code="model_not_chat",
                 )
+            own_template = template if template is not None else tokenizer.chat_template
+            messages, tools = tools_module.render(
+                request.messages,
+                request.tools,
+                native=isinstance(own_template, str) and tools_module.template_knows_tools(own_template),
+            )
             try:
                 text = tokenizer.apply_chat_template(
-                    request.messages, chat_template=template, add_generation_prompt=True, tokenize=False
+                    messages, tools=tools, chat_template=template, add_generation_prompt=True, tokenize=False
                 )
             except jinja2.TemplateSyntaxError:
                 raise  # the model's template is broken, not the request: the server's error

@@ -23,6 +23,7 @@ from pydantic import (
 
 from app.errors import ApiError
 from worker.serving import constrain
+from worker.serving import tools as tools_module
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_PROMPTS = 128
@@ -149,6 +150,19 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as the model wrote it
+
+
+class AssistantToolCall(BaseModel):
+    """A call an assistant message made, as the SDK returned it."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     """A message of the chat; an assistant message the SDK returned can be sent back as it is."""
 
@@ -163,7 +177,7 @@ class ChatMessage(BaseModel):
     annotations: list[Any] | None = None
     audio: Any = None
     function_call: Any = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: str | None = None
 
 
@@ -208,13 +222,43 @@ class ResponseFormat(BaseModel):
             ) from None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Annotated[
+        Literal["none", "auto", "required"] | NamedToolChoice | None,
+        one_of("'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"),
+    ] = None
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
@@ -250,8 +294,6 @@ class ChatCompletionRequest(_Sampling):
 
     def asks_unsupported(self) -> dict[str, bool]:
         return super().asks_unsupported() | {
-            "tools": bool(self.tools),
-            "tool_choice": self.tool_choice not in (None, "none"),
             "functions": bool(self.functions),
             "function_call": self.function_call not in (None, "none"),
             "audio": self.audio is not None,
@@ -264,22 +306,71 @@ class ChatCompletionRequest(_Sampling):
         }
 
     @property
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools the model is told about (none with tool_choice 'none'), as JSON objects."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def tool_grammar(self) -> str | None:
+        """The grammar that forces a call, for tool_choice 'required' or a named function; else None."""
+        choice, tools = self.tool_choice, self.tool_dicts or []
+        if choice in (None, "auto", "none"):
+            return None
+        if not tools:
+            raise ApiError(
+                400, "'tool_choice' asks for a tool call, but 'tools' names none.", param="tool_choice"
+            )
+        if isinstance(choice, NamedToolChoice):
+            tools = [tool for tool in tools if tool["function"]["name"] == choice.function.name]
+            if not tools:
+                raise ApiError(
+                    400,
+                    f"'tool_choice' names function '{choice.function.name}', which is not in 'tools'.",
+                    param="tool_choice",
+                    code="invalid_value",
+                )
+        several = choice == "required" and self.parallel_tool_calls is not False
+        try:
+            return tools_module.call_grammar(tools, several=several)
+        except ValueError as exc:
+            raise ApiError(
+                400, f"The tools' parameters cannot be enforced: {exc}", param="tools", code="invalid_value"
+            ) from None
+
+    @property
     def token_limit(self) -> tuple[str, int | None]:
         """The token limit asked for, and the field that asked (the newer name wins when both are set)."""
         if self.max_completion_tokens is not None:
             return "max_completion_tokens", self.max_completion_tokens
         return "max_tokens", self.max_tokens
 
-    def plain_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template reads them: text content only, `developer` as `system`."""
+    def plain_messages(self) -> list[dict[str, Any]]:
+        """Messages as the chat template reads them: text content only, `developer` as `system`; assistant
+        tool calls and tool results kept (tools.render shapes them for the template)."""
         plain = []
         for i, message in enumerate(self.messages):
             where = f"messages.{i}"  # as FastAPI's validation errors name it
-            if message.role in ("tool", "function"):
+            if message.role == "function":
                 raise unsupported(
-                    f"{where}.role", f"Tools are not supported yet; {where} is a {message.role} message."
+                    f"{where}.role",
+                    f"{where} is a 'function' message, OpenAI's deprecated form: send 'tool' messages.",
                 )
-            for field in ("tool_calls", "function_call", "audio"):
+            if message.role == "tool" and not message.tool_call_id:
+                raise ApiError(
+                    400,
+                    f"{where} is a tool message without the 'tool_call_id' of the call it answers.",
+                    param=f"{where}.tool_call_id",
+                    code="invalid_value",
+                )
+            if message.tool_calls and message.role != "assistant":
+                raise ApiError(
+                    400,
+                    f"{where} ({message.role}) has tool_calls; only assistant messages make calls.",
+                    param=f"{where}.tool_calls",
+                    code="invalid_value",
+                )
+            for field in ("function_call", "audio"):
                 if getattr(message, field):
                     raise unsupported(f"{where}.{field}")
             content = message.content
@@ -298,7 +389,12 @@ class ChatCompletionRequest(_Sampling):
                     )
                 content = "".join(str(text) for text in texts)
             role = "system" if message.role == "developer" else message.role
-            plain.append({"role": role, "content": content or ""})
+            entry: dict[str, Any] = {"role": role, "content": content or ""}
+            if message.tool_calls:
+                entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+            if message.tool_call_id:
+                entry["tool_call_id"] = message.tool_call_id
+            plain.append(entry)
         return plain
 
 
