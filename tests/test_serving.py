@@ -848,3 +848,41 @@ def test_tool_history_reaches_the_prompt_with_and_without_a_template_for_tools(
     rendered = prompt(Target(model_id="native", base_id="native", base_path=native))
     assert rendered.startswith("<|im_start|>system\nTOOLS: get_weather<|im_end|>")
     assert "CALL get_weather Paris" in rendered and "<|im_start|>tool\nSunny, 21 C" in rendered
+
+
+def test_langchain_chat_openai_as_a_client(inference_server: str, tiny_model: str) -> None:
+    """LangChain's ChatOpenAI: plain and streamed answers, forced tool calls, and structured output."""
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=tiny_model,
+        base_url=f"{inference_server}/v1",
+        api_key=SECRET,  # type: ignore[arg-type]
+        default_headers={"X-Tuneforge-Project": "alpha"},
+        temperature=0,
+        max_tokens=12,  # type: ignore[call-arg]
+        max_retries=0,
+    )
+    answer = llm.invoke("Tell me a joke.")
+    assert isinstance(answer, AIMessage) and answer.content
+    assert answer.usage_metadata is not None and answer.usage_metadata["output_tokens"] > 0
+    streamed = "".join(str(chunk.content) for chunk in llm.stream("Tell me a joke."))
+    assert streamed == answer.content
+
+    caller = llm.bind_tools(TOOLS[1:], tool_choice="add").bind(max_tokens=60)
+    called = caller.invoke("What is 2 plus 3?")
+    assert isinstance(called, AIMessage) and [c["name"] for c in called.tool_calls] == ["add"]
+    assert set(called.tool_calls[0]["args"]) == {"a", "b"}
+    chunks = list(caller.stream("What is 2 plus 3?"))
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    assert [c["args"] for c in merged.tool_calls] == [called.tool_calls[0]["args"]]  # type: ignore[attr-defined]
+    result = ToolMessage(content="5", tool_call_id=called.tool_calls[0]["id"])
+    follow_up = llm.bind_tools(TOOLS[1:]).invoke(["What is 2 plus 3?", called, result])
+    assert isinstance(follow_up, AIMessage)
+
+    roomier = llm.model_copy(update={"max_tokens": 100})
+    structured = roomier.with_structured_output(Weather, method="json_schema")
+    assert isinstance(structured.invoke("What is the weather like?"), Weather)
