@@ -136,7 +136,13 @@ def _build_tokenizer():
 
 
 def make_tiny_llama(
-    dest: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int = 128
+    dest: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    intermediate_size: int = 128,
+    context: int = 512,
 ) -> None:
     """Build a small random Llama causal LM with a tokenizer and ChatML chat template into dest.
 
@@ -156,7 +162,7 @@ def make_tiny_llama(
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=intermediate_size,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         vocab_size=len(tokenizer),
         tie_word_embeddings=False,
         bos_token_id=bos_id,
