@@ -154,12 +154,16 @@ def test_qlora_merges_onto_the_dequantized_base_and_says_so(http: httpx.Client, 
         assert greedy(merged, tokenizer, prompt) == greedy(reference, tokenizer, prompt)
 
 
-def test_prefix_tuning_cannot_be_merged(http: httpx.Client) -> None:
+def test_prefix_tuning_cannot_be_merged_but_is_served(http: httpx.Client) -> None:
     job = run_job(http, job_body(upload(http, chat_jsonl(16))["id"], peft="prefix_tuning"))
     response = http.get(f"/v1/models/{job['fine_tuned_model']}/merged")
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "not_mergeable" and "prefix_tuning" in error["message"]
+    question = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    chat = http.post("/v1/chat/completions", json=question | {"model": job["fine_tuned_model"]})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["completion_tokens"] > 0
 
 
 @pytest.fixture(scope="module")

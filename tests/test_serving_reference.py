@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
+from peft import (
+    AdaptionPromptConfig,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.test_serving import BASE, QUESTIONS, chat, make_lora, run, target
@@ -29,9 +37,11 @@ MAX_TOKENS = 8
 ASKED = QUESTIONS[:3]  # three prompt lengths, so batches are left-padded
 NEAR_TIE = 1e-5  # 50 times the largest logit difference padding or merging was seen to make
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA, WIDE_LORA, DORA, FULL = (
-    f"ft:{BASE}:{kind}:job{i}" for i, kind in enumerate(("lora", "wide", "dora", "full"))
+LORA, WIDE_LORA, DORA, FULL, PREFIX, PROMPT, PTUNING, LLAMA_ADAPTER = (
+    f"ft:{BASE}:{kind}:job{i}"
+    for i, kind in enumerate(("lora", "wide", "dora", "full", "prefix", "prompt", "ptuning", "llama-adapter"))
 )
+OWN_MODELS = (DORA, FULL, PREFIX, PROMPT, PTUNING, LLAMA_ADAPTER)  # each served on a model of its own
 Answer = tuple[str, str | None, int, int]  # (text, finish_reason, prompt_tokens, completion_tokens) as `run`
 
 
@@ -53,10 +63,26 @@ def make_full_fine_tune(base_folder: Path, dest: Path, seed: int) -> Path:
     return dest
 
 
+def make_prompt_learning(base_folder: Path, dest: Path, config: Any, seed: int, scale: float = 1.0) -> Path:
+    """A prompt-learning adapter (or LLaMA-Adapter) with its learned weights moved off their start by
+    `scale` standard deviations, so that it changes the answers (LLaMA-Adapter's gates start at zero,
+    where it changes nothing)."""
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    peft_model.save_pretrained(dest)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(base_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Model id -> folder: a LoRA on three layers, one on every linear layer and the embeddings (rsLoRA,
-    another rank and alpha), a DoRA, and a full fine-tune."""
+    another rank and alpha), a DoRA, a full fine-tune, and prefix, prompt and P-tuning and LLaMA-Adapter,
+    as Tuneforge's methods configure them (worker/training/methods.py)."""
     root = tmp_path_factory.mktemp("fine-tuned")
     wide = LoraConfig(
         r=8,
@@ -66,11 +92,18 @@ def fine_tuned(base_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         task_type="CAUSAL_LM",
     )
     dora = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
+    virtual = {"num_virtual_tokens": 6, "task_type": "CAUSAL_LM"}
+    llama_adapter = AdaptionPromptConfig(adapter_len=6, adapter_layers=2, task_type="CAUSAL_LM")
     return {
         LORA: make_lora(base_folder, root / "lora", seed=1),
         WIDE_LORA: make_lora(base_folder, root / "wide", seed=2, config=wide),
         DORA: make_lora(base_folder, root / "dora", seed=3, config=dora),
         FULL: make_full_fine_tune(base_folder, root / "full", seed=4),
+        # A prefix's keys and values move the answers of this random model less than embeddings do.
+        PREFIX: make_prompt_learning(base_folder, root / "prefix", PrefixTuningConfig(**virtual), 5, scale=8),
+        PROMPT: make_prompt_learning(base_folder, root / "prompt", PromptTuningConfig(**virtual), seed=6),
+        PTUNING: make_prompt_learning(base_folder, root / "ptuning", PromptEncoderConfig(**virtual), seed=7),
+        LLAMA_ADAPTER: make_prompt_learning(base_folder, root / "llama-adapter", llama_adapter, seed=8),
     }
 
 
@@ -90,17 +123,20 @@ def generate(model: Any, tokenizer: Any, question: str) -> Answer:
     prompt = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )
-    with torch.no_grad():
-        out = model.generate(
-            **prompt,
-            do_sample=False,
-            max_new_tokens=MAX_TOKENS,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
     prompt_tokens = prompt["input_ids"].shape[1]
-    ids = out.sequences[0, prompt_tokens:].tolist()
-    for step, logits in enumerate(out.logits):
+    with torch.no_grad():
+        if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+            ids, steps = _recomputed(model, prompt["input_ids"], model.generation_config.eos_token_id)
+        else:
+            out = model.generate(
+                **prompt,
+                do_sample=False,
+                max_new_tokens=MAX_TOKENS,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            ids, steps = out.sequences[0, prompt_tokens:].tolist(), out.logits
+    for step, logits in enumerate(steps):
         top = torch.topk(logits[0].float(), 2).values
         assert top[0] - top[1] >= NEAR_TIE, (
             f"step {step} of the answer to {question!r} is a near tie ({float(top[0] - top[1]):.1e}): "
@@ -108,6 +144,27 @@ def generate(model: Any, tokenizer: Any, question: str) -> Answer:
         )
     finish = "stop" if ids[-1] == model.generation_config.eos_token_id else "length"
     return tokenizer.decode(ids, skip_special_tokens=True), finish, prompt_tokens, len(ids)
+
+
+def _recomputed(model: Any, input_ids: torch.Tensor, eos: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding by PEFT's forward pass over the whole sequence at every step, no cache: each answer
+    token sees the virtual tokens exactly as training showed them.
+
+    Prompt learning's reference is this rather than `generate`: with PEFT 0.21.2 and transformers 5.24,
+    `generate` answers as the base model would for prefix tuning (the prefix's keys and values do not
+    reach its decoding), and for prompt and P-tuning its answers part from the forward pass's after a few
+    tokens (its decoding steps do not position the answer's tokens as the forward pass and training do).
+    """
+    ids: list[int] = []
+    steps = []
+    for _ in range(MAX_TOKENS):
+        sequence = torch.cat([input_ids, torch.tensor([ids], dtype=torch.long)], dim=1)
+        logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[:, -1, :]
+        steps.append(logits)
+        ids.append(int(logits[0].argmax()))
+        if ids[-1] == eos:
+            break
+    return ids, steps
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +193,7 @@ def test_each_kind_of_fine_tune_answers_as_peft_generate(
     """One chat per batch: each LoRA's first batch runs on PEFT's layers, the next ones on swapped-in weights;
     DoRA and the full fine-tune on models of their own; the base first alone, last beside loaded adapters."""
     engine = Engine()
-    for model_id in [BASE, LORA, WIDE_LORA, DORA, FULL, BASE]:
+    for model_id in [BASE, LORA, WIDE_LORA, *OWN_MODELS, BASE]:
         answers = [run(engine, [ask(base_folder, fine_tuned, model_id, q)])[0] for q in ASKED]
         assert answers == references[model_id], model_id
 
@@ -144,13 +201,14 @@ def test_each_kind_of_fine_tune_answers_as_peft_generate(
 def test_mixed_batches_answer_row_by_row_as_peft_generate(
     base_folder: Path, fine_tuned: dict[str, Path], references: dict[str, list[Answer]]
 ) -> None:
-    """The base and two LoRAs share one batch (in an order that reads differently backwards); DoRA and the
-    full fine-tune batch their own rows. Prompts of different lengths are left-padded."""
+    """The base and two LoRAs share one batch (in an order that reads differently backwards); every model of
+    its own batches its own rows. Prompts of different lengths are left-padded (after the virtual tokens of
+    prompt learning)."""
     engine = Engine()
     rows = [(BASE, 0), (LORA, 1), (WIDE_LORA, 2), (WIDE_LORA, 0), (LORA, 2)]
     requests = [ask(base_folder, fine_tuned, model_id, ASKED[q]) for model_id, q in rows]
     assert run(engine, requests) == [references[model_id][q] for model_id, q in rows]
-    for model_id in (DORA, FULL):
+    for model_id in OWN_MODELS:
         requests = [ask(base_folder, fine_tuned, model_id, q) for q in ASKED]
         assert run(engine, requests) == references[model_id], model_id
 

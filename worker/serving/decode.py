@@ -104,13 +104,13 @@ class Detokenizer:
 class _RowState:
     """A row's progress: its tokens, its text and how much of it went out, its generator and counts."""
 
-    def __init__(self, row: Row, tokenizer: Any, device: torch.device) -> None:
+    def __init__(self, row: Row, tokenizer: Any, device: torch.device, virtual_tokens: int = 0) -> None:
         self.row = row
         self.tokens: list[int] = []
         self.detokenizer = Detokenizer(tokenizer, row.prompt_ids[-CONTEXT_TOKENS:])
         self.text = ""
         self.emitted = 0
-        self.position = len(row.prompt_ids)  # the next token's position
+        self.position = virtual_tokens + len(row.prompt_ids)  # the next token's position
         self.next_token = -1  # sampled, not yet fed to the model
         self.counts: dict[int, int] = {}  # generated token -> how often, for the penalties
         self.longest_stop = max((len(s) for s in row.stop), default=0)
@@ -245,19 +245,32 @@ class Batch:
         return [state.row for state in self.states]
 
     @torch.inference_mode()
-    def join(self, rows: list[Row], forward: Forward) -> list[Step]:
-        """Prefill `rows` in one forward pass, take their first tokens, and add them to the running batch."""
-        states = [_RowState(row, self.tokenizer, self.device) for row in rows]
+    def join(
+        self,
+        rows: list[Row],
+        forward: Forward,
+        *,
+        virtual_tokens: int = 0,
+        start_cache: Callable[[int], DynamicCache] | None = None,
+    ) -> list[Step]:
+        """Prefill `rows` in one forward pass, take their first tokens, and add them to the running batch.
+
+        A prompt-learning model puts `virtual_tokens` before every prompt: `forward` inserts their
+        embeddings (prompt and P-tuning), or `start_cache` gives their keys and values (prefix tuning). They
+        take the first positions and cache columns of each row, as PEFT's own forward pass places them.
+        """
+        states = [_RowState(row, self.tokenizer, self.device, virtual_tokens) for row in rows]
         longest = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), longest), dtype=torch.long)
+        attention = torch.zeros((len(rows), virtual_tokens + longest), dtype=torch.long)
+        attention[:, :virtual_tokens] = 1
         positions = torch.zeros((len(rows), longest), dtype=torch.long)
         for i, row in enumerate(rows):
             size = len(row.prompt_ids)
             input_ids[i, longest - size :] = torch.tensor(row.prompt_ids)
-            attention[i, longest - size :] = 1
-            positions[i, longest - size :] = torch.arange(size)
-        cache = DynamicCache()
+            attention[i, virtual_tokens + longest - size :] = 1
+            positions[i, longest - size :] = torch.arange(size) + virtual_tokens
+        cache = start_cache(len(rows)) if start_cache is not None else DynamicCache()
         attention = attention.to(self.device)
         logits = forward(
             [row.adapter for row in rows],

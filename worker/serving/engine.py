@@ -8,8 +8,10 @@ adapters and for the base share each forward pass. PEFT 0.21 supports ``adapter_
 only, and refuses it for DoRA; so every other fine-tuned model (DoRA, LoHa, LoKr, IA3, and full or freeze
 fine-tunes that ship whole weights) is served from its own model, loaded from the base folder plus that
 adapter, and is a group of its own. Those own models count against the same LRU limit, and have their
-adapter merged into their weights when they load. Prompt-learning methods (prefix or prompt tuning,
-llama-adapter) are refused: their virtual tokens do not fit this decode loop's KV cache yet.
+adapter merged into their weights when they load. Prompt-learning adapters (prompt tuning, P-tuning,
+prefix tuning) are own models too, unmerged: their virtual tokens go before every prompt at prefill, as
+embeddings or as the prefix's keys and values, and decoding then runs on the base model alone. LLaMA-Adapter
+runs as PEFT's gated attention layers (nothing to merge).
 
 When the rows of a base's forward passes all use one LoRA adapter for a few passes in a row (the common
 case under light load), they run on merged weights: each adapted layer's weight is swapped for W + BA,
@@ -36,7 +38,7 @@ from typing import Any
 
 import jinja2
 import torch
-from peft import PeftModel
+from peft import PeftModel, PeftType
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +51,14 @@ from worker.serving.telemetry import ADAPTER_EVICTIONS, ADAPTER_LOADS
 MIXABLE_PEFT_TYPES = {"LORA"}
 SWAP_AFTER_STEPS = 4
 """Forward passes on one LoRA adapter alone after which its merged weights are swapped in."""
-PROMPT_LEARNING_TYPES = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+# Prompt-learning adapters served on their own model, their virtual tokens before every prompt.
+VIRTUAL_TOKEN_TYPES = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"}
+UNSERVABLE = {  # Tuneforge trains neither; a folder of one, registered by hand, is refused saying why
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning adapters need a task id with every request, and "
+    "OpenAI's API has no field to send one",
+    "CPT": "CPT adapters are prompt-tuned on in-context examples whose token types every request would "
+    "have to send again, and OpenAI's API has no field for them",
+}
 
 
 class Refused(ValueError):
@@ -68,7 +77,7 @@ class PromptTooLong(Refused):
 
 
 class UnsupportedModel(ValueError):
-    """A fine-tuned model this engine cannot generate with (a classifier, a prompt-learning adapter)."""
+    """A fine-tuned model this engine cannot generate with (a classifier, a multitask prompt adapter)."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,8 @@ def adapter_name(model_id: str) -> str:
 
 @lru_cache(maxsize=1024)
 def adapter_kind(folder: Path) -> str:
-    """'lora' (mixable), 'own' (served from its own model) for a folder; raise if it cannot be served."""
+    """'lora' (mixable), 'own' (its own model) or 'prompt' (its own, with virtual tokens) for a folder;
+    raise if it cannot be served."""
     config_file = folder / "adapter_config.json"
     not_generative = "this is a classification model; it answers /v1/classifications, not completions"
     if not config_file.exists():
@@ -156,8 +166,10 @@ def adapter_kind(folder: Path) -> str:
     peft_type, task = config.get("peft_type"), config.get("task_type")
     if task == "SEQ_CLS":
         raise UnsupportedModel(not_generative)
-    if peft_type in PROMPT_LEARNING_TYPES or peft_type == "ADAPTION_PROMPT":
-        raise UnsupportedModel(f"serving {peft_type.lower()} adapters is not supported yet")
+    if peft_type in UNSERVABLE:
+        raise UnsupportedModel(UNSERVABLE[peft_type])
+    if peft_type in VIRTUAL_TOKEN_TYPES:
+        return "prompt"
     if (
         peft_type in MIXABLE_PEFT_TYPES
         and not config.get("use_dora")
@@ -165,6 +177,13 @@ def adapter_kind(folder: Path) -> str:
     ):
         return "lora"
     return "own"
+
+
+def _virtual_tokens(folder: Path | None) -> int:
+    """The context positions a prompt-learning adapter's virtual tokens take before every prompt."""
+    if folder is None or adapter_kind(folder) != "prompt":
+        return 0
+    return int(json.loads((folder / "adapter_config.json").read_text())["num_virtual_tokens"])
 
 
 def default_device() -> torch.device:
@@ -255,11 +274,13 @@ class Engine:
                     base.model, str(target.adapter_path), adapter_name=name, is_trainable=False
                 ).eval()
         elif (target.adapter_path / "adapter_config.json").exists():
-            # Its own copy of the base: merging costs nothing more and spares every step the adapter's work.
             own = PeftModel.from_pretrained(
                 load_model(target.base_path, self.device), str(target.adapter_path), is_trainable=False
-            )
-            own = own.merge_and_unload().eval()
+            ).eval()
+            # Its own copy of the base: merging costs nothing more and spares every step the adapter's work.
+            # Virtual tokens and LLaMA-Adapter's gated attention have nothing to merge: they run as PEFT's.
+            if kind == "own" and own.peft_config["default"].peft_type != PeftType.ADAPTION_PROMPT:
+                own = own.merge_and_unload().eval()
         else:
             own = load_model(target.adapter_path, self.device)
         self._active[name] = (kind, target.base_id, own)
@@ -295,7 +316,7 @@ class Engine:
                 field="max_tokens",
             )
         ids = self._prompt_ids(request, base)
-        room = base.context - len(ids)
+        room = base.context - len(ids) - _virtual_tokens(target.adapter_path)
         if room < 1 or (request.max_tokens is not None and request.max_tokens > room):
             asked = f"; with max_tokens {request.max_tokens}" if request.max_tokens is not None else ""
             raise PromptTooLong(
@@ -411,7 +432,8 @@ class Engine:
                 batch = Batch(base.tokenizer, eos_ids=base.eos_ids, pad_id=base.pad_id, device=self.device)
                 self._batches[group] = batch
                 self._routes[group] = (base, own)
-            steps += self._batches[group].join([p.row for p in members], self._forward(group))
+            batch = self._batches[group]
+            steps += batch.join([p.row for p in members], self._forward(group), **self._virtual(group))
             self._drop_if_idle(group)
         return steps
 
@@ -447,15 +469,32 @@ class Engine:
         base, own = self._routes[group]
 
         def forward(adapters: list[str], **inputs: Any) -> torch.Tensor:
-            if own is not None:
-                model, extra = self._active[own][2], nullcontext({})
-            else:
+            if own is None:
                 model, extra = base.model, self._routed(base, adapters)
+            else:
+                kind, _, model = self._active[own]
+                extra = nullcontext({})
+                if kind == "prompt":
+                    inputs = _with_virtual_embeddings(model, inputs)
+                    model = model.get_base_model()
             with extra as routing:
                 out = model(**inputs, **routing, use_cache=True, logits_to_keep=1)
             return out.logits[:, -1, :]
 
         return forward
+
+    def _virtual(self, group: str) -> dict[str, Any]:
+        """What a prompt-learning group's prefill puts before every prompt (see `Batch.join`)."""
+        own = self._routes[group][1]
+        if own is None or self._active[own][0] != "prompt":
+            return {}
+        model = self._active[own][2]
+        config = model.active_peft_config
+        prefix = config.peft_type == PeftType.PREFIX_TUNING
+        return {
+            "virtual_tokens": config.num_virtual_tokens,
+            "start_cache": (lambda rows: model.get_prompt(rows)) if prefix else None,
+        }
 
     @contextmanager
     def _routed(self, base: _Base, adapters: list[str]) -> Iterator[dict[str, Any]]:
@@ -531,6 +570,23 @@ class Engine:
             if isinstance(module, LoraLayer):
                 module.enable_adapters(True)
         base.alone = None
+
+
+def _with_virtual_embeddings(model: PeftModel, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A prompt- or P-tuning prefill's inputs with the learned virtual token embeddings before the prompt,
+    at the first positions; decode steps, and prefix tuning (whose virtual tokens are its cache), as given.
+    """
+    config = model.active_peft_config
+    if config.peft_type == PeftType.PREFIX_TUNING or inputs["past_key_values"].get_seq_length() > 0:
+        return inputs
+    input_ids, positions = inputs.pop("input_ids"), inputs["position_ids"]
+    embeds = model.word_embeddings(input_ids)
+    virtual = model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
+    first = torch.arange(virtual.shape[1], device=positions.device).expand(input_ids.shape[0], -1)
+    return inputs | {
+        "inputs_embeds": torch.cat([virtual, embeds], dim=1),
+        "position_ids": torch.cat([first, positions], dim=1),
+    }
 
 
 def _adapts(module: LoraLayer, name: str) -> bool:

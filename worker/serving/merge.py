@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from app.config import get_settings
 from app.errors import ApiError
-from worker.serving.engine import PROMPT_LEARNING_TYPES, Target
+from worker.serving.engine import UNSERVABLE, VIRTUAL_TOKEN_TYPES, Target
 
 # Methods whose adapter was trained on a quantized base, and how that base was quantized.
 QUANTIZED_METHODS = {"qlora": "4-bit NF4", "lora_8bit": "8-bit"}
@@ -84,7 +84,7 @@ def check_mergeable(folder: Path) -> None:
     if not config_file.exists():
         return
     peft_type = json.loads(config_file.read_text()).get("peft_type")
-    if peft_type in PROMPT_LEARNING_TYPES or peft_type == "ADAPTION_PROMPT":
+    if peft_type in VIRTUAL_TOKEN_TYPES or peft_type in UNSERVABLE or peft_type == "ADAPTION_PROMPT":
         raise not_mergeable(
             f"This model is a {peft_type.lower()} adapter: it adds virtual tokens or adaption prompts "
             "instead of changing the base's weights, so it cannot be merged into them. Serve it with "
