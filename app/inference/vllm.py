@@ -8,11 +8,17 @@ allowed, so that adapters can be registered while it serves::
 Before a request reaches vLLM, `prepare` resolves the model id for the project (404 / 409 as the built-in
 server decides them), unpacks a fine-tuned model's adapter once into ``<home>/vllm/adapters/<id>``,
 registers it once per process with ``POST /v1/load_lora_adapter`` under its Tuneforge id, and rewrites
-``model`` to the name vLLM knows. Only LoRA adapters qualify: a full or freeze fine-tune is whole weights,
-which vLLM would serve from a server of its own per model. Plain HTTP and the standard library: no torch.
+``model`` to the name vLLM knows. A base model's requests go through an all-zero adapter of their own
+(``<base>:base``, `zero_adapter`): vLLM's CPU build gives base rows batched beside an adapter's rows that
+adapter's output, and a batch in which every row has an adapter is served right. Only LoRA adapters
+qualify: a full or freeze fine-tune is whole weights, which vLLM would serve from a server of its own per
+model. Plain HTTP and the standard library: no torch.
 """
 
 import json
+import os
+import shutil
+import struct
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,6 +32,7 @@ from app.jobs import service as job_service
 from app.models import service as model_service
 from app.storage import cache_folder, get_store, unpack_once
 
+BASE_ADAPTER_SUFFIX = ":base"  # '<base id>:base' is the zero adapter base-model requests go through
 # Registering an adapter makes vLLM read it from disk, possibly onto a GPU: allow it some time.
 LOAD_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 
@@ -48,10 +55,23 @@ _SHARED = {
     "stream",
     "stream_options",
     "user",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
 }
 DOCUMENTED_FIELDS = {
-    "/v1/chat/completions": _SHARED | {"messages", "max_completion_tokens"},
-    "/v1/completions": _SHARED | {"prompt"},
+    "/v1/chat/completions": _SHARED
+    | {
+        "messages",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+    },
+    "/v1/completions": _SHARED | {"prompt", "logprobs"},
 }
 
 
@@ -78,7 +98,12 @@ def prepare(session: Session, *, project: str, path: str, body: dict[str, Any]) 
         raise ApiError(400, "'model' is required, e.g. \"tiny-llama\".", param="model", code="invalid_value")
     row = job_service.get_servable_model(session, project=project, model_id=model_id)
     if row.kind == model_service.BASE:
-        return body | {"model": served_name(row.id)}
+        if not get_settings().vllm_base_adapter:
+            return body | {"model": served_name(row.id)}
+        name = f"{row.id}{BASE_ADAPTER_SUFFIX}"
+        if name not in _loaded:
+            load_adapter(name, vllm_path(zero_adapter(name, row.profile or {})))
+        return body | {"model": name}
     if not row.storage_key:
         raise ApiError(500, f"'{model_id}' has no adapter in the artifact store.", type="server_error")
     folder = unpacked(model_id, get_store().local_path(row.storage_key))
@@ -86,6 +111,64 @@ def prepare(session: Session, *, project: str, path: str, body: dict[str, Any]) 
     if model_id not in _loaded:
         load_adapter(model_id, vllm_path(folder))
     return body | {"model": model_id}
+
+
+def zero_adapter(name: str, profile: dict[str, Any]) -> Path:
+    """A LoRA adapter that changes nothing (rank 1 on q_proj, all zeros), written once for the base of
+    `profile` (its registered shape): the stand-in for the base in vLLM's batches (`vllm_base_adapter`).
+
+    Written as safetensors by hand (an 8-byte header size, a JSON header, the tensors' bytes): the API
+    has no torch, and zeros need nothing more.
+    """
+    folder = adapter_folder(name)
+    if (folder / "adapter_model.safetensors").is_file():
+        return folder
+    if "q_proj" not in profile.get("linear_modules", []):
+        raise ApiError(
+            400,
+            f"The vLLM backend serves base models through a zero LoRA adapter on q_proj, and '{name}' has "
+            "no q_proj layers; set TUNEFORGE_VLLM_BASE_ADAPTER=false to send its requests to vLLM as they "
+            "are.",
+            param="model",
+            code="model_not_servable",
+        )
+    hidden, queries = profile["hidden_size"], profile["num_attention_heads"] * profile["head_dim"]
+    shapes = {}
+    for layer in range(profile["num_layers"]):
+        module = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        shapes[f"{module}.lora_A.weight"] = [1, hidden]
+        shapes[f"{module}.lora_B.weight"] = [queries, 1]
+    header, size = {}, 0
+    for tensor, shape in shapes.items():
+        header[tensor] = {
+            "dtype": "F32",
+            "shape": shape,
+            "data_offsets": [size, size + 4 * shape[0] * shape[1]],
+        }
+        size += 4 * shape[0] * shape[1]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 1,
+                "lora_alpha": 1,
+                "target_modules": ["q_proj"],
+            }
+        )
+    )
+    (staging / "adapter_model.safetensors").write_bytes(
+        struct.pack("<Q", len(encoded)) + encoded + bytes(size)
+    )
+    try:
+        staging.rename(folder)  # atomic: vLLM never reads half of it
+    except OSError:  # another process wrote it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def served_name(base_id: str) -> str:
