@@ -63,25 +63,35 @@ def api_process(env: dict[str, str], log_name: str) -> Iterator[tuple[str, subpr
 
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
+    url = f"http://127.0.0.1:{port}"
+    with serving_process(command, env, log_name, f"{url}/livez", "the API") as process:
+        yield url, process
+
+
+@contextmanager
+def serving_process(
+    command: list[str], env: dict[str, str], log_name: str, health_url: str, what: str, timeout: float = 60
+) -> Iterator[subprocess.Popen]:
+    """`command` run with its output in TUNEFORGE_HOME/`log_name`, once `health_url` answers 200; stopped
+    (terminated, killed if it lingers) at the end."""
     with (Path(env["TUNEFORGE_HOME"]) / log_name).open("ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while True:
-            assert process.poll() is None, f"the API process exited; see {log_name}"
-            assert time.monotonic() < deadline, f"the API did not start in 60 s; see {log_name}"
+            assert process.poll() is None, f"{what} exited; see {log_name}"
+            assert time.monotonic() < deadline, f"{what} did not start in {timeout:.0f} s; see {log_name}"
             try:
-                if httpx.get(f"{url}/livez", timeout=2).status_code == 200:
+                if httpx.get(health_url, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        yield url, process
+        yield process
     finally:
         process.terminate()
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
 

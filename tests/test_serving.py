@@ -7,7 +7,6 @@ seeded random values, so each adapter changes the model's answers in its own way
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -22,8 +21,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tests.conftest import TEST_HOME, free_port
-from tests.helpers import api_process
+from tests.conftest import free_port
+from tests.helpers import api_process, serving_process
 from worker.serving.app import create_app, run_server
 from worker.serving.batcher import Batcher, Order
 from worker.serving.decode import sample
@@ -269,29 +268,11 @@ def test_top_p_zero_keeps_the_likeliest_token() -> None:
 def inference_server(tiny_model: str) -> Iterator[str]:
     """The inference server as its own process, on the test database and artifact store."""
     port = free_port()
-    log = open(TEST_HOME / "serving.log", "wb")  # noqa: SIM115 - closed below, after the process
-    process = subprocess.Popen(
-        [sys.executable, "-m", "worker.serving", "--port", str(port)],
-        env=os.environ | {"TUNEFORGE_BATCH_WINDOW_MS": "20", "TUNEFORGE_INFERENCE_SECRET": SECRET},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    env = os.environ | {"TUNEFORGE_BATCH_WINDOW_MS": "20", "TUNEFORGE_INFERENCE_SECRET": SECRET}
+    command = [sys.executable, "-m", "worker.serving", "--port", str(port)]
     base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (TEST_HOME / "serving.log").read_text()
-            assert time.monotonic() < deadline, "the inference server did not start in 60 s; see serving.log"
-            try:
-                if httpx.get(f"{base_url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    with serving_process(command, env, "serving.log", f"{base_url}/healthz", "the inference server"):
         yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 def client(base_url: str, project: str = "alpha") -> openai.OpenAI:

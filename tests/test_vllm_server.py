@@ -14,8 +14,6 @@ LoRA ops read "no adapter", index -1, as the last adapter slot; vLLM PRs 48421 a
 
 import asyncio
 import os
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +21,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import TEST_HOME, free_port
-from tests.helpers import api_process, chat_jsonl, upload, wait_for_status
+from tests.conftest import free_port
+from tests.helpers import api_process, chat_jsonl, serving_process, upload, wait_for_status
 from tests.test_serving import TOOLS, Weather
 
 VLLM_PYTHON = Path(
@@ -86,28 +84,9 @@ def vllm_server(vllm_base: Path) -> Iterator[str]:
         "--port",
         str(port),
     ]
-    log_path = TEST_HOME / "vllm-server.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"vLLM exited; see {log_path}"
-            assert time.monotonic() < deadline, f"vLLM did not start in 180 s; see {log_path}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with serving_process(command, env, "vllm-server.log", f"{url}/health", "vLLM", timeout=180):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
