@@ -74,19 +74,17 @@ def serving_process(
 ) -> Iterator[subprocess.Popen]:
     """`command` run with its output in TUNEFORGE_HOME/`log_name`, once `health_url` answers 200; stopped
     (terminated, killed if it lingers) at the end."""
+    with started_process(command, env, log_name) as process:
+        wait_until_healthy(process, health_url, what, log_name, timeout)
+        yield process
+
+
+@contextmanager
+def started_process(command: list[str], env: dict[str, str], log_name: str) -> Iterator[subprocess.Popen]:
+    """`command` started (not waited for) with its output in TUNEFORGE_HOME/`log_name`; stopped at the end."""
     with (Path(env["TUNEFORGE_HOME"]) / log_name).open("ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert process.poll() is None, f"{what} exited; see {log_name}"
-            assert time.monotonic() < deadline, f"{what} did not start in {timeout:.0f} s; see {log_name}"
-            try:
-                if httpx.get(health_url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         yield process
     finally:
         process.terminate()
@@ -94,6 +92,21 @@ def serving_process(
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def wait_until_healthy(
+    process: subprocess.Popen, health_url: str, what: str, log_name: str, timeout: float = 60
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"{what} exited; see {log_name}"
+        assert time.monotonic() < deadline, f"{what} did not start in {timeout:.0f} s; see {log_name}"
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
 
 
 def all_events(http: httpx.Client, job_id: str) -> list[dict]:

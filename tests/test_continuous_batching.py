@@ -177,3 +177,46 @@ def test_penalties_and_logit_bias_shape_greedy_choices(base_folder: Path) -> Non
     word = tokenizer(" hello", add_special_tokens=False)["input_ids"][0]
     text, *_ = run(engine, [chat(t, "Hi", max_tokens=5, logit_bias={word: 100.0})])[0]
     assert text == tokenizer.decode([word] * 5)
+
+
+def test_a_model_that_fails_to_load_fails_its_request_alone(
+    base_folder: Path,  # noqa: F811
+    adapters: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """An adapter whose weights are unreadable fails its own request; the generation already running goes on
+    to its end, unharmed."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(next(iter(adapters.values())), broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    engine = Engine()
+    running = chat(target(base_folder), QUESTIONS[0], max_tokens=40, logit_bias=no_eos(engine, base_folder))
+    alone = run(engine, [running])[0][0]
+
+    async def main() -> tuple[str, BaseException | None]:
+        batcher = Batcher(engine, window_s=0)
+        batcher.start()
+        try:
+            first = batcher.submit([running])
+            await first.accepted()
+            texts, failure = [], None
+            async for _, step in first.steps():
+                texts.append(step.text)
+                if len(texts) == 2:  # mid-generation: the broken one arrives
+                    second = batcher.submit(
+                        [chat(target(base_folder, "ft:serving-tiny:broken:j9", broken), "Hi")]
+                    )
+                    await second.accepted()
+                    try:
+                        async for _ in second.steps():
+                            pass
+                    except Exception as exc:
+                        failure = exc
+            return "".join(texts), failure
+        finally:
+            await batcher.stop()
+
+    text, failure = asyncio.run(main())
+    assert failure is not None and text == alone

@@ -104,8 +104,8 @@ def test_what_the_spec_allows_and_what_is_not_implemented(
 
     refused = {
         "n": {"n": 129},
-        "tools": {"tools": [{"type": "function", "function": {"name": "add"}}]},
-        "response_format": {"response_format": {"type": "json_object"}},
+        "tool_choice": {"tool_choice": "required"},  # with no tools to call
+        "response_format.type": {"response_format": {"type": "xml"}},
         "top_logprobs": {"top_logprobs": 2},
         "temperature": {"temperature": 3},
         "max_tokens": {"max_tokens": 0},

@@ -103,7 +103,7 @@ def test_json_logs_carry_the_request_project_job_and_attempt(api_key: str, finis
     assert runs and {line["attempt"] for line in runs if line["attempt"] is not None} == {1}, runs[:3]
 
 
-def test_the_inference_server_counts_tokens_batches_waits_loads_and_evictions(
+def test_the_inference_server_counts_tokens_steps_waits_loads_and_evictions(
     http: httpx.Client, finished_job: dict
 ) -> None:
     """A server of its own holding one adapter at a time: the job's model, then its checkpoint's (a model
@@ -137,8 +137,9 @@ def test_the_inference_server_counts_tokens_batches_waits_loads_and_evictions(
         server.wait(timeout=30)
     assert sample(samples, "tuneforge_inference_generated_tokens_total") == generated
     assert sample(samples, "tuneforge_inference_queue_wait_seconds_count") == len(models)
-    assert sample(samples, "tuneforge_inference_batch_rows_count") == len(models)
-    assert sample(samples, "tuneforge_inference_batch_rows_sum") == len(models)  # one request a batch
+    # One decode step per token after each request's first (its prefill's), one row in each.
+    assert sample(samples, "tuneforge_inference_batch_rows_count") == generated - len(models)
+    assert sample(samples, "tuneforge_inference_batch_rows_sum") == generated - len(models)
     assert sample(samples, "tuneforge_inference_adapter_loads_total") == 2
     assert sample(samples, "tuneforge_inference_adapter_evictions_total") == 1
     route = "/v1/chat/completions"

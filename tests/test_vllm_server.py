@@ -14,6 +14,7 @@ LoRA ops read "no adapter", index -1, as the last adapter slot; vLLM PRs 48421 a
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,14 @@ import openai
 import pytest
 
 from tests.conftest import free_port
-from tests.helpers import api_process, chat_jsonl, serving_process, upload, wait_for_status
+from tests.helpers import (
+    api_process,
+    chat_jsonl,
+    started_process,
+    upload,
+    wait_for_status,
+    wait_until_healthy,
+)
 from tests.test_serving import TOOLS, Weather
 
 VLLM_PYTHON = Path(
@@ -46,8 +54,9 @@ def vllm_base(database: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(vllm_base: Path) -> Iterator[str]:
-    """vLLM serving the base with runtime LoRA loading, on the CPU, as its own process."""
+def vllm_process(vllm_base: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """vLLM serving the base with runtime LoRA loading, on the CPU, as its own process: started, not yet
+    up (it takes about 35 s, while `vllm_job` trains)."""
     if not VLLM_PYTHON.exists():
         pytest.fail(f"no vLLM at {VLLM_PYTHON}: `make test` installs it (the Makefile's VLLM_VENV)")
     port = free_port()
@@ -84,14 +93,21 @@ def vllm_server(vllm_base: Path) -> Iterator[str]:
         "--port",
         str(port),
     ]
-    url = f"http://127.0.0.1:{port}"
-    with serving_process(command, env, "vllm-server.log", f"{url}/health", "vLLM", timeout=180):
-        yield url
+    with started_process(command, env, "vllm-server.log") as process:
+        yield f"http://127.0.0.1:{port}", process
 
 
 @pytest.fixture(scope="module")
-def vllm_job(http: httpx.Client, vllm_base: Path) -> dict:
-    """A LoRA job on the vLLM-shaped base, trained by the shared stack's worker."""
+def vllm_server(vllm_process: tuple[str, subprocess.Popen], vllm_job: dict) -> str:
+    """vLLM's URL once it answers (the job's training overlapped its start)."""
+    url, process = vllm_process
+    wait_until_healthy(process, f"{url}/health", "vLLM", "vllm-server.log", timeout=180)
+    return url
+
+
+@pytest.fixture(scope="module")
+def vllm_job(http: httpx.Client, vllm_process: tuple[str, subprocess.Popen]) -> dict:
+    """A LoRA job on the vLLM-shaped base, trained by the shared stack's worker while vLLM starts."""
     training = upload(http, chat_jsonl(count=16))
     hp = {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 20}
     body = {

@@ -140,7 +140,7 @@ class Batcher:
                 time.sleep(self.window_s)  # idle: let a burst gather into one prefill
             self._wake.clear()
             self._take_arrivals()
-            newcomers = self._admissible()
+            newcomers = self._loaded(self._admissible())
             if newcomers:
                 self.prefills += 1
                 self._run(partial(self.engine.admit, newcomers), [p.row.id for p in newcomers])
@@ -197,6 +197,24 @@ class Batcher:
             QUEUE_WAIT.observe(time.monotonic() - order.arrived)
         self._waiting = still_waiting
         return chosen
+
+    def _loaded(self, newcomers: list[Prepared]) -> list[Prepared]:
+        """The newcomers whose fine-tuned models are loaded; one that fails to load fails its order alone,
+        before it joins a batch whose other rows would otherwise fail with it."""
+        pinned = frozenset(self.engine.adapters_in_use()) | {
+            adapter_name(p.request.target.model_id) for p in newcomers if p.request.target.adapter_path
+        }
+        loaded = []
+        for prepared in newcomers:
+            try:
+                self.engine.ensure_adapter(prepared.request.target, pinned=pinned)
+            except Exception as exc:
+                log.exception("loading %s failed", prepared.request.target.model_id)
+                order, index = self._owners.pop(prepared.row.id)
+                order.put(index, exc)
+                continue
+            loaded.append(prepared)
+        return loaded
 
     def _run(self, work: Callable[[], list[Step]], row_ids: list[int]) -> None:
         """Run an engine call and deliver its steps; if it fails, every row it touched hears why."""
