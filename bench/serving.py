@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--load-requests", type=int, default=96, help="(d): requests in the open loop")
-    parser.add_argument("--arrival-rate", type=float, default=20.0, help="(d): mean arrivals per second")
+    parser.add_argument("--arrival-rate", type=float, default=40.0, help="(d): mean arrivals per second")
     parser.add_argument("--long-share", type=float, default=0.25, help="(d): the share of long requests")
     parser.add_argument("--max-batch-size", type=int, default=32, help="(d): the batcher's row limit")
     args = parser.parse_args()

@@ -13,12 +13,12 @@ prefix tuning) are own models too, unmerged: their virtual tokens go before ever
 embeddings or as the prefix's keys and values, and decoding then runs on the base model alone. LLaMA-Adapter
 runs as PEFT's gated attention layers (nothing to merge).
 
-When the rows of a base's forward passes all use one LoRA adapter for a few passes in a row (the common
-case under light load), they run on merged weights: each adapted layer's weight is swapped for W + BA,
-computed once, and the original tensor goes back, bit for bit, before a pass needs the base or other
-adapters. That takes PEFT's per-layer LoRA work out of every decode step, at the cost of one extra copy of
-the adapted weights while an adapter is swapped in (``merge_single_adapter=False`` turns it off). Passes
-on the base alone likewise run with the LoRA layers switched off.
+When the rows of a base's forward passes all use one LoRA adapter for SWAP_AFTER_STEPS passes in a row
+(the common case under light load), they run on merged weights: each adapted layer's weight is swapped for
+W + BA, computed once, and the original tensor goes back, bit for bit, before a pass needs the base or
+other adapters. That takes PEFT's per-layer LoRA work out of every decode step, at the cost of one extra
+copy of the adapted weights while an adapter is swapped in (``merge_single_adapter=False`` turns it off).
+Passes on the base alone likewise run with the LoRA layers switched off.
 
 The engine is not thread-safe: the batcher calls it from its one worker thread. Nothing here knows HTTP.
 """
@@ -49,8 +49,10 @@ from worker.serving.telemetry import ADAPTER_EVICTIONS, ADAPTER_LOADS
 
 # Adapter types PEFT can mix in one batch with `adapter_names` (checked in peft/tuners/lora/layer.py).
 MIXABLE_PEFT_TYPES = {"LORA"}
-SWAP_AFTER_STEPS = 4
-"""Forward passes on one LoRA adapter alone after which its merged weights are swapped in."""
+SWAP_AFTER_STEPS = 24
+"""Forward passes on one LoRA adapter alone after which its merged weights are swapped in. A swap and its
+undoing cost a few decode steps' work, so it must wait for a run that is likely to go on: at 4, traffic
+alternating between adapters in 16-token answers ran 1.14x slower than never swapping (bench/serving.py)."""
 # Prompt-learning adapters served on their own model, their virtual tokens before every prompt.
 VIRTUAL_TOKEN_TYPES = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"}
 UNSERVABLE = {  # Tuneforge trains neither; a folder of one, registered by hand, is refused saying why
