@@ -229,7 +229,7 @@ class Settings(BaseSettings):
     )
     merge_single_adapter: bool = Field(
         True,
-        description="Serve back-to-back batches of one LoRA adapter on merged weights (one extra copy of "
+        description="Serve a run of decode steps on one LoRA adapter on merged weights (one extra copy of "
         "the adapted weights while merged).",
     )
 
