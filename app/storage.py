@@ -6,6 +6,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -167,9 +168,8 @@ def unpack_once(archive: Path, folder: Path, *, model_id: str) -> Path:
         raise ApiError(
             500, f"The adapter of '{model_id}' is missing from the artifact store.", type="server_error"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+
+    def extract(into: Path) -> None:
         with tarfile.open(archive, "r:*") as tar:  # gzip for downloads, plain tar for resume states
             # Every member is checked before the first is written: a bad one last extracts nothing.
             for member in tar.getmembers():
@@ -184,7 +184,18 @@ def unpack_once(archive: Path, folder: Path, *, model_id: str) -> Path:
                     f"The adapter archive of '{model_id}' holds {problem} at {member.name!r}.",
                     type="server_error",
                 )
-            tar.extractall(tmp, filter="data")  # a second guard: no paths out of the folder, no modes
+            tar.extractall(into, filter="data")  # a second guard: no paths out of the folder, no modes
+
+    return publish_folder(folder, extract)
+
+
+def publish_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """`folder`, filled by `fill` in a sibling temporary folder and renamed into place, so that readers
+    (another process, another server) never see half of it; if another writer won the race, theirs."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        fill(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a server running as another user may read it
         os.rename(tmp, folder)
     except OSError:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.db.tables import TrainingFile  # reads no settings: safe before conftest sets them
 
@@ -239,3 +240,21 @@ def chat_file_row(file_id: str, project: str, *, storage_key: str, examples: int
         example_count=examples,
         storage_key=storage_key,
     )
+
+
+def scrape(client: httpx.Client, **kwargs: object) -> dict[tuple[str, frozenset], float]:
+    """Every sample of GET /metrics, by name and labels."""
+    response = client.get("/metrics", **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    found = [value for (n, have), value in samples.items() if n == name and set(labels.items()) <= have]
+    assert found, f"no {name}{labels} in /metrics"
+    return sum(found)

@@ -22,7 +22,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tests.conftest import free_port
-from tests.helpers import api_process, serving_process
+from tests.helpers import api_process, scrape, serving_process
+from tests.helpers import sample as metric_sample
 from worker.serving.app import create_app, run_server
 from worker.serving.batcher import Batcher, Order
 from worker.serving.decode import sample
@@ -632,8 +633,8 @@ def test_n_choices_logprobs_and_interleaved_streams(inference_server: str, tiny_
 
 
 def metric(base_url: str, name: str) -> float:
-    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {SECRET}"}).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {SECRET}"}) as client:
+        return metric_sample(scrape(client), name)
 
 
 def test_a_client_that_leaves_stops_its_generation_within_a_step(

@@ -3,36 +3,24 @@ belong to."""
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import free_port
 from app.config import get_settings
 from tests.conftest import TEST_HOME
-from tests.helpers import api_process, chat_jsonl, job_body, upload, wait_for_step
-
-
-def scrape(client: httpx.Client, **kwargs: object) -> dict[tuple[str, frozenset], float]:
-    """Every sample of GET /metrics, by name and labels."""
-    response = client.get("/metrics", **kwargs)  # type: ignore[arg-type]
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
-    found = [value for (n, have), value in samples.items() if n == name and set(labels.items()) <= have]
-    assert found, f"no {name}{labels} in /metrics"
-    return sum(found)
+from tests.helpers import (
+    api_process,
+    chat_jsonl,
+    job_body,
+    sample,
+    scrape,
+    serving_process,
+    upload,
+    wait_for_step,
+)
 
 
 def test_metrics_show_requests_jobs_queues_workers_and_a_running_job(
@@ -112,29 +100,21 @@ def test_the_inference_server_counts_tokens_steps_waits_loads_and_evictions(
     models = [finished_job["fine_tuned_model"], checkpoint["fine_tuned_model_checkpoint"], "tiny-llama"]
     secret, port = "metrics-test-secret-0123456789", free_port()
     env = os.environ | {"TUNEFORGE_INFERENCE_SECRET": secret, "TUNEFORGE_MAX_ACTIVE_ADAPTERS": "1"}
-    with (TEST_HOME / "serving-metrics.log").open("wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "worker.serving", "--port", str(port)], env=env, stdout=log, stderr=log
-        )
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {secret}", "X-Tuneforge-Project": "alpha"}
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{url}/healthz"):
-            assert server.poll() is None and time.monotonic() < deadline, "the inference server did not start"
-            time.sleep(0.3)
-        with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
-            assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
-            generated = 0
-            for model in models:
-                body = {"model": model, "messages": [{"role": "user", "content": "What is 2 plus 2?"}]}
-                answer = client.post("/v1/chat/completions", json=body | {"max_tokens": 5, "temperature": 0})
-                assert answer.status_code == 200, answer.text
-                generated += answer.json()["usage"]["completion_tokens"]
-            samples = scrape(client)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    command = [sys.executable, "-m", "worker.serving", "--port", str(port)]
+    with (
+        serving_process(command, env, "serving-metrics.log", f"{url}/healthz", "the inference server"),
+        httpx.Client(base_url=url, headers=headers, timeout=60) as client,
+    ):
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        generated = 0
+        for model in models:
+            body = {"model": model, "messages": [{"role": "user", "content": "What is 2 plus 2?"}]}
+            answer = client.post("/v1/chat/completions", json=body | {"max_tokens": 5, "temperature": 0})
+            assert answer.status_code == 200, answer.text
+            generated += answer.json()["usage"]["completion_tokens"]
+        samples = scrape(client)
     assert sample(samples, "tuneforge_inference_generated_tokens_total") == generated
     assert sample(samples, "tuneforge_inference_queue_wait_seconds_count") == len(models)
     # One decode step per token after each request's first (its prefill's), one row in each.
@@ -146,10 +126,3 @@ def test_the_inference_server_counts_tokens_steps_waits_loads_and_evictions(
     assert sample(samples, "tuneforge_inference_http_requests_total", handler=route, status="2xx") == len(
         models
     )
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.TransportError:
-        return False

@@ -16,8 +16,6 @@ model. Plain HTTP and the standard library: no torch.
 """
 
 import json
-import os
-import shutil
 import struct
 import threading
 from pathlib import Path, PurePosixPath
@@ -30,7 +28,7 @@ from app.config import get_settings
 from app.errors import ApiError
 from app.jobs import service as job_service
 from app.models import service as model_service
-from app.storage import cache_folder, get_store, unpack_once
+from app.storage import cache_folder, get_store, publish_folder, unpack_once
 
 BASE_ADAPTER_SUFFIX = ":base"  # '<base id>:base' is the zero adapter base-model requests go through
 # Registering an adapter makes vLLM read it from disk, possibly onto a GPU: allow it some time.
@@ -148,27 +146,21 @@ def zero_adapter(name: str, profile: dict[str, Any]) -> Path:
         size += 4 * shape[0] * shape[1]
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
-    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
-    (staging / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "r": 1,
-                "lora_alpha": 1,
-                "target_modules": ["q_proj"],
-            }
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 1,
+        "lora_alpha": 1,
+        "target_modules": ["q_proj"],
+    }
+
+    def write(into: Path) -> None:
+        (into / "adapter_config.json").write_text(json.dumps(config))
+        (into / "adapter_model.safetensors").write_bytes(
+            struct.pack("<Q", len(encoded)) + encoded + bytes(size)
         )
-    )
-    (staging / "adapter_model.safetensors").write_bytes(
-        struct.pack("<Q", len(encoded)) + encoded + bytes(size)
-    )
-    try:
-        staging.rename(folder)  # atomic: vLLM never reads half of it
-    except OSError:  # another process wrote it first
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+    return publish_folder(folder, write)  # atomically: vLLM never reads half of it
 
 
 def served_name(base_id: str) -> str:

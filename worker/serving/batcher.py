@@ -201,9 +201,7 @@ class Batcher:
     def _loaded(self, newcomers: list[Prepared]) -> list[Prepared]:
         """The newcomers whose fine-tuned models are loaded; one that fails to load fails its order alone,
         before it joins a batch whose other rows would otherwise fail with it."""
-        pinned = frozenset(self.engine.adapters_in_use()) | {
-            adapter_name(p.request.target.model_id) for p in newcomers if p.request.target.adapter_path
-        }
+        pinned = self.engine.pinned(newcomers)
         loaded = []
         for prepared in newcomers:
             try:

@@ -179,7 +179,7 @@ class _RowState:
             self.text, finish = self.text[:cut], "stop"
         elif ending:
             finish = "stop" if token in eos_ids or complete else "length"
-        upto = len(self.text) if finish else len(self.text) - _held_back(self.text, self.row.stop)
+        upto = len(self.text) if finish else len(self.text) - held_back(self.text, self.row.stop)
         delta = self.text[self.emitted : upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
         return delta, finish
@@ -195,8 +195,8 @@ def _first_stop(text: str, stops: list[str], start: int) -> int | None:
     return min(hits) if hits else None
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters must wait because they could be the start of a stop string."""
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters must wait because they could be the start of one of `stops`."""
     held = 0
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), 0, -1):

@@ -414,14 +414,18 @@ class Engine:
         """The fine-tuned models running rows use: they cannot be evicted until those rows finish."""
         return {row.adapter for row in self.running_rows()} - {BASE_ADAPTER}
 
+    def pinned(self, newcomers: list[Prepared]) -> frozenset[str]:
+        """The fine-tuned models no load may evict while `newcomers` join: theirs and the running rows'."""
+        return frozenset(self.adapters_in_use()) | {
+            adapter_name(p.request.target.model_id) for p in newcomers if p.request.target.adapter_path
+        }
+
     def admit(self, newcomers: list[Prepared]) -> list[Step]:
         """Prefill `newcomers` (any groups) and add them to their groups' running batches.
 
         The caller keeps the fine-tuned models of running rows and newcomers within `max_active`.
         """
-        pinned = frozenset(self.adapters_in_use()) | {
-            adapter_name(p.request.target.model_id) for p in newcomers if p.request.target.adapter_path
-        }
+        pinned = self.pinned(newcomers)
         groups: dict[str, list[Prepared]] = {}
         for prepared in newcomers:
             prepared.row.adapter = self.ensure_adapter(prepared.request.target, pinned=pinned)

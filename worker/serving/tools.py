@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.serving import constrain
+from worker.serving.decode import held_back
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 SYSTEM_PROMPT = (
@@ -150,7 +151,7 @@ class ToolCallParser:
             if not self.inside:
                 start = self.pending.find(OPEN)
                 if start < 0:
-                    keep = 0 if final else _partial_tag(self.pending)
+                    keep = 0 if final else held_back(self.pending, [OPEN])  # a tag's start
                     content.append(self.pending[: len(self.pending) - keep])
                     self.pending = self.pending[len(self.pending) - keep :]
                     break
@@ -189,11 +190,3 @@ class ToolCallParser:
         call = ToolCall(len(self.calls), f"call_{uuid.uuid4().hex[:24]}", data["name"], json.dumps(arguments))
         self.calls.append(call)
         return call
-
-
-def _partial_tag(text: str) -> int:
-    """How many trailing characters could be the start of a call tag."""
-    for size in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if text.endswith(OPEN[:size]):
-            return size
-    return 0
