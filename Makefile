@@ -43,7 +43,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: lint $(VLLM_VENV)/.installed
-	TUNEFORGE_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(VENV)/bin/pytest -q --durations=25
+	TUNEFORGE_TEST_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=25
 
 # Training speed and memory against a plain TRL script, and the API's speed: the figures in BENCHMARKS.md,
 # in under 20 minutes on 2 cores.

@@ -15,8 +15,32 @@ import httpx
 import pytest
 import redis
 
-POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
+
+def _per_worker(database_url: str, broker_url: str, chaos_broker_url: str) -> tuple[str, str, str]:
+    """`make test` runs the tests in two pytest-xdist workers (most of a test's time is spent waiting on
+    other processes). Each worker has a database and Redis databases of its own: worker N > 0 appends
+    `_gwN` to the database's name and takes the Redis databases 2N below the first worker's."""
+    number = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    if number == 0:
+        return database_url, broker_url, chaos_broker_url
+    from sqlalchemy.engine import make_url
+
+    database = make_url(database_url)
+    database = database.set(database=f"{database.database}_gw{number}")
+
+    def below(url: str) -> str:
+        base, db = url.rsplit("/", 1)
+        assert int(db) - 2 * number > 0, f"{url}: too few Redis databases below it for worker {number}"
+        return f"{base}/{int(db) - 2 * number}"
+
+    return database.render_as_string(hide_password=False), below(broker_url), below(chaos_broker_url)
+
+
+POSTGRES_URL, REDIS_URL, CHAOS_REDIS_URL = _per_worker(
+    os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15"),
+    os.environ.get("TEST_CHAOS_BROKER_URL", "redis://127.0.0.1:6379/14"),
+)
 TEST_HOME = Path(tempfile.mkdtemp(prefix="tuneforge-test-"))
 QUEUE = f"tuneforge-test-{uuid.uuid4().hex[:8]}"
 BIG_QUEUE = f"{QUEUE}-big"
@@ -47,6 +71,7 @@ os.environ.update(
 )
 
 from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
 
 from app.cli import free_port  # noqa: E402
 from app.db import migrate  # noqa: E402
@@ -58,13 +83,19 @@ from tests.helpers import chat_jsonl, job_body, upload, wait_for_status  # noqa:
 @pytest.fixture(scope="session")
 def database() -> str:
     """A clean `test` database at the head migration. Unreachable Postgres fails the run, never skips."""
+    name = make_url(POSTGRES_URL).database
+    admin = create_engine(make_url(POSTGRES_URL).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:  # a second pytest-xdist worker's database, the first time
+        if not connection.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
     engine = create_engine(POSTGRES_URL)
     with engine.begin() as connection:
         connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
         connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     migrate.upgrade()
-    redis.Redis.from_url(REDIS_URL).flushdb()  # db 15 is the tests' own; unreachable Redis fails here too
+    redis.Redis.from_url(REDIS_URL).flushdb()  # the tests' own; unreachable Redis fails here too
     return POSTGRES_URL
 
 

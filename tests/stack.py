@@ -23,12 +23,11 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
-from tests.conftest import POSTGRES_URL, REDIS_URL
+# The tests' own Redis databases are 15 (shared services) and 14 (this stack) by default (see conftest for
+# pytest-xdist's second worker); 0, the README's, is never touched. Concurrent runs on one machine set both
+# through the environment.
+from tests.conftest import CHAOS_REDIS_URL, POSTGRES_URL, REDIS_URL
 from tests.helpers import all_events, api_process, fresh_database, is_training_step, training_processes
-
-# The tests' own Redis databases are 15 (shared services) and 14 (this stack); 0, the README's, is never
-# touched. Concurrent runs on one machine set both through the environment.
-CHAOS_REDIS_URL = os.environ.get("TEST_CHAOS_BROKER_URL", "redis://127.0.0.1:6379/14")
 
 LEASE_SECONDS = 8
 

@@ -267,10 +267,14 @@ def test_checkpoints_and_work_folders_do_not_pile_up(
     assert stack.leftovers() == []
 
 
-def checkpoint_footprint(stack: Stack, bounded_job: BoundedJob) -> int:
-    """Bytes one checkpoint of the bounded job takes on the store's disk (both archives)."""
+def checkpoint_footprint(stack: Stack, bounded_job: BoundedJob, *suffixes: str) -> int:
+    """Bytes one checkpoint of the bounded job takes on the store's disk: both archives, or those named."""
     stored = stack.store / "checkpoints" / bounded_job.job["id"] / "attempt-1"
-    return sum(p.stat().st_blocks * 512 for p in stored.glob("step-5.*"))
+    return sum(
+        p.stat().st_blocks * 512
+        for s in suffixes or (".state.tar", ".tar.gz")
+        for p in stored.glob(f"step-5{s}")
+    )
 
 
 @pytest.fixture
@@ -286,13 +290,16 @@ def test_a_full_store_requeues_the_attempt_and_it_resumes_once_there_is_room(
     small_store: Stack, http: httpx.Client, bounded_job: BoundedJob
 ) -> None:
     """Item 13: room for one checkpoint, not two: attempt 1 stores step 2, finds the disk full at step 4
-    and is re-queued with an event; with the disk freed, attempt 2 resumes from step 2 and succeeds.
-    Every attempt's work folder goes when it ends, and so does one a killed worker left behind."""
+    (after storing its first archive, which is removed again) and is re-queued with an event; with the
+    disk freed, attempt 2 resumes from step 2 and succeeds. Every attempt's work folder goes when it
+    ends, and so does one a killed worker left behind."""
     training = upload(http, chat_jsonl(40))
     left_behind = small_store.work(bounded_job.job["id"]) / "attempt-7" / "trainer" / "checkpoint-3"
     left_behind.mkdir(parents=True)
     (left_behind / "optimizer.pt").write_bytes(bytes(1024))
-    small_store.fill(leave=checkpoint_footprint(small_store, bounded_job) * 3 // 2)
+    # Room for one checkpoint and the next one's resume state (its first archive), not its model.
+    state, model = (checkpoint_footprint(small_store, bounded_job, s) for s in (".state.tar", ".tar.gz"))
+    small_store.fill(leave=state + model + state + model // 2)
     body = job_body(training["id"], checkpoint_every_steps=2)  # 5 steps: checkpoints at 2, 4 and the end
     job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     # Another project's job, queued behind it: once this project has started a job, the worker takes the
@@ -310,6 +317,10 @@ def test_a_full_store_requeues_the_attempt_and_it_resumes_once_there_is_room(
     job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "queued" and job["error"] is None, job
     assert checkpoint_steps(http, job_id) == [2]
+    stored = small_store.store / "checkpoints" / job_id / "attempt-1"
+    assert sorted(p.name for p in stored.iterdir()) == ["step-2.state.tar", "step-2.tar.gz"], (
+        "the half-stored checkpoint at step 4 is removed"
+    )
     assert small_store.leftovers() == [], "a write that found the disk full leaves no temp file"
     assert not small_store.work(bounded_job.job["id"]).exists(), "a finished job's work folder is removed"
 

@@ -147,9 +147,9 @@ def _sync_log(job_id: str, attempt: int, done: bool = False) -> None:
 def _failure(returncode: int, tail: list[str]) -> tuple[str, str]:
     """The error code and message of an attempt whose training process exited with `returncode`."""
     if returncode == EXIT_DISK_FULL:
-        # The run names the write that failed on its log's last line, unless the log's disk is the full one.
-        last = tail[-1] if tail else ""
-        cause = f" ({last.removeprefix(DISK_FULL)})" if last.startswith(DISK_FULL) else ""
+        # The run names the write that failed in its log, unless the log's disk is the full one.
+        said = next((line for line in reversed(tail) if line.startswith(DISK_FULL)), None)
+        cause = f" ({said.removeprefix(DISK_FULL)})" if said else ""
         return "disk_full", (
             f"The disk filled up{cause}: a checkpoint or the trained model could not be written, on the "
             "worker or into the artifact store. Free some space there."

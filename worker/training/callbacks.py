@@ -10,6 +10,7 @@ A checkpoint folder Trainer writes is removed from the work folder once it is in
 (resume reads from the store), and the store keeps only the job's newest `keep_checkpoints`.
 """
 
+import contextlib
 import logging
 import os
 import secrets
@@ -220,12 +221,22 @@ class JobReporter(TrainerCallback):
         key = f"checkpoints/{self.job_id}/attempt-{self.attempt}/step-{step}.tar.gz"
         state_files = [p.name for p in folder.iterdir() if p.name not in NOT_RESUME_STATE + MODEL_FILES]
         archives = ((resume_state_key(key), state_files), (key, list(MODEL_FILES)))
-        for archive_key, names in archives:
-            archive = pack_folder(folder, names, compress=archive_key == key)
-            try:
-                get_store().put_file(archive_key, archive)  # atomic: temp name, then rename
-            finally:
-                archive.unlink(missing_ok=True)
+        stored: list[str] = []
+        try:
+            for archive_key, names in archives:
+                archive = pack_folder(folder, names, compress=archive_key == key)
+                try:
+                    get_store().put_file(archive_key, archive)  # atomic: temp name, then rename
+                    stored.append(archive_key)
+                finally:
+                    archive.unlink(missing_ok=True)
+        except BaseException:
+            # Half a checkpoint is never resumed from: free its room (a full disk is the usual cause, and
+            # the run's log, on the same disk, still has to say so).
+            for archive_key in stored:
+                with contextlib.suppress(Exception):
+                    get_store().delete(archive_key)
+            raise
         metrics = {"step": step} | {
             k: v
             for k, v in self.last_metrics.items()
