@@ -110,14 +110,15 @@ def _answers(client: httpx.Client, model: str, questions: list[str], system: str
 
 def run_demo(port: int, epochs: int) -> None:
     """Run the whole demo and print the side-by-side answers."""
-    from app.cli import models_import_gguf, start_services, stop_services, wait_ready
+    from app.models.local import import_gguf
+    from app.services import start_services, stop_services, wait_ready
     from worker.demo_data import SYSTEM_PROMPT, build_demo_data
     from worker.training.base_models import smollm2_gguf_path
 
     started = time.monotonic()
     home = get_settings().resolved_home
     console.rule("1. Base model: SmolLM2-135M-Instruct from GGUF")
-    models_import_gguf(smollm2_gguf_path(), name=DEMO_MODEL)
+    import_gguf(smollm2_gguf_path(), name=DEMO_MODEL)
     console.rule("2. Training data from chatterbot-corpus")
     data = build_demo_data(home / "demo", train_count=200, validation_count=VALIDATION_EXAMPLES)
     console.print(

@@ -268,7 +268,7 @@ class Stack:
         self, name: str, target: list[str], env: dict[str, str] | None = None
     ) -> tuple[str, subprocess.Popen]:
         """Start a uvicorn server on CPU 0 with the API's own options; its URL once it answers."""
-        from app.cli import api_command, free_port
+        from app.services import api_command, free_port
 
         port = free_port()
         command = api_command(port)

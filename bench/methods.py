@@ -35,13 +35,13 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def register_model(which: str) -> str:
-    from app.cli import models_import_gguf, models_make_tiny
+    from app.models.local import import_gguf, make_tiny
     from worker.training.base_models import smollm2_gguf_path
 
     if which == "smollm2":
-        models_import_gguf(smollm2_gguf_path(), name="smollm2-135m-instruct")
+        import_gguf(smollm2_gguf_path(), name="smollm2-135m-instruct")
         return "smollm2-135m-instruct"
-    models_make_tiny(name="small-llama", hidden_size=1024, layers=2, intermediate_size=2816)
+    make_tiny(name="small-llama", hidden_size=1024, layers=2, intermediate_size=2816)
     return "small-llama"
 
 
@@ -111,7 +111,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from app.cli import start_services, stop_services, wait_ready
+    from app.services import start_services, stop_services, wait_ready
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["smollm2", "small-llama"], default="smollm2")

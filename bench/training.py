@@ -51,7 +51,7 @@ class Stack:
     """The API, a worker and the reconciler on the embedded default, driven over HTTP."""
 
     def __init__(self, port: int, base: Path | None = None) -> None:
-        from app.cli import models_import_gguf, register_folder
+        from app.models.local import import_gguf, register_folder
         from worker.training.base_models import smollm2_gguf_path
 
         migrate.upgrade()
@@ -59,7 +59,7 @@ class Stack:
             register_folder(MODEL, base)
             self.model_dir = base
         else:
-            models_import_gguf(smollm2_gguf_path(), name=MODEL)
+            import_gguf(smollm2_gguf_path(), name=MODEL)
             self.model_dir = get_settings().resolved_home / "models" / MODEL
         with session_scope() as session:
             token = key_service.create_key(session, project="bench")[1]
@@ -71,14 +71,14 @@ class Stack:
         self.processes: list = []
 
     def __enter__(self) -> "Stack":
-        from app.cli import start_services, wait_ready
+        from app.services import start_services, wait_ready
 
         self.processes = start_services(self.port, log_dir=get_settings().resolved_home)
         wait_ready(self.base_url, self.processes)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from app.cli import stop_services
+        from app.services import stop_services
 
         self.client.close()
         stop_services(self.processes)

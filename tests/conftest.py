@@ -73,10 +73,10 @@ os.environ.update(
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from app.cli import free_port  # noqa: E402
 from app.db import migrate  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.keys import service as key_service  # noqa: E402
+from app.services import free_port  # noqa: E402
 from tests.helpers import chat_jsonl, job_body, upload, wait_for_status  # noqa: E402
 
 
@@ -102,16 +102,16 @@ def database() -> str:
 @pytest.fixture(scope="session")
 def tiny_model(database: str) -> str:
     """`tiny-llama`, built locally and registered as a base model."""
-    from app.cli import models_make_tiny
+    from app.models.local import make_tiny
 
-    models_make_tiny(name="tiny-llama", seed=0)
+    make_tiny(name="tiny-llama", seed=0)
     return "tiny-llama"
 
 
 @pytest.fixture(scope="session")
 def server(database: str, tiny_model: str) -> Iterator[str]:
     """The API and one worker, as separate processes, on Postgres + Redis."""
-    from app.cli import start_services, stop_services, wait_ready
+    from app.services import start_services, stop_services, wait_ready
 
     port = free_port()
     # The shared worker's class, and one no test starts a worker for (tests/test_routing.py): set for these

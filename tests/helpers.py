@@ -60,7 +60,9 @@ def job_body(training_file: str, **hyperparameters: object) -> dict:
 @contextmanager
 def api_process(env: dict[str, str], log_name: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """An API server process of its own, with the settings in `env`; yields its URL once /livez answers."""
-    from app.cli import free_port  # here, not at the top: conftest settles the environment before app loads
+    from app.services import (
+        free_port,  # here, not at the top: conftest settles the environment before app loads
+    )
 
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]

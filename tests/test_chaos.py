@@ -317,7 +317,7 @@ def test_a_run_past_the_job_timeout_fails_and_the_worker_runs_the_next(
 
 def test_up_replaces_a_worker_that_died(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """`tuneforge up` supervises its processes: a dead worker is replaced, any other death stops it."""
-    from app.cli import supervise, worker_command
+    from app.services import supervise, worker_command
 
     # The replacement inherits this environment: point it at the chaos stack, not the shared one.
     for name in ("TUNEFORGE_DATABASE_URL", "TUNEFORGE_BROKER_URL", "TUNEFORGE_HOME"):
@@ -327,7 +327,7 @@ def test_up_replaces_a_worker_that_died(stack: Stack, monkeypatch: pytest.Monkey
     dead.wait()
     processes = [dead]
     try:
-        assert supervise(processes) is True
+        assert supervise(processes) is None
         replacement = processes[0]
         assert replacement is not dead and replacement.poll() is None
         assert replacement.args[:6] == worker_command()[:6]  # type: ignore[index]
@@ -336,7 +336,8 @@ def test_up_replaces_a_worker_that_died(stack: Stack, monkeypatch: pytest.Monkey
         processes[0].wait()
     api = subprocess.Popen([sys.executable, "-c", "pass"])
     api.wait()
-    assert supervise([api]) is False
+    stopping = supervise([api])
+    assert stopping is not None and stopping.startswith("the ") and "exited with code 0" in stopping
 
 
 @pytest.mark.parametrize("preload", ["true", "false"])

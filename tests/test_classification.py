@@ -88,7 +88,7 @@ def job_body(training_file: str, model: str = "minilm", **extra: object) -> dict
 @pytest.fixture(scope="module")
 def minilm(database: str) -> str:
     """MiniLM registered the way `tuneforge models import` registers a folder."""
-    from app.cli import register_folder
+    from app.models.local import register_folder
 
     register_folder("minilm", MINILM)
     return "minilm"

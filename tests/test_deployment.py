@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from app import cli
+from app import services
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -54,7 +54,7 @@ def with_defaults(value: str) -> str:
 
 def services_tuneforge_up_starts() -> set[str]:
     """The names `start_services` gives its processes (`commands["api"] = ...`), read from its source."""
-    tree = ast.parse(inspect.getsource(cli.start_services))
+    tree = ast.parse(inspect.getsource(services.start_services))
     return {
         node.slice.value
         for node in ast.walk(tree)

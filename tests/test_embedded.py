@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.cli import wait_ready
+from app.services import wait_ready
 from tests.conftest import free_port
 from tests.helpers import wait_for_status
 from tests.streaming import check_watched, event_delays, percentiles, watch, watched_job

@@ -247,7 +247,7 @@ def event_data(events: list[dict], key: str) -> dict:
 @pytest.fixture(scope="module")
 def mid_llama(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> str:
     """A ~25M-parameter random Llama: its training memory stands well out of the process's noise."""
-    from app.cli import register_folder
+    from app.models.local import register_folder
 
     folder = save_llama(
         tmp_path_factory.mktemp("mid-llama"),

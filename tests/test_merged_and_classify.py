@@ -172,7 +172,7 @@ def classifier_job(http: httpx.Client, database: str) -> dict:
 
     At LoRA's base rate (or for one epoch) the head barely moves and the answers are a coin toss.
     """
-    from app.cli import register_folder
+    from app.models.local import register_folder
 
     register_folder("minilm", MINILM)
     examples = [{"text": t, "label": "pos"} for t in POSITIVE] + [

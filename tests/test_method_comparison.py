@@ -31,9 +31,9 @@ def wide_llama(database: str) -> str:
     330 to 444 MiB against LoRA's 465 to 479 (one of three suite runs failed); a third block adds 205 MB
     to LoRA's weights and much less to QLoRA's.
     """
-    from app.cli import models_make_tiny
+    from app.models.local import make_tiny
 
-    models_make_tiny(name="wide-llama", hidden_size=2048, layers=3, intermediate_size=5632)
+    make_tiny(name="wide-llama", hidden_size=2048, layers=3, intermediate_size=5632)
     return "wide-llama"
 
 

@@ -117,7 +117,7 @@ def tiny_gpt2(database: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A registered GPT-2: not Llama-family, and its Conv1D layers give bitsandbytes nothing to quantize."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from app.cli import register_folder
+    from app.models.local import register_folder
 
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     GPT2LMHeadModel(

@@ -55,7 +55,7 @@ class ObjectStore:
 
 @pytest.fixture(scope="module")
 def object_store() -> Iterator[ObjectStore]:
-    from app.cli import free_port
+    from app.services import free_port
 
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="tuneforge-s3-")) / "moto.log"
@@ -197,7 +197,7 @@ def test_a_base_model_goes_up_once_and_each_host_fetches_it_once(
 def test_an_unreachable_store_is_a_503_that_names_it_and_keeps_nothing(deployment: dict[str, str]) -> None:
     """An API whose object store is away refuses an upload with a 503 naming the store, and no file is
     recorded for the upload."""
-    from app.cli import free_port
+    from app.services import free_port
 
     key = cli(deployment, "keys", "create", "--project", "s3").strip().splitlines()[-1]
     away = f"http://127.0.0.1:{free_port()}"

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from app.cli import register_folder
 from app.config import get_settings
 from app.db.session import session_scope
 from app.db.tables import Checkpoint
+from app.models.local import register_folder
 from app.queue import RUN_JOB, celery_app, job_queue
 from app.storage import LocalArtifactStore, get_store, resume_state_key
 from tests.helpers import (

@@ -558,8 +558,8 @@ STRICT_TEMPLATE = (  # as Llama 2 and Gemma templates do: roles must alternate, 
 
 
 def test_a_chat_the_template_refuses_is_400(inference_server: str, database: str) -> None:
-    from app.cli import register_folder
     from app.config import get_settings
+    from app.models.local import register_folder
 
     folder = get_settings().resolved_model_dir / "strict-llama"
     if not (folder / "config.json").exists():

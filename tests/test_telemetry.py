@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from app.cli import free_port
 from app.config import get_settings
+from app.services import free_port
 from tests.conftest import TEST_HOME
 from tests.helpers import (
     api_process,

@@ -201,7 +201,7 @@ def test_a_tracker_that_cannot_start_is_a_warning_and_training_goes_on(
 ) -> None:
     """Its MLflow server is unreachable (nothing listens on the port; MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 in
     tests/conftest.py): the job warns and trains, and reports to nothing it did not list, W&B included."""
-    from app.cli import free_port
+    from app.services import free_port
 
     def wandb_runs() -> set[Path]:  # a W&B run's folder appears when it starts, whether or not it ends
         return set(Path(os.environ["WANDB_DIR"]).glob("wandb/offline-run-*"))

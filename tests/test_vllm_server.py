@@ -42,8 +42,8 @@ QUESTIONS = ["What is 3 plus 3?", "Tell me a joke.", "Who wrote Romeo and Juliet
 
 @pytest.fixture(scope="module")
 def vllm_base(database: str) -> Path:
-    from app.cli import register_folder
     from app.config import get_settings
+    from app.models.local import register_folder
     from worker.training.base_models import make_tiny_llama
 
     folder = get_settings().resolved_model_dir / BASE

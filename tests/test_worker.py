@@ -253,7 +253,7 @@ def test_cancel_finished_job_is_a_no_op(http: httpx.Client, finished_job: dict) 
 
 
 def test_training_crash_becomes_failed_with_a_readable_error(http: httpx.Client) -> None:
-    from app.cli import register_folder
+    from app.models.local import register_folder
 
     broken = TEST_HOME / "models" / "broken-llama"
     shutil.copytree(TEST_HOME / "models" / "tiny-llama", broken, dirs_exist_ok=True)

@@ -159,7 +159,7 @@ def _train_group(job_id: str, attempt: int, gpus: int, worker_pid: int) -> int:
 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from app.cli import free_port
+    from app.services import free_port
 
     config = LaunchConfig(
         min_nodes=1,

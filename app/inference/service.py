@@ -203,7 +203,7 @@ async def download_merged(client: httpx.AsyncClient, *, model_id: str, project: 
     # Content-Length is relayed so a client can tell an archive cut short by a failure mid-transfer.
     headers = {
         name: upstream.headers[name]
-        for name in ("content-length", "content-disposition")
+        for name in ("content-length", "content-disposition", "repr-digest")
         if name in upstream.headers
     }
     body = _relay_bytes(upstream, server if owned else None)

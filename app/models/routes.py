@@ -4,6 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from app.deps import ProjectDep, SessionDep
+from app.digest import HEADER, repr_digest
 from app.models import service as model_service
 from app.models.schemas import ModelDeleted, ModelPublic, ModelsPublic
 
@@ -22,7 +23,9 @@ def list_models(session: SessionDep, project: ProjectDep) -> ModelsPublic:
 def download_adapter(model_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
     path = model_service.adapter_path(session, project=project, model_id=model_id)
     filename = model_id.replace(":", "_").replace("/", "_") + ".tar.gz"
-    return FileResponse(path, media_type="application/gzip", filename=filename)
+    return FileResponse(
+        path, media_type="application/gzip", filename=filename, headers={HEADER: repr_digest(path)}
+    )
 
 
 @router.get("/{model_id:path}", response_model=ModelPublic)
