@@ -118,7 +118,7 @@ def run_demo(port: int, epochs: int) -> None:
     started = time.monotonic()
     home = get_settings().resolved_home
     console.rule("1. Base model: SmolLM2-135M-Instruct from GGUF")
-    import_gguf(smollm2_gguf_path(), name=DEMO_MODEL)
+    console.print(import_gguf(smollm2_gguf_path(), name=DEMO_MODEL))
     console.rule("2. Training data from chatterbot-corpus")
     data = build_demo_data(home / "demo", train_count=200, validation_count=VALIDATION_EXAMPLES)
     console.print(
