@@ -9,6 +9,12 @@ from pathlib import Path
 HEADER = "Repr-Digest"
 
 
+def archive_name(model_id: str, *, merged: bool = False) -> str:
+    """The file name a model's archive is served under: its id, with the characters a file name cannot
+    hold (':' and '/') as '_'."""
+    return model_id.replace(":", "_").replace("/", "_") + ("-merged" if merged else "") + ".tar.gz"
+
+
 def repr_digest(path: Path) -> str:
     """The header's value for the file at `path`; computed once per version of the file."""
     stat = path.stat()

@@ -3,6 +3,7 @@
 before it starts anything (`preflight`), each failure one sentence that says what to fix.
 """
 
+import errno
 import os
 import secrets
 import socket
@@ -20,7 +21,7 @@ from sqlalchemy.engine import make_url
 from app.config import get_settings
 from app.db import migrate
 
-SERVICES = ("inference", "api", "worker", "reconciler")  # the order they start in: inference takes longest
+SERVICES = ("inference", "api", "worker", "reconciler")  # the order `up` reports them ready in
 
 
 class ServiceError(Exception):
@@ -73,10 +74,18 @@ def api_command(port: int, host: str = "127.0.0.1") -> list[str]:
 
 
 def inference_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of the inference server (needs torch)."""
     return [sys.executable, "-m", "worker.serving", "--host", host, "--port", str(port)]
 
 
-def _redacted(url: str) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message: a database driver's own (SQLAlchemy wraps it), if any."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def redacted(url: str) -> str:
+    """A database or broker URL without its password, to print."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a SQLAlchemy URL: say it as given
@@ -90,15 +99,15 @@ def check_database() -> None:
         engine = create_engine(url)
     except Exception as exc:  # a malformed URL, or a driver that is not installed
         raise ServiceError(
-            f"TUNEFORGE_DATABASE_URL {_redacted(url)!r} is not a database URL Tuneforge can use: {exc}"
+            f"TUNEFORGE_DATABASE_URL {redacted(url)!r} is not a database URL Tuneforge can use: {exc}"
         ) from None
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = first_line(exc)
         raise ServiceError(
-            f"cannot reach the database at {_redacted(url)}: {reason.rstrip('.')}. "
+            f"cannot reach the database at {redacted(url)}: {reason.rstrip('.')}. "
             "Check TUNEFORGE_DATABASE_URL."
         ) from None
     finally:
@@ -116,19 +125,37 @@ def check_broker() -> None:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ServiceError(
-            f"cannot reach the broker at {_redacted(url)}: {reason.rstrip('.')}. Check TUNEFORGE_BROKER_URL."
+            f"cannot reach the broker at {redacted(url)}: {reason.rstrip('.')}. Check TUNEFORGE_BROKER_URL."
         ) from None
 
 
 def check_port_free(host: str, port: int) -> None:
-    with socket.socket() as sock:
+    """ServiceError if a server could not listen on host:port, saying why."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ServiceError(
+            f"cannot listen on {host}: {exc.strerror}; pass --host with an address of this machine"
+        ) from None
+    with socket.socket(family, kind) as sock:
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn does: TIME_WAIT is no obstacle
         try:
-            sock.bind((host, port))
+            sock.bind(address)
         except OSError as exc:
-            raise ServiceError(
-                f"cannot listen on {host}:{port} ({exc.strerror}): something else uses that port; "
-                "pass --port or stop it."
-            ) from None
+            if exc.errno == errno.EADDRINUSE:
+                raise ServiceError(
+                    f"cannot listen on {host}:{port}: something else uses that port; pass --port or stop it."
+                ) from None
+            raise ServiceError(f"cannot listen on {host}:{port}: {exc.strerror}.") from None
+
+
+def local_url(host: str, port: int) -> str:
+    """How this machine reaches a server listening on host:port (any address: over loopback)."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def preflight(host: str, port: int, inference_port: int | None) -> None:
@@ -152,7 +179,7 @@ def start_services(
     When TUNEFORGE_INFERENCE_URL is set, the API uses that server and none is started here.
     """
     migrate.upgrade()
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    env = _service_env()
     commands: dict[str, list[str]] = {}
     if not get_settings().inference_url:
         inference_port = inference_port or free_port()
@@ -163,10 +190,22 @@ def start_services(
     commands["api"] = api_command(port, host)
     commands["worker"] = worker_command()
     commands["reconciler"] = [sys.executable, "-m", "app.cli", "reconciler"]
-    processes = []
-    for name, command in commands.items():
-        processes.append(_start(command, env, log_dir / f"{name}.log" if log_dir else None))
+    processes: list[subprocess.Popen] = []
+    try:
+        for name, command in commands.items():
+            processes.append(_start(command, env, _log(log_dir, name)))
+    except BaseException:  # none left running when one could not start
+        stop_services(processes)
+        raise
     return processes
+
+
+def _log(log_dir: Path | None, name: str) -> Path | None:
+    return log_dir / f"{name}.log" if log_dir else None
+
+
+def _service_env() -> dict[str, str]:
+    return os.environ | {"HF_HUB_OFFLINE": "1"}
 
 
 def _start(command: list[str], env: dict[str, str], log: Path | None) -> subprocess.Popen:
@@ -203,14 +242,20 @@ def wait_ready(base_url: str, processes: list[subprocess.Popen], timeout: float 
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{base_url} not ready after {timeout} s")
+    raise ServiceError(f"{base_url} was not ready after {timeout:.0f} s")
+
+
+def _exited(process: subprocess.Popen, log_dir: Path | None) -> str:
+    """The sentence for a service that exited, naming its log."""
+    name = name_of(process)
+    where = f"; its log: {_log(log_dir, name)}" if log_dir else ""
+    return f"the {name} exited with code {process.returncode}{where}"
 
 
 def _none_died(processes: list[subprocess.Popen], log_dir: Path | None = None) -> None:
     for process in processes:
         if process.poll() is not None:
-            where = f"; its log: {log_dir / (name_of(process) + '.log')}" if log_dir else ""
-            raise ServiceError(f"the {name_of(process)} exited with code {process.returncode}{where}")
+            raise ServiceError(_exited(process, log_dir))
 
 
 def wait_each_ready(
@@ -261,6 +306,7 @@ def _inference_url(processes: list[subprocess.Popen]) -> str:
 
 
 def stop_services(processes: list[subprocess.Popen]) -> None:
+    """Terminate them all, then wait for each (20 s, then kill)."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
@@ -277,14 +323,8 @@ def supervise(processes: list[subprocess.Popen], log_dir: Path | None = None) ->
     for index, process in enumerate(processes):
         if process.poll() is None:
             continue
-        name = name_of(process)
-        where = f"; its log: {log_dir / (name + '.log')}" if log_dir else ""
-        if name != "worker":
-            return f"the {name} exited with code {process.returncode}{where}; stopping"
-        print(f"the worker exited with code {process.returncode}{where}; starting a new one", file=sys.stderr)
-        processes[index] = _start(
-            worker_command(),
-            os.environ | {"HF_HUB_OFFLINE": "1"},
-            log_dir / "worker.log" if log_dir else None,
-        )
+        if name_of(process) != "worker":
+            return f"{_exited(process, log_dir)}; stopping"
+        print(f"{_exited(process, log_dir)}; starting a new one", file=sys.stderr)
+        processes[index] = _start(worker_command(), _service_env(), _log(log_dir, "worker"))
     return None

@@ -4,7 +4,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,12 +59,11 @@ def job_body(training_file: str, **hyperparameters: object) -> dict:
 @contextmanager
 def api_process(env: dict[str, str], log_name: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """An API server process of its own, with the settings in `env`; yields its URL once /livez answers."""
-    from app.services import (
-        free_port,  # here, not at the top: conftest settles the environment before app loads
-    )
+    # Here, not at the top: conftest settles the environment before app loads.
+    from app.services import api_command, free_port
 
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
+    command = api_command(port)
     url = f"http://127.0.0.1:{port}"
     with serving_process(command, env, log_name, f"{url}/livez", "the API") as process:
         yield url, process

@@ -311,7 +311,12 @@ def test_a_full_store_requeues_the_attempt_and_it_resumes_once_there_is_room(
     blocker = job_body(other_training["id"], n_epochs=50, batch_size=1, checkpoint_every_steps=10**6)
     blocker_id = other.post("/v1/fine_tuning/jobs", json=blocker).json()["id"]
 
-    full = wait_for_event(http, job_id, "The disk filled up", timeout=60)
+    try:  # generous: on a loaded machine the other pytest-xdist worker may be training too
+        full = wait_for_event(http, job_id, "The disk filled up", timeout=180)
+    except TimeoutError:
+        job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        events = [e["message"] for e in all_events(http, job_id)]
+        raise AssertionError(f"no disk-full event: {job} {events}") from None
     assert full["level"] == "warn" and "Retrying (attempt 1 of 2 used)" in full["message"], full
     assert "No space left on device" in full["message"], "the event names the write that failed"
     job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()

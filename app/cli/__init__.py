@@ -18,6 +18,7 @@ Any failure prints one line that says what to fix, never a traceback, and exits 
 """
 
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -61,40 +62,45 @@ for command in (server.up, server.worker, server.reconciler, server.serve, serve
 
 def explain(exc: Exception) -> str:
     """One line for an error the commands did not expect: what it is, and for the usual ones, what to do."""
-    from app.services import ServiceError
+    from app.services import ServiceError, first_line, redacted
 
     if isinstance(exc, CliError | ServiceError):
         return str(exc)
-    name = type(exc).__module__.split(".")[0]
-    if name == "sqlalchemy":
+    library = type(exc).__module__.split(".")[0]
+    if library == "sqlalchemy":
         from app.config import get_settings
-        from app.services import _redacted
 
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        url = _redacted(get_settings().resolved_database_url)
-        return f"database error at {url}: {reason}. Check TUNEFORGE_DATABASE_URL, then `tuneforge db upgrade`"
-    if name == "alembic":
+        url = redacted(get_settings().resolved_database_url)
+        return (
+            f"database error at {url}: {first_line(exc)}. Check TUNEFORGE_DATABASE_URL, then "
+            "`tuneforge db upgrade`"
+        )
+    if library == "alembic":
         return (
             f"database schema: {exc}. `tuneforge db upgrade` applies missing migrations; a database newer "
             "than this Tuneforge needs Tuneforge upgraded"
         )
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.strerror or exc}: {exc.filename}"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _interrupted(*_: object) -> None:
+    # Click turns KeyboardInterrupt into "Aborted!" and exit 1; a script should see 130, as for any
+    # program stopped by Ctrl-C. `up` installs a handler of its own to stop its services first.
+    sys.exit(130)
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if (
-        "--json" in sys.argv[2:]
-    ):  # a root option, accepted after the command too: `tuneforge jobs get X --json`
+    # A root option, accepted after the command too: `tuneforge jobs get X --json`.
+    if "--json" in sys.argv[2:]:
         sys.argv.remove("--json")
         sys.argv.insert(1, "--json")
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored (nohup)
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         cli()
-    except KeyboardInterrupt:
-        sys.exit(130)
     except CliError as exc:
         status.print(f"error: {exc}", style="red", markup=False, highlight=False)
         sys.exit(exc.exit_code)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from httpx_sse import EventSource
 
-from app.cli.client import OPTIONS, Client, CliError, status
+from app.cli.client import OPTIONS, Client, CliError, say
 
 
 def _ask(client: Client, body: dict) -> str:
@@ -50,9 +50,7 @@ def chat(
             return
         interactive = sys.stdin.isatty()
         if interactive:
-            status.print(
-                f"chatting with {model}; an empty line or Ctrl-D ends it", style="dim", highlight=False
-            )
+            say(f"chatting with {model}; an empty line or Ctrl-D ends it")
         while True:
             try:
                 line = input("> " if interactive else "")

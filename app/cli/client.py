@@ -16,11 +16,13 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -53,12 +55,14 @@ OPTIONS = Options()
 
 
 def profile_path() -> Path:
+    """Where `tuneforge login` keeps profiles (TUNEFORGE_PROFILES moves it)."""
     return Path(
         os.environ.get("TUNEFORGE_PROFILES") or Path.home() / ".config" / "tuneforge" / "profiles.toml"
     )
 
 
 def read_profiles() -> dict[str, dict[str, str]]:
+    """Every saved profile by name: its base_url and api_key."""
     path = profile_path()
     if not path.exists():
         return {}
@@ -76,8 +80,8 @@ def write_profile(name: str, base_url: str, api_key: str) -> Path:
     # TOML's basic strings are JSON's: json.dumps quotes and escapes them.
     lines = []
     for profile, values in profiles.items():
-        lines.append(f"[{json.dumps(profile)}]")
-        lines += [f"{key} = {json.dumps(str(value))}" for key, value in values.items()]
+        lines.append(f"[{json.dumps(profile, ensure_ascii=False)}]")  # TOML has no surrogate escapes
+        lines += [f"{key} = {json.dumps(str(value), ensure_ascii=False)}" for key, value in values.items()]
         lines.append("")
     path.touch(mode=0o600)
     path.chmod(0o600)
@@ -97,6 +101,7 @@ def _profile() -> dict[str, str]:
 
 
 def base_url() -> str:
+    """The server to talk to (see the module for where it comes from)."""
     url = (
         OPTIONS.base_url
         or os.environ.get("TUNEFORGE_BASE_URL")
@@ -110,6 +115,7 @@ def base_url() -> str:
 
 
 def api_key() -> str:
+    """The key to send; CliError naming the ways to give one if there is none."""
     key = os.environ.get("TUNEFORGE_API_KEY") or _profile().get("api_key")
     if not key:
         raise CliError(
@@ -130,7 +136,7 @@ def api_error(response: httpx.Response) -> CliError:
         message = f"HTTP {response.status_code} {response.reason_phrase}"
     if response.status_code == 401:
         message += ". Check TUNEFORGE_API_KEY or your profile (`tuneforge login`)"
-    return CliError(message, transient=response.status_code in (502, 503, 504))
+    return CliError(message, transient=response.status_code in (429, 502, 503, 504))
 
 
 @contextmanager
@@ -190,13 +196,37 @@ class Client:
 
 def show(value: Any, table: Table | None = None) -> None:
     """Print `value` as JSON with --json, else `table` (or `value` as JSON when there is no table)."""
-    if OPTIONS.json or table is None:
-        out.print_json(json.dumps(value)) if sys.stdout.isatty() else print(json.dumps(value, indent=2))
-    else:
+    if not OPTIONS.json and table is not None:
         out.print(table)
+    elif sys.stdout.isatty():
+        out.print_json(json.dumps(value))
+    else:
+        print(json.dumps(value, indent=2))
+
+
+def say(text: str) -> None:
+    """A message to stderr, printed as it is: it may hold brackets Rich would read as markup."""
+    status.print(text, markup=False, highlight=False)
+
+
+def when(seconds: int | None) -> str:
+    """A Unix time as the tables show it (UTC)."""
+    return "" if seconds is None else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def transfer_bar() -> Progress:
+    """A progress bar for an upload or download: bytes done and speed."""
+    return Progress(
+        *Progress.get_default_columns()[:2],
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=status,
+        transient=True,
+    )
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> Table:
+    """Rows under column headings; empty cells for None."""
     cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
     view = Table(title=title, title_justify="left", header_style="bold")
     for index, column in enumerate(columns):

@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from app.cli import jobs
-from app.cli.client import Client, show, table
+from app.cli.client import OPTIONS, Client, show, table
 
 
 def estimate(
@@ -51,7 +51,7 @@ def estimate(
             e["peft"],
             f"{e['trainable_parameters']:,}",
             f"{e['trainable_percent']:.3g}%",
-            f"{e['gib']:.2f}",
+            f"{e['per_gpu']['total'] / 2**30:.2f}",
             {True: "yes", False: "no", None: "-"}[e["fits"]],
             f"{e['estimated_seconds']:.0f}",
         )
@@ -60,7 +60,7 @@ def estimate(
     title = f"{plan['model']} on {plan['device']}" + (
         f", {plan['gpu_memory_gb']:g} GiB" if plan["gpu_memory_gb"] else ""
     )
-    columns = ("method", "trainable", "of all", "GiB", "fits", "seconds")
+    columns = ("method", "trainable", "of all", "GiB per device", "fits", "seconds")
     show(plan, table(columns, rows, title=title))
-    if plan.get("auto") and not jobs.OPTIONS.json:
+    if plan.get("auto") and not OPTIONS.json:
         print(f"auto would choose {plan['auto']['chosen']}: {plan['auto']['reason']}")

@@ -1,13 +1,11 @@
 """`tuneforge files`: upload training data (with a progress bar) and list what is uploaded."""
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-from app.cli.client import Client, CliError, fields, show, status, table
+from app.cli.client import Client, CliError, fields, show, table, transfer_bar, when
 
 cli = typer.Typer(no_args_is_help=True, help="Training files.")
 
@@ -17,8 +15,7 @@ def upload_file(client: Client, path: Path, purpose: str = "fine-tune") -> dict:
     the one that was wrong."""
     if not path.is_file():
         raise CliError(f"no such file: {path}")
-    columns = (*Progress.get_default_columns()[:2], DownloadColumn(), TransferSpeedColumn())
-    with path.open("rb") as raw, Progress(*columns, console=status, transient=True) as bar:
+    with path.open("rb") as raw, transfer_bar() as bar:
         # httpx reads the multipart file part in chunks: each read moves the bar.
         reader = bar.wrap_file(raw, total=path.stat().st_size, description=f"uploading {path.name}")
         files = {"file": (path.name, reader, "application/jsonl")}
@@ -52,7 +49,7 @@ def files_list() -> None:
             f["filename"],
             f["purpose"],
             f["bytes"],
-            datetime.fromtimestamp(f["created_at"], UTC).strftime("%Y-%m-%d %H:%M"),
+            when(f["created_at"]),
         )
         for f in found
     ]

@@ -1,28 +1,21 @@
 """`tuneforge jobs`: create, list, inspect, follow, control and read the metrics of fine-tuning jobs."""
 
 import json
-import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 import yaml
-from httpx_sse import EventSource
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from app.cli.client import OPTIONS, Client, CliError, fields, out, show, status, table
+from app.cli.client import OPTIONS, Client, CliError, fields, out, say, show, table, when
 from app.cli.files import upload_file
+from app.cli.follow import Follower
 
 cli = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs.")
 
-FINISHED = ("succeeded", "failed", "cancelled")
 # `jobs follow` exits with these, for scripts and CI.
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 3}
-RECONNECT_SECONDS = 1.0
-RECONNECT_FOR = 300.0  # then a server that stays away fails the follow
 
 
 # --- job bodies: from flags, or a YAML spec the flags override ------------------------------------------
@@ -36,12 +29,16 @@ def _typed(value: str) -> Any:
         return value
 
 
-def _file_id(client: Client, value: str | None) -> str | None:
-    """A file id as given, or the id of the local file at that path once uploaded."""
-    if value is None or value.startswith("file-") or not Path(value).exists():
+def _file_id(client: Client, value: str | None, relative_to: Path) -> str | None:
+    """A file id as given, or the id of the local file at that path (relative to `relative_to`) once
+    uploaded."""
+    if value is None or value.startswith("file-"):
         return value
-    uploaded = upload_file(client, Path(value))
-    status.print(f"uploaded {value} as {uploaded['id']}", highlight=False)
+    path = relative_to / value
+    if not path.is_file():
+        return value  # not a local file: the server says what it makes of it
+    uploaded = upload_file(client, path)
+    say(f"uploaded {path} as {uploaded['id']}")
     return uploaded["id"]
 
 
@@ -62,7 +59,7 @@ def job_body(
     settings: list[str],
 ) -> dict[str, Any]:
     """The body of POST /v1/fine_tuning/jobs (OpenAI's shape; Tuneforge's knobs in the method's
-    hyperparameters)."""
+    hyperparameters). Local files are uploaded last, once everything else is known to be well formed."""
     body: dict[str, Any] = {}
     if spec is not None:
         try:
@@ -73,13 +70,14 @@ def job_body(
             raise CliError(
                 f"the spec {spec} must be a mapping: the job's body, as POST /v1/fine_tuning/jobs takes"
             )
-    given = {"model": model, "suffix": suffix, "seed": seed}
+    given = {
+        "model": model,
+        "suffix": suffix,
+        "seed": seed,
+        "training_file": training_file,
+        "validation_file": validation_file,
+    }
     body |= {key: value for key, value in given.items() if value is not None}
-    for key, value in (("training_file", training_file), ("validation_file", validation_file)):
-        if value is not None:
-            body[key] = value
-        body[key] = _file_id(client, body.get(key))
-    body = {key: value for key, value in body.items() if value is not None}
     method_block = body.setdefault("method", {})
     task = task or method_block.get("type") or "supervised"
     method_block["type"] = task
@@ -97,9 +95,13 @@ def job_body(
             raise CliError(f"--set {setting!r}: write it as NAME=VALUE, e.g. --set lora_r=16")
         hyperparameters[key.strip()] = _typed(value)
     for required in ("model", "training_file"):
-        if required not in body:
+        if body.get(required) is None:
             raise CliError(f"a job needs --{required.replace('_', '-')} (or `{required}` in --spec)")
-    return body
+    # Paths in a spec are relative to the spec's folder; on the command line, to the current one.
+    for key, flag in (("training_file", training_file), ("validation_file", validation_file)):
+        base = Path(".") if flag is not None or spec is None else spec.parent
+        body[key] = _file_id(client, body.get(key), base)
+    return {key: value for key, value in body.items() if value is not None}
 
 
 SpecOption = Annotated[Path | None, typer.Option(help="A YAML job body; the flags below override it.")]
@@ -148,17 +150,13 @@ def jobs_create(
         )
         job = client.post("/v1/fine_tuning/jobs", json=body)
     if follow:
-        status.print(f"created {job['id']}", highlight=False)
+        say(f"created {job['id']}")
         jobs_follow(job["id"])
         return
     show(job, _job_fields(job))
 
 
 # --- reading jobs ---------------------------------------------------------------------------------------
-
-
-def _when(seconds: int | None) -> str:
-    return "" if seconds is None else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _duration(job: dict) -> str:
@@ -192,7 +190,7 @@ def _job_fields(job: dict) -> Any:
             ("method", _method(job)),
             ("progress", _progress(job)),
             ("fine-tuned model", job.get("fine_tuned_model")),
-            ("created", _when(job["created_at"])),
+            ("created", when(job["created_at"])),
             ("duration", _duration(job)),
             ("trained tokens", job.get("trained_tokens")),
             ("error", error.get("message")),
@@ -220,7 +218,7 @@ def jobs_list(
             after = page["data"][-1]["id"]
     found = found[:limit]
     rows = [
-        (j["id"], j["status"], _progress(j), j["model"], _method(j), _when(j["created_at"]), _duration(j))
+        (j["id"], j["status"], _progress(j), j["model"], _method(j), when(j["created_at"]), _duration(j))
         for j in found
     ]
     show(found, table(("id", "status", "progress", "model", "method", "created", "duration"), rows))
@@ -283,141 +281,6 @@ def jobs_metrics(
 
     rows = [[cell(row.get(c)) for c in columns] for row in series["data"]]
     show(series, table(columns, rows))
-
-
-# --- following a job ------------------------------------------------------------------------------------
-
-
-class Follower:
-    """`jobs follow`: the job's events drive a progress bar; its log lines print above the bar as they
-    come. Both streams are read again from where they stopped when a connection drops."""
-
-    def __init__(self, client: Client, job_id: str) -> None:
-        self.client, self.job_id = client, job_id
-        self.last_event_id: str | None = None
-        self.done = threading.Event()
-        self.bar = Progress(
-            TextColumn("{task.fields[status]:<9}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("steps  loss {task.fields[loss]}  {task.fields[speed]} tok/s"),
-            TimeRemainingColumn(),
-            console=status,
-            transient=False,
-        )
-        self.task = self.bar.add_task("", total=None, status="", loss="-", speed="-")
-
-    def run(self) -> dict:
-        job = self.client.get(f"/v1/fine_tuning/jobs/{self.job_id}")  # an unknown job fails here, at once
-        self._show_job(job)
-        logs = threading.Thread(target=self._follow_logs, name="log-follower", daemon=True)
-        with self.bar:
-            logs.start()
-            while job["status"] not in FINISHED:
-                self._follow_events()
-                job = self._job()
-                self._show_job(job)
-            self.done.set()
-            logs.join(timeout=5)  # the last lines of the log, if they are on their way
-        return job
-
-    def _show_job(self, job: dict) -> None:
-        progress = job.get("progress") or {}
-        self.bar.update(
-            self.task,
-            status=job["status"],
-            completed=progress.get("step", 0),
-            total=progress.get("total_steps"),
-        )
-
-    def _on_event(self, event: dict) -> None:
-        data = event.get("data") or {}
-        if event["type"] == "metrics" and "total_steps" in data:
-            self.bar.update(
-                self.task,
-                completed=data["step"],
-                total=data["total_steps"],
-                loss=f"{data['train_loss']:.4f}",
-                speed=f"{data.get('tokens_per_second', 0):.0f}",
-            )
-        elif event["type"] != "metrics":  # status changes and messages: above the bar, as the log is
-            style = "red" if event["level"] == "error" else "yellow" if event["level"] == "warn" else "bold"
-            self.bar.console.print(event["message"], style=style, markup=False, highlight=False)
-            job = self._job_or_none()  # such events are few: the status they may have changed
-            if job is not None:
-                self.bar.update(self.task, status=job["status"])
-
-    def _interrupted(self, what: str, error: Exception) -> None:
-        self.bar.console.print(f"({what} interrupted: {error}; reconnecting)", style="dim", markup=False)
-        time.sleep(RECONNECT_SECONDS)
-
-    def _job(self) -> dict:
-        """The job now, asked again while the server cannot be reached (for up to RECONNECT_FOR seconds)."""
-        deadline = time.monotonic() + RECONNECT_FOR
-        while True:
-            try:
-                return self.client.get(f"/v1/fine_tuning/jobs/{self.job_id}")
-            except CliError as error:
-                if not error.transient or time.monotonic() > deadline:
-                    raise
-                self._interrupted("the connection", error)
-
-    def _follow_events(self) -> None:
-        """Read the event stream until it ends (after the job's final status) or drops."""
-        headers = {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
-        try:
-            with self.client.stream(
-                "GET",
-                f"/v1/fine_tuning/jobs/{self.job_id}/events",
-                params={"stream": "true"},
-                headers=headers,
-                timeout=httpx.Timeout(30, read=None),
-            ) as response:
-                for sse in EventSource(response).iter_sse():
-                    if sse.event == "message" and sse.data:
-                        self.last_event_id = sse.id or self.last_event_id
-                        self._on_event(json.loads(sse.data))
-        except CliError as error:  # dropped: read on from the last event after a pause
-            if not error.transient:
-                raise
-            self._interrupted("the event stream", error)
-        except httpx.HTTPError as error:  # cut mid-stream
-            self._interrupted("the event stream", error)
-
-    def _follow_logs(self) -> None:
-        """Print each attempt's log lines once, reconnecting where a connection dropped."""
-        attempt, printed = 1, 0
-        while not self.done.is_set():
-            seen = 0
-            try:
-                with self.client.stream(
-                    "GET",
-                    f"/v1/fine_tuning/jobs/{self.job_id}/logs",
-                    params={"follow": "true", "attempt": attempt},
-                    timeout=httpx.Timeout(30, read=None),
-                ) as response:
-                    partial = ""  # a line counts once whole: a dropped connection may cut one short
-                    for text in response.iter_text():
-                        *lines, partial = (partial + text).split("\n")
-                        for line in lines:
-                            seen += 1
-                            if seen > printed:  # after a reconnect the log starts over: skip what was shown
-                                printed = seen
-                                self.bar.console.print(line, style="dim", markup=False, highlight=False)
-            except (CliError, httpx.HTTPError):  # no such attempt yet, or dropped: try again shortly
-                pass
-            job = self._job_or_none()
-            if job is not None and job["attempt"] > attempt:
-                attempt, printed = attempt + 1, 0
-            elif job is not None and job["status"] in FINISHED and seen >= printed:
-                return
-            self.done.wait(RECONNECT_SECONDS)
-
-    def _job_or_none(self) -> dict | None:
-        try:
-            return self.client.get(f"/v1/fine_tuning/jobs/{self.job_id}")
-        except CliError:
-            return None
 
 
 @cli.command("follow")

@@ -3,15 +3,13 @@
 
 import hashlib
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-from app.cli.client import Client, CliError, show, status, table
-from app.digest import HEADER, sha256_of
+from app.cli.client import Client, CliError, show, table, transfer_bar, when
+from app.digest import HEADER, archive_name, sha256_of
 
 cli = typer.Typer(
     no_args_is_help=True, help="Models: list and download (client); register base models (server)."
@@ -23,17 +21,15 @@ def models_list() -> None:
     """The base and fine-tuned models this key can use."""
     with Client() as client:
         models = client.get("/v1/models")["data"]
-    rows = [
-        (m["id"], m.get("owned_by"), datetime.fromtimestamp(m["created"], UTC).strftime("%Y-%m-%d %H:%M"))
-        for m in models
-    ]
+    rows = [(m["id"], m.get("owned_by"), when(m["created"])) for m in models]
     show(models, table(("id", "owned by", "created"), rows))
 
 
 def _file_name(disposition: str | None, model: str, merged: bool) -> str:
-    found = re.search(r'filename="?([^";]+)"?', disposition or "")
-    fallback = model.replace(":", "_").replace("/", "_") + ("-merged" if merged else "") + ".tar.gz"
-    return Path(found.group(1)).name if found else fallback  # never a path the server chose
+    """The server's file name for the archive, never a path it chose; ours if it sent none usable."""
+    found = re.search(r'filename="?([^";/]+)"?', disposition or "")
+    name = Path(found.group(1)).name if found else ""
+    return name if name not in ("", ".", "..") else archive_name(model, merged=merged)
 
 
 @cli.command("download")
@@ -49,14 +45,15 @@ def models_download(
     sha = hashlib.sha256()
     # A merged export is built on the server first: allow it time.
     with Client(timeout=600) as client, client.stream("GET", path) as response:
-        target = output or Path(_file_name(response.headers.get("content-disposition"), model, merged))
         expected = sha256_of(response.headers.get(HEADER))
+        if expected is None:  # before any byte is written: nothing could check them
+            raise CliError(f"the server sent no {HEADER} header, so a download could not be checked")
+        target = output or Path(_file_name(response.headers.get("content-disposition"), model, merged))
         total = int(response.headers.get("content-length", 0)) or None
         partial = target.with_name(target.name + ".part")
-        columns = (*Progress.get_default_columns()[:2], DownloadColumn(), TransferSpeedColumn())
         try:
-            with partial.open("wb") as handle, Progress(*columns, console=status, transient=True) as bar:
-                task = bar.add_task(f"{model}", total=total)
+            with partial.open("wb") as handle, transfer_bar() as bar:
+                task = bar.add_task(model, total=total)
                 for chunk in response.iter_bytes(1 << 20):
                     handle.write(chunk)
                     sha.update(chunk)
@@ -64,8 +61,6 @@ def models_download(
             written = partial.stat().st_size
             if total is not None and written != total:
                 raise CliError(f"the download stopped after {written} of {total} bytes; run it again")
-            if expected is None:
-                raise CliError(f"the server sent no {HEADER} header, so the download cannot be checked")
             if sha.digest() != expected:
                 raise CliError("the downloaded file's SHA-256 differs from the server's; run it again")
             partial.replace(target)

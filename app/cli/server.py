@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.client import DEFAULT_BASE_URL, OPTIONS, Client, CliError, status, write_profile
+from app.cli.client import DEFAULT_BASE_URL, OPTIONS, Client, CliError, say, write_profile
 from app.config import get_settings
 
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys (on the server's machine).")
@@ -76,7 +76,7 @@ def login(
         client.get("/v1/models")  # a wrong key or URL fails here, before anything is saved
         url = client.url
     path = write_profile(profile, url, key)
-    status.print(f"saved profile {profile!r} for {url} in {path}")
+    say(f"saved profile {profile!r} for {url} in {path}")
 
 
 def _interrupt(*_: object) -> None:
@@ -94,20 +94,23 @@ def up(
     """Run the API, a worker, the reconciler and the inference server in the foreground until Ctrl-C.
 
     The database and the broker are checked first; each service's output goes to TUNEFORGE_HOME/logs."""
-    from app.services import preflight, start_services, stop_services, supervise, wait_each_ready
+    from app.services import local_url, preflight, start_services, stop_services, supervise, wait_each_ready
 
+    # First: a stop while starting still stops what started.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     preflight(host, port, inference_port)
     log_dir = None if verbose else get_settings().resolved_home / "logs"
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
-    processes = start_services(port, host, log_dir=log_dir, inference_port=inference_port)
-    signal.signal(signal.SIGTERM, _interrupt)
+    processes: list = []
     stopped_because = None
+    url = local_url(host, port)
     try:
-        for name, where in wait_each_ready(f"http://{host}:{port}", processes, log_dir):
-            status.print(f"{name:<11} ready  {where}", highlight=False)
-        logs = f"; logs in {log_dir}" if log_dir else ""
-        status.print(f"Tuneforge is up on http://{host}:{port}{logs}. Ctrl-C stops it.", highlight=False)
+        processes += start_services(port, host, log_dir=log_dir, inference_port=inference_port)
+        for name, where in wait_each_ready(url, processes, log_dir):
+            say(f"{name:<11} ready  {where}")
+        say(f"Tuneforge is up on {url}" + (f"; logs in {log_dir}" if log_dir else "") + ". Ctrl-C stops it.")
         while stopped_because is None:
             time.sleep(1)
             stopped_because = supervise(processes, log_dir)
@@ -122,8 +125,10 @@ def up(
 def worker() -> None:
     """Run one worker in the foreground."""
     from app.db import migrate
-    from app.services import worker_command
+    from app.services import check_broker, check_database, worker_command
 
+    check_database()  # one line now, rather than Celery retrying a broker that is not there
+    check_broker()
     migrate.upgrade()
     os.execv(sys.executable, worker_command())
 
@@ -132,7 +137,10 @@ def reconciler() -> None:
     """Run the reconciler loop (exactly one per deployment)."""
     from app import logs
     from app.reconciler import run_forever
+    from app.services import check_broker, check_database
 
+    check_database()
+    check_broker()
     logs.configure()
     run_forever()
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from app.deps import ProjectDep, SessionDep
-from app.digest import HEADER, repr_digest
+from app.digest import HEADER, archive_name, repr_digest
 from app.models import service as model_service
 from app.models.schemas import ModelDeleted, ModelPublic, ModelsPublic
 
@@ -22,9 +22,11 @@ def list_models(session: SessionDep, project: ProjectDep) -> ModelsPublic:
 @router.get("/{model_id:path}/adapter", response_class=FileResponse)
 def download_adapter(model_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
     path = model_service.adapter_path(session, project=project, model_id=model_id)
-    filename = model_id.replace(":", "_").replace("/", "_") + ".tar.gz"
     return FileResponse(
-        path, media_type="application/gzip", filename=filename, headers={HEADER: repr_digest(path)}
+        path,
+        media_type="application/gzip",
+        filename=archive_name(model_id),
+        headers={HEADER: repr_digest(path)},
     )
 
 

@@ -3,8 +3,10 @@
 Everything the console shows it fetches from the public API with the key the user typed in, which the page
 keeps in `sessionStorage` and sends as a Bearer header; no cookie is ever set, so the API stays free of
 cross-site request forgery. A strict Content-Security-Policy (scripts from this origin only, no inline
-script, requests to this origin only) means that even injected markup can neither run code nor send a key
-elsewhere. plotly.js comes from the installed `plotly` package: nothing vendored, no CDN, no Node.
+script, requests to this origin only) means that markup injected into these pages can neither run code
+nor send a key elsewhere. (The key lives in the tab's session storage, which other pages of this origin
+could read: /docs loads Swagger UI from a CDN, without this policy.) plotly.js comes from the installed
+`plotly` package: nothing vendored, no CDN, no Node.
 """
 
 from functools import cache

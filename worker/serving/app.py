@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app import logs
 from app.config import SECRET_VARIABLE, get_settings, secret_problem
 from app.digest import HEADER as DIGEST_HEADER
-from app.digest import repr_digest
+from app.digest import archive_name, repr_digest
 from app.disconnect import unless_disconnected
 from app.errors import ApiError, envelope, install_error_handlers
 from worker.serving import classifier, merge
@@ -150,9 +150,11 @@ def create_app(
         target = await run_in_threadpool(resolver, model_id, project=x_tuneforge_project)
         archive = await run_in_threadpool(merge.merged_archive, target)
         digest = await run_in_threadpool(repr_digest, archive)  # hashing hundreds of MB takes a while
-        filename = model_id.replace(":", "_").replace("/", "_") + "-merged.tar.gz"
         return FileResponse(
-            archive, media_type="application/gzip", filename=filename, headers={DIGEST_HEADER: digest}
+            archive,
+            media_type="application/gzip",
+            filename=archive_name(model_id, merged=True),
+            headers={DIGEST_HEADER: digest},
         )
 
     return app

@@ -104,7 +104,8 @@ export async function* textOf(response) {
       yield value;
     }
   } finally {
-    reader.releaseLock();
+    // A reader that stopped early closes the stream (a no-op once it has ended; an errored one rejects).
+    await reader.cancel().catch(() => {});
   }
 }
 
@@ -116,11 +117,20 @@ export async function download(path, fallbackName) {
   const url = URL.createObjectURL(await response.blob());
   const link = document.createElement("a");
   link.href = url;
-  link.download = named ? decodeURIComponent(named[1]) : fallbackName;
+  link.download = named ? decoded(named[1]) : fallbackName;
   document.body.append(link);
   link.click();
   link.remove();
   setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+/** `text` percent-decoded, or as it is where it is not valid percent-encoding. */
+export function decoded(text) {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text;
+  }
 }
 
 /** A model id in a URL path: each part encoded, its slashes kept (the routes take the id as a path). */

@@ -3,7 +3,7 @@
 // Each page is a function `(view, signal, ...)` that fills `view` and stops every request, stream and
 // timer of its own when `signal` aborts, which happens when the user goes to another page.
 
-import { apiKey, forgetKey, getJson, onUnauthorized, rememberKey } from "./api.js";
+import { apiKey, decoded, forgetKey, getJson, onUnauthorized, rememberKey } from "./api.js";
 import { showCompare } from "./compare.js";
 import { showJob } from "./job.js";
 import { showJobs } from "./jobs.js";
@@ -12,7 +12,7 @@ import { showNewJob } from "./newjob.js";
 import { errorBox, h } from "./ui.js";
 
 const ROUTES = [
-  [/^#\/jobs\/([^/?]+)$/, (view, signal, _params, id) => showJob(view, signal, decodeURIComponent(id))],
+  [/^#\/jobs\/([^/?]+)$/, (view, signal, _params, id) => showJob(view, signal, decoded(id))],
   [/^#\/compare$/, showCompare],
   [/^#\/new$/, showNewJob],
   [/^#\/models$/, showModels],

@@ -26,6 +26,7 @@ export async function showNewJob(view, signal) {
   const submit = h("button", { id: "create-job", type: "submit", disabled: true }, "Create job");
   const files = { training: null, validation: null }; // the uploaded file objects
   let planned = null; // the estimate request whose plan is shown: a job is created only with its settings
+  let idempotencyKey = null;
   let timer = null;
 
   const form = h(
@@ -148,6 +149,7 @@ export async function showNewJob(view, signal) {
       if (asked !== JSON.stringify(estimateBody())) return; // the form changed meanwhile: a newer plan comes
       plan.replaceChildren(planTable(answer));
       planned = asked;
+      idempotencyKey = randomKey(); // one per planned job: every retry of this submit sends the same
       submit.disabled = false;
     } catch (error) {
       plan.replaceChildren();
@@ -161,8 +163,8 @@ export async function showNewJob(view, signal) {
     submit.disabled = true;
     errors.clear();
     try {
-      // A retried click or a resent request creates one job, not two.
-      const job = await postJson("/v1/fine_tuning/jobs", body(), { signal, headers: { "Idempotency-Key": randomKey() } });
+      // A retried click or a resent request creates one job, not two: the key changes only with the plan.
+      const job = await postJson("/v1/fine_tuning/jobs", body(), { signal, headers: { "Idempotency-Key": idempotencyKey } });
       location.hash = `#/jobs/${job.id}`;
     } catch (error) {
       errors.show(error);
