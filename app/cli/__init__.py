@@ -18,7 +18,6 @@ Any failure prints one line that says what to fix, never a traceback, and exits 
 """
 
 import os
-import signal
 import sys
 from typing import Annotated
 
@@ -85,22 +84,14 @@ def explain(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def _interrupted(*_: object) -> None:
-    # Click turns KeyboardInterrupt into "Aborted!" and exit 1; a script should see 130, as for any
-    # program stopped by Ctrl-C. `up` installs a handler of its own to stop its services first.
-    sys.exit(130)
-
-
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # A root option, accepted after the command too: `tuneforge jobs get X --json`.
     if "--json" in sys.argv[2:]:
         sys.argv.remove("--json")
         sys.argv.insert(1, "--json")
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored (nohup)
-        signal.signal(signal.SIGINT, _interrupted)
     try:
-        cli()
+        cli()  # Ctrl-C: typer exits 130 without a traceback
     except CliError as exc:
         status.print(f"error: {exc}", style="red", markup=False, highlight=False)
         sys.exit(exc.exit_code)
