@@ -390,6 +390,8 @@ def test_ctrl_c_stops_follow_with_130_and_no_traceback(http: httpx.Client, cli_e
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As a shell starts it: pytest-xdist's workers ignore SIGINT, and children inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert follow.stderr is not None

@@ -45,6 +45,7 @@ from worker.train_job import DISK_FULL, EXIT_DISK_FULL, EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
+DISK_FULL_SEARCH_BYTES = 64 * 1024  # the end of a log that holds the disk-full line and its traceback
 # Set when the worker starts a warm shutdown (worker/tasks.py connects it to Celery's signal).
 SHUTDOWN = threading.Event()
 PAUSE_CUT_SHORT = (
@@ -114,6 +115,7 @@ def _run_attempt(job_id: str, attempt: int) -> None:
         _remove_workdir(workdir)
         _sync_log(job_id, attempt)
     tail = _log_tail(log_path)
+    cause = _disk_full_cause(log_path) if returncode == EXIT_DISK_FULL else None
     _sync_log(job_id, attempt, done=True)
     log.info("attempt %d of job %s ended (exit code %s)", attempt, job_id, returncode)
     if returncode in (0, None):
@@ -128,7 +130,7 @@ def _run_attempt(job_id: str, attempt: int) -> None:
                 message="The worker shut down; the job is re-queued and resumes from its last checkpoint.",
             )
         else:
-            code, message = _failure(returncode, tail)
+            code, message = _failure(returncode, tail, cause)
             requeued = _retry_or_fail(session, job_id, attempt, code=code, message=message)
         session.commit()
         if requeued:
@@ -144,12 +146,23 @@ def _sync_log(job_id: str, attempt: int, done: bool = False) -> None:
         log.warning("could not upload the log of job %s", job_id, exc_info=True)
 
 
-def _failure(returncode: int, tail: list[str]) -> tuple[str, str]:
+def _disk_full_cause(path: Path) -> str | None:
+    """The write a run that found the disk full names in its log (before its traceback), if the log's
+    disk had room for that line."""
+    try:
+        with path.open("rb") as log:
+            log.seek(max(path.stat().st_size - DISK_FULL_SEARCH_BYTES, 0))
+            lines = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    said = next((line for line in reversed(lines) if line.startswith(DISK_FULL)), None)
+    return said.removeprefix(DISK_FULL) if said else None
+
+
+def _failure(returncode: int, tail: list[str], disk_full_cause: str | None = None) -> tuple[str, str]:
     """The error code and message of an attempt whose training process exited with `returncode`."""
     if returncode == EXIT_DISK_FULL:
-        # The run names the write that failed in its log, unless the log's disk is the full one.
-        said = next((line for line in reversed(tail) if line.startswith(DISK_FULL)), None)
-        cause = f" ({said.removeprefix(DISK_FULL)})" if said else ""
+        cause = f" ({disk_full_cause})" if disk_full_cause else ""
         return "disk_full", (
             f"The disk filled up{cause}: a checkpoint or the trained model could not be written, on the "
             "worker or into the artifact store. Free some space there."

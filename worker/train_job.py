@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped with a checkpoint saved; run the job again later
 EXIT_DISK_FULL = 74  # EX_IOERR: a write found no space left; run the job again once there is
-DISK_FULL = "disk full: "  # starts the last line of the log of a run that exits with EXIT_DISK_FULL
+DISK_FULL = "disk full: "  # starts the line that names the write, in the log of a run exiting EXIT_DISK_FULL
 # How writes that found no space surface without an OSError: safetensors (Rust) names the errno in its
 # message; torch.save reports a short write ("unexpected pos", "file write failed") and nothing more.
 DISK_FULL_MESSAGES = ("no space left on device", "os error 28", "disk quota exceeded", "file write failed")
@@ -219,13 +219,15 @@ def _run(job_id: str, attempt: int) -> int:
             publish(job_id, attempt, result)
         return 0
     except Exception as exc:  # every failure becomes the job's error, never a silent crash
+        full = disk_full(exc)
+        if full:  # first, while the log's disk may still take a short line (the traceback is longer)
+            with contextlib.suppress(OSError):
+                print(f"{DISK_FULL}{exc.__class__.__name__}: {exc}", flush=True)
         with contextlib.suppress(OSError):  # the log may be on the disk that is full
             traceback.print_exc()
         if distributed.lost_a_rank(exc):  # another rank died first: the launcher reports how
             return 1
-        if disk_full(exc):  # not the job's fault: the worker re-queues it (see worker/runner.py)
-            with contextlib.suppress(OSError):
-                print(f"{DISK_FULL}{exc.__class__.__name__}: {exc}", flush=True)
+        if full:  # not the job's fault: the worker re-queues it (see worker/runner.py)
             return EXIT_DISK_FULL
         code, message = classify_failure(exc)
         with session_scope() as session:
