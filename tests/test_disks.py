@@ -302,8 +302,11 @@ def test_a_full_store_requeues_the_attempt_and_it_resumes_once_there_is_room(
     small_store.fill(leave=state + model + state + model // 2)
     body = job_body(training["id"], checkpoint_every_steps=2)  # 5 steps: checkpoints at 2, 4 and the end
     job_id = http.post("/v1/fine_tuning/jobs", json=body).json()["id"]
-    # Another project's job, queued behind it: once this project has started a job, the worker takes the
-    # other project's next (app/jobs/routing.py), so the retry waits until the disk is freed.
+    # Another project's job, queued behind it once the worker has taken this one (and while its run still
+    # loads the model): once this project has started a job, the worker takes the other project's next
+    # (app/jobs/routing.py), so the retry waits until the disk is freed. Queued before this job was taken,
+    # the other would go first (this project ran the bounded job), and its log alone fills the disk.
+    wait_until(lambda: http.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "queued", "taken")
     other = httpx.Client(
         base_url=http.base_url, headers={"Authorization": f"Bearer {make_key('disks-other')}"}
     )
@@ -318,7 +321,10 @@ def test_a_full_store_requeues_the_attempt_and_it_resumes_once_there_is_room(
         events = [e["message"] for e in all_events(http, job_id)]
         raise AssertionError(f"no disk-full event: {job} {events}") from None
     assert full["level"] == "warn" and "Retrying (attempt 1 of 2 used)" in full["message"], full
-    assert "No space left on device" in full["message"], "the event names the write that failed"
+    run_log = small_store.store / "logs" / job_id / "attempt-1.log"
+    assert "No space left on device" in full["message"], (
+        f"the event names the write that failed; the run's log ends: {run_log.read_text()[-3000:]!r}"
+    )
     job = http.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "queued" and job["error"] is None, job
     assert checkpoint_steps(http, job_id) == [2]

@@ -155,8 +155,8 @@ def _disk_full_cause(path: Path) -> str | None:
             lines = log.read().decode(errors="replace").splitlines()
     except OSError:
         return None
-    said = next((line for line in reversed(lines) if line.startswith(DISK_FULL)), None)
-    return said.removeprefix(DISK_FULL) if said else None
+    said = next((line for line in reversed(lines) if DISK_FULL in line), None)
+    return said.split(DISK_FULL, 1)[1] if said else None
 
 
 def _failure(returncode: int, tail: list[str], disk_full_cause: str | None = None) -> tuple[str, str]:

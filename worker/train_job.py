@@ -222,7 +222,8 @@ def _run(job_id: str, attempt: int) -> int:
         full = disk_full(exc)
         if full:  # first, while the log's disk may still take a short line (the traceback is longer)
             with contextlib.suppress(OSError):
-                print(f"{DISK_FULL}{exc.__class__.__name__}: {exc}", flush=True)
+                # On a line of its own: the write that found the disk full may have cut the last one short.
+                print(f"\n{DISK_FULL}{exc.__class__.__name__}: {exc}", flush=True)
         with contextlib.suppress(OSError):  # the log may be on the disk that is full
             traceback.print_exc()
         if distributed.lost_a_rank(exc):  # another rank died first: the launcher reports how
